@@ -1,0 +1,58 @@
+"""Run a campaign's cells on this machine, no scheduler: each cell in its own worker process,
+``local_workers`` at a time, output copied to the terminal and to the cell's attempt log."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aletheia_hpc.campaign.store import LOG_DIR, REQUEUE_EXIT_CODE, prepare_cell_dir
+from aletheia_hpc.config import CellConfig
+_print_lock = threading.Lock()
+
+
+def _say(text: str) -> None:
+    with _print_lock:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool) -> int:
+    work_dir = prepare_cell_dir(results_dir, cell)
+    while True:
+        log_path = work_dir / LOG_DIR / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}.log"
+        _say(f"{label} {cell.model.name} / {cell.recipe.name} / seed {cell.seed} / {cell.variant} "
+             f"-> {work_dir}")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.worker", str(work_dir), "--progress"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            # Raw chunks, not lines: progress bars redraw with carriage returns.
+            while chunk := proc.stdout.read1(4096):
+                log.write(chunk)
+                if echo:
+                    with _print_lock:
+                        sys.stderr.buffer.write(chunk)
+                        sys.stderr.flush()
+            code = proc.wait()
+        if code != REQUEUE_EXIT_CODE:
+            return code
+
+
+def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1) -> dict[str, int]:
+    """Run ``cells``; returns cell_id -> worker exit code. A failed cell never stops the others."""
+    if not cells:
+        return {}
+    echo = workers == 1  # interleaved progress bars from parallel cells would be unreadable
+    codes: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo): cell
+                   for i, cell in enumerate(cells)}
+        for future, cell in futures.items():
+            codes[cell.cell_id] = future.result()
+            if codes[cell.cell_id] != 0:
+                _say(f"cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/seed {cell.seed}) "
+                     f"exited with code {codes[cell.cell_id]}; logs under {Path(results_dir) / cell.campaign / 'cells' / cell.cell_id / LOG_DIR}")
+    return codes

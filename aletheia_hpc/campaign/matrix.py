@@ -1,0 +1,134 @@
+"""From Hydra configs to campaign cells: compose, expand the matrix, validate every cell.
+
+Each (model, recipe) pair is composed by Hydra with the user's overrides on top, so every cell
+is typed and resolved exactly as ``run-cell`` would resolve it alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from aletheia_hpc.config import CellConfig, ConfigError, FaultConfig, RootConfig, validate_cell
+from aletheia_hpc.provenance import REPO_ROOT
+
+ConfigStore.instance().store(name="schema", node=RootConfig)
+
+
+def conf_dir() -> Path:
+    """The Hydra config root; ALETHEIA_CONF points elsewhere (a site's own copy)."""
+    return Path(os.environ.get("ALETHEIA_CONF", REPO_ROOT / "conf")).resolve()
+
+
+def compose_root(overrides: list[str]) -> RootConfig:
+    """The typed root config for ``overrides`` (Hydra syntax); errors name the bad field."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config error: {exc}".replace("\n", " ")) from exc
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def option_names(group: str) -> list[str]:
+    """The config names available in a group (model, recipe, cluster, campaign)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _faults_for(campaign, model: str, recipe: str, seed: int, variant: str) -> FaultConfig:
+    key = f"{model}/{recipe}/{seed}/{variant}"
+    for pattern, faults in campaign.faults.items():
+        if fnmatch.fnmatch(key, pattern) or fnmatch.fnmatch(key, pattern + "/*"):
+            return faults
+    return FaultConfig()
+
+
+@dataclass
+class Plan:
+    name: str
+    root: RootConfig  # the campaign-level config (cluster, results_dir, ...)
+    cells: list[CellConfig]
+
+
+def _without(overrides: list[str], *keys: str) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+
+
+def expand(overrides: list[str]) -> Plan:
+    """Every cell of the campaign selected by ``overrides``; ConfigError lists every bad cell."""
+    root = compose_root(overrides)
+    campaign = root.campaign
+    if campaign.parts:
+        cells = []
+        base = _without(overrides, "campaign")
+        for part in campaign.parts:
+            cells += expand(base + [f"campaign={part}"]).cells
+        return Plan(campaign.name, root, cells)
+
+    if not campaign.models:
+        raise ConfigError(f"campaign {campaign.name!r} lists no models (campaign.models)")
+    known_models, known_recipes = set(option_names("model")), set(option_names("recipe"))
+    problems = [f"campaign.models: unknown model {m!r}; known: {', '.join(sorted(known_models))}"
+                for m in campaign.models if m not in known_models]
+    variant_recipes = {r for v in campaign.variants for r in (v.recipes or [])}
+    problems += [f"campaign.recipes: unknown recipe {r!r}; known: {', '.join(sorted(known_recipes))}"
+                 for r in sorted(set(campaign.recipes) | variant_recipes) if r not in known_recipes]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    base = _without(overrides, "model", "recipe", "seed", "variant")
+    composed: dict[tuple[str, str], RootConfig] = {}
+
+    def cell_root(model: str, recipe: str) -> RootConfig:
+        if (model, recipe) not in composed:
+            composed[model, recipe] = compose_root(base + [f"model={model}", f"recipe={recipe}"])
+        return composed[model, recipe]
+
+    cells: list[CellConfig] = []
+    for variant in campaign.variants:
+        for model in variant.models or campaign.models:
+            for recipe in variant.recipes or campaign.recipes:
+                for seed in campaign.seeds:
+                    r = cell_root(model, recipe)
+                    train = r.train if variant.steps is None else replace(r.train, steps=variant.steps)
+                    cells.append(CellConfig(
+                        campaign=campaign.name, model=r.model, recipe=r.recipe, train=train,
+                        data=r.data, eval=r.eval, seed=seed, variant=variant.name,
+                        noop=campaign.noop,
+                        faults=_faults_for(campaign, model, recipe, seed, variant.name)))
+    if campaign.base_eval:
+        for model in dict.fromkeys(m for v in campaign.variants for m in (v.models or campaign.models)):
+            r = cell_root(model, "base")
+            cells.append(CellConfig(campaign=campaign.name, model=r.model, recipe=r.recipe,
+                                    train=r.train, data=r.data, eval=r.eval, seed=0, variant="base",
+                                    noop=campaign.noop))
+    check_cells(cells)
+    return Plan(campaign.name, root, cells)
+
+
+def check_cells(cells: list[CellConfig]) -> None:
+    """Validate every cell; one ConfigError with a line per bad cell."""
+    problems, seen = [], {}
+    for cell in cells:
+        label = f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
+        try:
+            validate_cell(cell)
+        except ConfigError as exc:
+            problems.append(f"cell {label}: {exc}")
+        if cell.cell_id in seen:
+            problems.append(f"cell {label} duplicates cell {seen[cell.cell_id]}")
+        seen[cell.cell_id] = label
+    if problems:
+        raise ConfigError(f"{len(problems)} invalid cell(s):\n  " + "\n  ".join(problems))

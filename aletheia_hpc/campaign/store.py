@@ -1,0 +1,56 @@
+"""The campaign's files: one directory per cell, holding its config, row, attempt logs, checkpoints.
+
+State comes from these files first: a valid ok row means done, whatever the scheduler says.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from aletheia_hpc.config import CellConfig
+from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
+
+CELL_CONFIG_FILE = "cell.json"
+LOG_DIR = "logs"
+REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
+
+
+def campaign_dir(results_dir: Path, campaign: str) -> Path:
+    return Path(results_dir) / campaign
+
+
+def cell_path(results_dir: Path, cell: CellConfig) -> Path:
+    return campaign_dir(results_dir, cell.campaign) / "cells" / cell.cell_id
+
+
+def prepare_cell_dir(results_dir: Path, cell: CellConfig) -> Path:
+    """Create the cell's directory and write its resolved config (what the worker will run)."""
+    path = cell_path(results_dir, cell)
+    (path / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{CELL_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(cell.to_dict(), indent=1))
+    tmp.replace(path / CELL_CONFIG_FILE)
+    return path
+
+
+@dataclass
+class RowState:
+    row: dict | None  # the valid row, if any
+    problem: str | None  # why a row file exists but is not valid
+
+
+def row_state(results_dir: Path, cell: CellConfig) -> RowState:
+    path = cell_path(results_dir, cell) / ROW_FILENAME
+    if not path.exists():
+        return RowState(None, None)
+    try:
+        return RowState(read_row(path), None)
+    except InvalidRow as exc:
+        return RowState(None, str(exc))
+
+
+def is_done(results_dir: Path, cell: CellConfig) -> bool:
+    row = row_state(results_dir, cell).row
+    return row is not None and row["status"] == "ok"

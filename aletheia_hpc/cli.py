@@ -1,0 +1,134 @@
+"""``aletheia-hpc VERB [hydra overrides] [--flags]``: the one entry point.
+
+Verbs: plan, launch, status, run-cell, aggregate. Overrides use Hydra syntax
+(``campaign=smoke model=tiny-qwen2 train.steps=10``); flags start with ``--``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from aletheia_hpc.config import ConfigError
+
+VERBS = ("plan", "launch", "status", "run-cell", "aggregate")
+
+
+def _plan(overrides):
+    from aletheia_hpc.campaign.matrix import expand
+
+    return expand(overrides)
+
+
+def cmd_plan(overrides, args) -> int:
+    plan = _plan(overrides)
+    classes = Counter((c.model.resources.gpus, c.model.resources.cpus, c.model.resources.mem_gb,
+                       c.model.resources.time_min) for c in plan.cells)
+    print(f"campaign {plan.name}: {len(plan.cells)} cells, cluster {plan.root.cluster.name} "
+          f"({plan.root.cluster.kind}), results in {plan.root.results_dir}")
+    for (gpus, cpus, mem, minutes), n in sorted(classes.items()):
+        print(f"  resource class gpus={gpus} cpus={cpus} mem={mem}G time={minutes}min: {n} cells")
+    for cell in plan.cells:
+        print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.recipe.name:9s} "
+              f"seed={cell.seed:<4d} {cell.variant:16s} steps={cell.train.steps}")
+    print("nothing submitted (plan only)")
+    return 0
+
+
+def cmd_launch(overrides, args) -> int:
+    from aletheia_hpc.campaign.local import run_local
+    from aletheia_hpc.campaign.store import is_done
+
+    plan = _plan(overrides)
+    results_dir = Path(plan.root.results_dir)
+    todo = [c for c in plan.cells if not is_done(results_dir, c)]
+    print(f"campaign {plan.name}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
+          f"{len(todo)} to run on {plan.root.cluster.name}", file=sys.stderr)
+    if plan.root.cluster.kind != "local":
+        raise ConfigError(f"cluster.kind={plan.root.cluster.kind!r}: SLURM dispatch is not available "
+                          "in this version; use cluster=local")
+    codes = run_local(todo, results_dir, plan.root.cluster.local_workers)
+    failed = [cid for cid, code in codes.items() if code != 0]
+    _print_status(plan, as_json=False)
+    return 1 if failed else 0
+
+
+def _print_status(plan, as_json: bool) -> None:
+    from aletheia_hpc.campaign.store import row_state
+
+    results_dir = Path(plan.root.results_dir)
+    cells = []
+    for cell in plan.cells:
+        state = row_state(results_dir, cell)
+        if state.row is None:
+            status, reason = "missing", state.problem
+        elif state.row["status"] == "ok":
+            status, reason = "done", None
+        else:
+            status, reason = "failed", state.row["failure_reason"].splitlines()[0]
+        cells.append({"cell_id": cell.cell_id, "model": cell.model.name, "recipe": cell.recipe.name,
+                      "variant": cell.variant, "seed": cell.seed, "state": status, "reason": reason})
+    counts = dict(Counter(c["state"] for c in cells))
+    if as_json:
+        print(json.dumps({"counts": counts, "cells": cells}, indent=1))
+        return
+    for c in cells:
+        print(f"{c['cell_id']}  {c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} "
+              f"{c['state']:8s} {c['reason'] or ''}")
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+def cmd_status(overrides, args) -> int:
+    _print_status(_plan(overrides), as_json=args.json)
+    return 0
+
+
+def cmd_run_cell(overrides, args) -> int:
+    from aletheia_hpc.campaign.matrix import check_cells, compose_root
+    from aletheia_hpc.config import CellConfig
+    from aletheia_hpc.worker.cell import run_cell
+
+    root = compose_root(overrides)
+    cell = CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
+                      data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
+    check_cells([cell])
+    row = run_cell(cell, Path(root.results_dir), progress=root.progress)
+    print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",
+                                           "eval_loss")}, indent=1))
+    return 0 if row["status"] == "ok" else 1
+
+
+def cmd_aggregate(overrides, args) -> int:
+    from aletheia_hpc.aggregate import aggregate_campaign, summary_table
+
+    plan = _plan(overrides)
+    names = plan.root.campaign.parts or [plan.name]
+    for name in names:
+        expected = sum(1 for c in plan.cells if c.campaign == name)
+        result = aggregate_campaign(Path(plan.root.results_dir), name, expected_cells=expected)
+        print(summary_table(result))
+        print(f"report: {result.report_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aletheia-hpc", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("verb", choices=VERBS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. campaign=smoke train.steps=5")
+    parser.add_argument("--json", action="store_true", help="status: machine-readable output")
+    args = parser.parse_args(argv)
+    handler = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "run-cell": cmd_run_cell,
+               "aggregate": cmd_aggregate}[args.verb]
+    try:
+        return handler(args.overrides, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

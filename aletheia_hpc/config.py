@@ -1,0 +1,260 @@
+"""Typed configuration: the dataclasses behind every Hydra config in conf/ and campaigns/.
+
+Hydra composes YAML onto these schemas, so a misspelt field or a wrong type fails at compose time.
+``validate_cell`` adds the checks a type cannot express (ranks > 0, a data file that exists, ...)
+and is run on every cell before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+from aletheia_hpc.evaluation.settings import EvalSettings
+
+MODEL_KINDS = ("hub", "local", "gguf", "tiny")
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "nf4", "int8")
+LAYER_CHOICES = ("all", "top", "bottom", "random", "last")
+
+
+@dataclass
+class ResourcesConfig:
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 64
+    time_min: int = 120
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING  # a registered family (aletheia_hpc.method.families)
+    kind: str = "hub"  # hub | local | gguf | tiny
+    # hub: repo id; local: model directory; gguf: a .gguf path or "package:<python package>"; tiny: unused
+    path: str = ""
+    num_layers: int = MISSING
+    params: str = ""  # nominal size, e.g. "7B"
+    paper_name: Optional[str] = None  # the model's name in the paper's tables
+    precision: str = "bf16"
+    quantization: str = "none"
+    lr: float = 2e-4
+    batch_size: int = 4
+    max_seq_len: int = 512
+    gradient_checkpointing: bool = False
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+@dataclass
+class ProbeConfig:
+    batches: int = 5
+    mode: str = "single_pass"  # single_pass | chunked
+    chunk_size: int = 8
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    layers: str = "all"  # all (standard LoRA) | a selection strategy: top | bottom | random | last
+    layer_pct: float = 50.0
+    attention_rank: int = 16
+    mlp_rank: int = 64
+    alpha_factor: float = 2.0
+    dropout: float = 0.0
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    warmup_steps: int = 20
+    grad_accum: int = 2
+    lr: Optional[float] = None  # None: the model's lr
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    scheduler: str = "cosine"
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only on preemption)
+
+
+@dataclass
+class DataConfig:
+    # "builtin" (the project's instruction set), a local .jsonl/.json file, or "hub:<dataset id>"
+    source: str = "builtin"
+    builtin_size: int = 4000
+    template: str = "alpaca"
+    eval_size: int = 200  # held-out records, the same for every cell
+    split_seed: int = 0
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate failures for testing the campaign machinery; never set in a real campaign."""
+    raise_on_attempt: int = 0  # raise an exception in this attempt (1 = first); 0 = never
+    nan_at_step: int = 0  # make the loss non-finite at this optimizer step; 0 = never
+    sleep_per_step_s: float = 0.0
+
+
+@dataclass
+class VariantConfig:
+    name: str = "matched"
+    recipes: Optional[list[str]] = None  # None: the campaign's recipes
+    models: Optional[list[str]] = None  # None: the campaign's models
+    steps: Optional[int] = None  # None: train.steps
+
+
+@dataclass
+class CampaignConfig:
+    name: str = "adhoc"
+    parts: list[str] = field(default_factory=list)  # a campaign made of other campaigns
+    models: list[str] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=lambda: ["standard", "aletheia"])
+    seeds: list[int] = field(default_factory=lambda: [42, 123, 999])
+    variants: list[VariantConfig] = field(default_factory=lambda: [VariantConfig()])
+    base_eval: bool = False  # one base-model evaluation cell per model
+    noop: bool = False  # cells write a row without loading or training (dispatch benchmarks)
+    # cell selector ("model/recipe/seed", "*" wildcards) -> faults for that cell
+    faults: dict[str, FaultConfig] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    kind: str = "local"  # local | slurm
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_node: int = 2
+    mem_gb_per_node: int = 16
+    max_time_min: int = 0  # 0: no limit
+    array_parallelism: int = 64  # concurrent tasks per array
+    signal_delay_s: int = 90  # pre-timeout warning before the time limit
+    max_array_size: int = 0  # 0: read MaxArraySize from scontrol
+    setup: list[str] = field(default_factory=list)  # shell lines run before the worker
+    local_workers: int = 1
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    recipe: RecipeConfig = MISSING
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    campaign: CampaignConfig = field(default_factory=CampaignConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    seed: int = 42
+    variant: str = "matched"
+    results_dir: str = "results"
+    progress: bool = True
+
+
+@dataclass
+class CellConfig:
+    """Everything that decides one cell's result; its hash is the cell's identity.
+
+    Where a cell runs (cluster, resources) and deliberate test faults are not part of the identity:
+    moving a campaign to another cluster, or resubmitting with a longer time limit, keeps its cells.
+    """
+    campaign: str
+    model: ModelConfig
+    recipe: RecipeConfig
+    train: TrainConfig
+    data: DataConfig
+    eval: EvalSettings
+    seed: int
+    variant: str
+    noop: bool = False
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def identity(self) -> dict[str, Any]:
+        ident = asdict(self)
+        ident.pop("faults")
+        ident["model"].pop("resources")
+        return ident
+
+    @property
+    def cell_id(self) -> str:
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CellConfig":
+        typed = OmegaConf.merge(OmegaConf.structured(CellConfig), data)
+        return OmegaConf.to_object(typed)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def validate_cell(cell: CellConfig) -> None:
+    """Raise ConfigError listing every problem of one cell (nothing is submitted if any)."""
+    from aletheia_hpc.evaluation.settings import validate as validate_eval
+    from aletheia_hpc.method.families import UnknownFamily, get_family
+
+    problems = []
+    m, r, t = cell.model, cell.recipe, cell.train
+    try:
+        get_family(m.family)
+    except UnknownFamily as exc:
+        problems.append(f"model.family: {exc}")
+    if m.kind not in MODEL_KINDS:
+        problems.append(f"model.kind={m.kind!r}: use one of {MODEL_KINDS}")
+    if m.kind in ("hub", "local", "gguf") and not m.path:
+        problems.append(f"model.path is empty: a {m.kind} model needs a path")
+    if m.kind == "local" and m.path and not Path(m.path).is_dir():
+        problems.append(f"model.path={m.path!r}: no such model directory")
+    if m.precision not in PRECISIONS:
+        problems.append(f"model.precision={m.precision!r}: use one of {PRECISIONS}")
+    if m.quantization not in QUANTIZATIONS:
+        problems.append(f"model.quantization={m.quantization!r}: use one of {QUANTIZATIONS}")
+    for name in ("num_layers", "batch_size", "max_seq_len"):
+        if getattr(m, name) <= 0:
+            problems.append(f"model.{name}={getattr(m, name)}: must be > 0")
+    if r.layers not in LAYER_CHOICES:
+        problems.append(f"recipe.layers={r.layers!r}: use one of {LAYER_CHOICES}")
+    for name in ("attention_rank", "mlp_rank"):
+        if getattr(r, name) <= 0:
+            problems.append(f"recipe.{name}={getattr(r, name)}: LoRA ranks must be positive integers")
+    if not 0 < r.layer_pct <= 100:
+        problems.append(f"recipe.layer_pct={r.layer_pct}: top-k percentage must be in (0, 100]")
+    if r.probe.mode not in ("single_pass", "chunked"):
+        problems.append(f"recipe.probe.mode={r.probe.mode!r}: use single_pass or chunked")
+    if r.probe.batches <= 0 or r.probe.chunk_size <= 0:
+        problems.append("recipe.probe.batches and recipe.probe.chunk_size must be > 0")
+    if t.steps <= 0:
+        problems.append(f"train.steps={t.steps}: must be > 0")
+    if t.grad_accum <= 0:
+        problems.append(f"train.grad_accum={t.grad_accum}: must be > 0")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    if (t.lr if t.lr is not None else m.lr) <= 0:
+        problems.append("train.lr (or model.lr): must be > 0")
+    source = cell.data.source
+    if source != "builtin" and not source.startswith("hub:") and not Path(source).is_file():
+        problems.append(f"data.source={source!r}: no such file; give an Alpaca-format .jsonl/.json "
+                        "file, 'builtin', or 'hub:<dataset id>'")
+    if cell.data.eval_size <= 0:
+        problems.append(f"data.eval_size={cell.data.eval_size}: must be > 0")
+    try:
+        validate_eval(cell.eval)
+    except ValueError as exc:
+        problems.append(f"eval: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def to_yaml(obj: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))

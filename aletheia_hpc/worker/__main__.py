@@ -1,0 +1,43 @@
+"""``python -m aletheia_hpc.worker CELL_DIR``: run the cell whose cell.json lies in CELL_DIR.
+
+The dispatchers (local runner and SLURM job arrays) start cells this way; CELL_DIR is
+``<results_dir>/<campaign>/cells/<cell_id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aletheia_hpc.config import CellConfig
+from aletheia_hpc.campaign.store import CELL_CONFIG_FILE, REQUEUE_EXIT_CODE
+from aletheia_hpc.worker.cell import run_cell
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    work_dir = Path(argv[0])
+    cell = CellConfig.from_dict(json.loads((work_dir / CELL_CONFIG_FILE).read_text()))
+    results_dir = work_dir.parent.parent.parent
+    from aletheia_hpc.worker.training import StopForRequeue, StopSignal
+
+    stop = StopSignal()
+    # SIGUSR2: SLURM's pre-timeout/preemption warning (--signal); USR1 belongs to NCCL.
+    signal.signal(signal.SIGUSR2, lambda *_: stop.request())
+    signal.signal(signal.SIGTERM, lambda *_: stop.request())
+    try:
+        run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv)
+    except StopForRequeue as exc:
+        logging.info("%s", exc)
+        return REQUEUE_EXIT_CODE
+    except Exception:
+        logging.exception("cell %s failed", cell.cell_id)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

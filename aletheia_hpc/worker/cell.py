@@ -1,0 +1,169 @@
+"""Run one campaign cell: load, probe, select, adapt, train, evaluate, and write its row.
+
+This is where the method library (torch) and the campaign machinery (files) meet. The outcome is
+always one row file (ok, failed or nan_abort), except when the scheduler stops the cell for a
+requeue: then a checkpoint and the attempt log are left for the next attempt, and no row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from aletheia_hpc import provenance
+from aletheia_hpc.campaign.store import cell_path, prepare_cell_dir
+from aletheia_hpc.config import CellConfig
+from aletheia_hpc.row import ROW_FILENAME, write_row
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = "attempts.json"
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by a cell's fault config (tests of the campaign machinery)."""
+
+
+def _next_attempt(work_dir: Path) -> int:
+    path = work_dir / ATTEMPTS_FILE
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    attempts.append({"started_at": provenance.utc_now(), "slurm": provenance.slurm_ids()})
+    path.write_text(json.dumps(attempts, indent=1))
+    return len(attempts)
+
+
+def _base_row(cell: CellConfig) -> dict:
+    sha, dirty = provenance.git_state()
+    return {
+        "campaign": cell.campaign, "cell_id": cell.cell_id, "config_hash": cell.cell_id,
+        "model": cell.model.name, "family": cell.model.family, "recipe": cell.recipe.name,
+        "variant": cell.variant, "seed": cell.seed, "status": "ok", "failure_reason": None,
+        "nan_step": None, "num_layers": cell.model.num_layers, "selected_layers": None,
+        "layer_scores": None, "trainable_params": None, "train_steps": 0,
+        "planned_steps": cell.train.steps, "train_time_s": None, "probe_time_s": None,
+        "model_load_time_s": None, "step_time_median_s": None, "step_times_s": [],
+        "final_train_loss": None, "eval_loss": None, "attempts": None, "benchmarks": [],
+        "mmlu_acc": None, "mmlu_n": None, "gsm8k_acc": None, "gsm8k_n": None,
+        "humaneval_pass1": None, "humaneval_n": None, "eval_time_s": {}, "eval_source": {},
+        "started_at": provenance.utc_now(), "finished_at": None, "host": provenance.host_name(),
+        "device": None, "gpu_name": None, "git_sha": sha, "git_dirty": dirty,
+        "package_versions": provenance.package_versions(), "slurm": provenance.slurm_ids(),
+        "config": cell.to_dict(),
+    }
+
+
+def _probe_batches(train_examples, collator, batch_size: int, n_batches: int, seed: int):
+    order = list(range(len(train_examples)))
+    random.Random(seed).shuffle(order)
+    picks = [train_examples[i] for i in order[: batch_size * n_batches]]
+    return [collator(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
+
+
+def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progress: bool) -> None:
+    """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
+    from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
+    from aletheia_hpc.method import (LoraRanks, apply_lora, enable_selective_checkpointing, get_family,
+                                     probe_layer_scores, select_layers)
+    from aletheia_hpc.models.loading import load_model, resolve_device
+    from aletheia_hpc.worker.training import held_out_loss, train_cell
+
+    m, r = cell.model, cell.recipe
+    device = resolve_device(m)
+    row["device"] = device.type
+    row["gpu_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(m, device)
+    row["model_load_time_s"] = time.perf_counter() - t0
+
+    records = load_records(cell.data.source, cell.data.builtin_size)
+    train_records, held_out = split_records(records, cell.data.eval_size, cell.data.split_seed)
+    train_examples = tokenize_records(train_records, tokenizer, m.max_seq_len, cell.data.template)
+    eval_examples = tokenize_records(held_out, tokenizer, m.max_seq_len, cell.data.template)
+    collator = PadCollator(tokenizer.pad_token_id)
+
+    if r.name == "base":
+        row["eval_loss"] = held_out_loss(model, eval_examples, collator, m.batch_size, device)
+        _benchmarks(cell, model, tokenizer, device, row, progress)
+        return
+
+    family = get_family(m.family)
+    if r.layers == "all":
+        layers = list(range(m.num_layers))
+    else:
+        batches = _probe_batches(train_examples, collator, m.batch_size, r.probe.batches, cell.seed)
+        t0 = time.perf_counter()
+        scores = probe_layer_scores(model, batches, family=family, mode=r.probe.mode,
+                                    chunk_size=r.probe.chunk_size)
+        row["probe_time_s"] = time.perf_counter() - t0
+        row["layer_scores"] = scores
+        layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+    row["selected_layers"] = layers
+    model = apply_lora(model, family, layers, LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout))
+    if m.gradient_checkpointing:
+        enable_selective_checkpointing(model)
+    row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
+                         lr=cell.train.lr if cell.train.lr is not None else m.lr,
+                         batch_size=m.batch_size, precision=m.precision, seed=cell.seed,
+                         work_dir=work_dir, device=device, stop=stop, faults=cell.faults,
+                         progress=progress)
+    row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
+               step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
+               final_train_loss=outcome.final_train_loss)
+    row["eval_loss"] = held_out_loss(model, eval_examples, collator, m.batch_size, device)
+    _benchmarks(cell, model, tokenizer, device, row, progress)
+
+
+def _benchmarks(cell: CellConfig, model, tokenizer, device, row: dict, progress: bool) -> None:
+    if not cell.eval.benchmarks:
+        return
+    from aletheia_hpc.evaluation import run_benchmarks
+
+    row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress))
+
+
+def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True) -> dict:
+    """Run ``cell`` and write its row under results_dir; return the row.
+
+    A non-finite loss gives a nan_abort row; any other exception a failed row (then re-raised, so
+    the scheduler records the failure too). A stop request for requeue re-raises StopForRequeue
+    with no row written.
+    """
+    from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue, StopSignal
+
+    work_dir = cell_path(results_dir, cell)
+    if not work_dir.exists():
+        prepare_cell_dir(results_dir, cell)
+    attempt = _next_attempt(work_dir)
+    row = _base_row(cell)
+    row["attempts"] = attempt
+    torch.manual_seed(cell.seed)
+    try:
+        if cell.faults.raise_on_attempt == attempt:
+            raise InjectedFault(f"fault injected on attempt {attempt}")
+        if cell.noop:
+            row.update(train_time_s=0.0, eval_loss=0.0, train_steps=cell.train.steps, device="none")
+        else:
+            _train_and_evaluate(cell, work_dir, row, stop or StopSignal(), progress)
+    except NonFiniteLoss as exc:
+        row.update(status="nan_abort", failure_reason=f"nan_abort: {exc}", nan_step=exc.step)
+    except StopForRequeue:
+        raise
+    except Exception as exc:
+        tail = "".join(traceback.format_exception(exc)[-3:]).strip()
+        row.update(status="failed", failure_reason=f"exception: {type(exc).__name__}: {exc}\n{tail}")
+        row["finished_at"] = provenance.utc_now()
+        write_row(work_dir / ROW_FILENAME, row)
+        raise
+    row["finished_at"] = provenance.utc_now()
+    write_row(work_dir / ROW_FILENAME, row)
+    log.info("cell %s (%s/%s/seed %s) finished: %s", cell.cell_id, cell.model.name, cell.recipe.name,
+             cell.seed, row["status"])
+    return row

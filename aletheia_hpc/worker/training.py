@@ -1,0 +1,196 @@
+"""LoRA training of one cell with the Hugging Face Trainer, plus what the paper's protocol needs on top:
+per-step wall times, an immediate stop on a non-finite loss, time accounting across requeued
+attempts, and a checkpoint on demand (preemption)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from aletheia_hpc.config import FaultConfig, TrainConfig
+
+PROGRESS_FILE = "progress.json"  # step times of the steps a checkpoint holds, across attempts
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite training loss {value} at optimizer step {step}")
+        self.step = step
+
+
+class StopForRequeue(Exception):
+    """Training stopped after saving a checkpoint because the scheduler asked (preemption/time)."""
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    step_times_s: list[float]
+    final_train_loss: float | None
+
+    @property
+    def train_time_s(self) -> float:
+        return float(sum(self.step_times_s))
+
+    @property
+    def step_time_median_s(self) -> float | None:
+        return statistics.median(self.step_times_s) if self.step_times_s else None
+
+
+@dataclass
+class StopSignal:
+    """Set from a signal handler; training checkpoints and stops at the next step boundary."""
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def request(self) -> None:
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _CellTrainer(Trainer):
+    """Trainer that raises on the first non-finite micro-batch loss and can inject one for tests."""
+
+    def __init__(self, *args, faults: FaultConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._faults = faults
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss = result[0] if return_outputs else result
+        step = self.state.global_step + 1
+        if self._faults.nan_at_step and step >= self._faults.nan_at_step:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLoss(step, float(loss.detach().float().mean()))
+        return (loss, result[1]) if return_outputs else loss
+
+
+class _Clock(TrainerCallback):
+    """Per-optimizer-step wall times; saves them beside each checkpoint; honours stop requests."""
+
+    def __init__(self, device, progress_path: Path, prior: list[float], stop: StopSignal, faults: FaultConfig):
+        self.device, self.progress_path, self.stop, self.faults = device, progress_path, stop, faults
+        self.step_times = list(prior)
+        self.losses: list[float] = []
+        self._t0 = 0.0
+        self.stopped_for_requeue = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.faults.sleep_per_step_s:
+            time.sleep(self.faults.sleep_per_step_s)  # counts as step time: it stands in for work
+        _sync(self.device)
+        self.step_times.append(time.perf_counter() - self._t0)
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_for_requeue = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def on_save(self, args, state, control, **kwargs):
+        tmp = self.progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": state.global_step, "step_times_s": self.step_times[: state.global_step]}))
+        tmp.replace(self.progress_path)
+
+
+def _prior_step_times(checkpoint: str | None, progress_path: Path) -> list[float]:
+    if checkpoint is None or not progress_path.exists():
+        return []
+    saved = json.loads(progress_path.read_text())
+    step = int(Path(checkpoint).name.split("-")[-1])
+    return saved["step_times_s"][:step]
+
+
+def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
+               batch_size: int, precision: str, seed: int, work_dir: Path, device: torch.device,
+               stop: StopSignal, faults: FaultConfig, progress: bool) -> TrainOutcome:
+    """Train ``model`` (a peft model) for train_cfg.steps optimizer steps, resuming from the newest
+    checkpoint in work_dir. Raises NonFiniteLoss, or StopForRequeue after checkpointing on request."""
+    checkpoints = work_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    progress_path = work_dir / PROGRESS_FILE
+    resume = get_last_checkpoint(str(checkpoints))
+    clock = _Clock(device, progress_path, _prior_step_times(resume, progress_path), stop, faults)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=train_cfg.steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type=train_cfg.scheduler,
+        warmup_steps=train_cfg.warmup_steps,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_epsilon=train_cfg.adam_eps,
+        max_grad_norm=train_cfg.max_grad_norm,
+        bf16=precision == "bf16" and device.type == "cuda",
+        fp16=precision == "fp16",
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN must be seen, not averaged away
+        save_strategy="steps" if train_cfg.checkpoint_every else "no",
+        save_steps=train_cfg.checkpoint_every or 1,
+        save_total_limit=1,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = _CellTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
+                           callbacks=[clock], faults=faults)
+    trainer.train(resume_from_checkpoint=resume)
+    if clock.stopped_for_requeue and trainer.state.global_step < train_cfg.steps:
+        raise StopForRequeue(f"checkpointed at step {trainer.state.global_step} for requeue")
+    final = clock.losses[-1] if clock.losses else None
+    return TrainOutcome(steps=trainer.state.global_step, step_times_s=clock.step_times,
+                        final_train_loss=final if final is None or math.isfinite(final) else None)
+
+
+@torch.no_grad()
+def held_out_loss(model, examples, collator, batch_size: int, device: torch.device) -> float:
+    """Token-weighted mean cross-entropy over the held-out examples (response tokens only)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                     shift_labels.reshape(-1), ignore_index=-100,
+                                                     reduction="sum")
+            total += float(loss)
+            tokens += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("held-out split has no response tokens")
+    return total / tokens
