@@ -96,8 +96,9 @@ def cmd_run_cell(overrides, args) -> int:
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
     check_cells([cell])
     row = run_cell(cell, Path(root.results_dir), progress=root.progress)
+    # one line, last: scripts read it with `tail -1`
     print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",
-                                           "eval_loss")}, indent=1))
+                                           "eval_loss")}))
     return 0 if row["status"] == "ok" else 1
 
 
