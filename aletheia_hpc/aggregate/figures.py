@@ -1,0 +1,248 @@
+"""PNG figures of a campaign (matplotlib, Agg canvas; pyplot and its global state are not used).
+
+Each ``fig_*`` function returns the path it wrote, or raises ``SkipFigure`` with the reason when
+the campaign lacks the data for it; ``make_figures`` collects both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .paper import PaperReference, reference_key
+from .tables import BENCH_FIELDS
+
+FIGURE_FILES = {
+    "speedup_per_model": "speedup_per_model.png",
+    "speedup_by_family": "speedup_by_family.png",
+    "benchmark_deltas": "benchmark_deltas.png",
+    "speed_quality": "speed_quality_tradeoff.png",
+    "layer_scores": "layer_scores_heatmap.png",
+}
+FIGURE_TITLES = {
+    "speedup_per_model": "Training speedup per model (mean over seeds, 95% CI)",
+    "speedup_by_family": "Training speedup by family (95% CI)",
+    "benchmark_deltas": "Benchmark differences, Aletheia - Standard (pp, 95% CI)",
+    "speed_quality": "Speed-quality trade-off: speedup vs extra MMLU forgetting",
+    "layer_scores": "Per-layer probe scores (normalised) with selected layers marked",
+}
+BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
+
+
+class SkipFigure(Exception):
+    """The campaign has no data for this figure; the message says what is missing."""
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _err(block: dict, key: str) -> tuple[float, float]:
+    """Lower / upper error-bar lengths from a ``*_ci95`` pair; zero when the CI is undefined."""
+    ci = block.get(key)
+    mean = block.get(key.replace("_ci95", "_mean"))
+    if ci is None or mean is None:
+        return 0.0, 0.0
+    return max(mean - ci[0], 0.0), max(ci[1] - mean, 0.0)
+
+
+def _variant_blocks(groups: dict, variant: str) -> list[tuple[str, dict]]:
+    out = []
+    for name, by_variant in groups.items():
+        block = by_variant.get(variant)
+        if block and block.get("n_pairs"):
+            out.append((name, block))
+    return out
+
+
+def fig_speedup_per_model(stats: dict, variant: str, ref: PaperReference, path: Path) -> Path:
+    blocks = _variant_blocks(stats["per_model"], variant)
+    if not blocks:
+        raise SkipFigure(f"no Standard/Aletheia pairs in variant {variant!r}")
+    names = [m for m, _ in blocks]
+    means = [b["speedup_pct_mean"] for _, b in blocks]
+    errs = np.array([_err(b, "speedup_pct_ci95") for _, b in blocks]).T
+    fig = _new_figure(max(6.0, 0.6 * len(names) + 2), 4.5)
+    ax = fig.add_subplot(111)
+    x = np.arange(len(names))
+    ax.bar(x, means, yerr=errs, capsize=4, color="#4C72B0", label="this run (mean, 95% CI)")
+    paper_x, paper_y = [], []
+    for i, m in enumerate(names):
+        ref_row = ref.speed.get(reference_key(m))
+        if ref_row and ref_row.get("speedup_pct") is not None:
+            paper_x.append(i)
+            paper_y.append(ref_row["speedup_pct"])
+    if paper_x:
+        ax.scatter(paper_x, paper_y, marker="D", color="#DD8452", zorder=3, label="paper")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_ylabel("speedup % = (1 - t_ale / t_std) x 100")
+    ax.set_title(f"{FIGURE_TITLES['speedup_per_model']} [{variant}]")
+    ax.legend()
+    return _save(fig, path)
+
+
+def fig_speedup_by_family(stats: dict, variant: str, path: Path) -> Path:
+    blocks = _variant_blocks(stats["per_family"], variant)
+    if not blocks:
+        raise SkipFigure(f"no Standard/Aletheia pairs in variant {variant!r}")
+    names = [f for f, _ in blocks]
+    means = [b["speedup_pct_mean"] for _, b in blocks]
+    errs = np.array([_err(b, "speedup_pct_ci95") for _, b in blocks]).T
+    fig = _new_figure(max(5.0, 0.7 * len(names) + 2), 4.0)
+    ax = fig.add_subplot(111)
+    x = np.arange(len(names))
+    ax.bar(x, means, yerr=errs, capsize=4, color="#55A868")
+    for i, (_, b) in enumerate(blocks):
+        ax.annotate(f"n={b['n_pairs']}", (i, 0), textcoords="offset points", xytext=(0, 3),
+                    ha="center", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("speedup %")
+    ax.set_title(f"{FIGURE_TITLES['speedup_by_family']} [{variant}]")
+    return _save(fig, path)
+
+
+def fig_benchmark_deltas(stats: dict, variant: str, path: Path) -> Path:
+    blocks = _variant_blocks(stats["per_model"], variant)
+    benches = [b for b in BENCH_FIELDS
+               if any((blk.get("quality") or {}).get(b) for _, blk in blocks)]
+    if not benches:
+        raise SkipFigure(f"no benchmark results on both recipes in variant {variant!r}")
+    fig = _new_figure(max(6.5, 4.2 * len(benches) + 1), max(3.0, 0.35 * len(blocks) + 1.5))
+    for k, bench in enumerate(benches):
+        ax = fig.add_subplot(1, len(benches), k + 1)
+        rows = [(m, blk["quality"][bench]) for m, blk in blocks if (blk.get("quality") or {}).get(bench)]
+        y = np.arange(len(rows))
+        means = [q["diff_mean"] for _, q in rows]
+        errs = np.array([_err(q, "diff_ci95") for _, q in rows]).T
+        ax.barh(y, means, xerr=errs, capsize=3, color="#8172B2")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([m for m, _ in rows] if k == 0 else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{BENCH_LABELS[bench]}: Aletheia - Standard (pp)")
+    fig.suptitle(f"Aletheia - Standard (pp), mean and 95% CI over seeds [{variant}]")
+    return _save(fig, path)
+
+
+def fig_speed_quality(stats: dict, variant: str, path: Path) -> Path:
+    blocks = [(m, b) for m, b in _variant_blocks(stats["per_model"], variant)
+              if (b.get("quality") or {}).get("mmlu")]
+    if not blocks:
+        raise SkipFigure(f"no MMLU results on both recipes in variant {variant!r}")
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.add_subplot(111)
+    for m, b in blocks:
+        q = b["quality"]["mmlu"]
+        # extra forgetting = (ale - base) - (std - base) = ale - std, so it needs no base row
+        extra = q.get("extra_pp_mean", q["diff_mean"])
+        ci_key = "extra_pp_ci95" if "extra_pp_mean" in q else "diff_ci95"
+        yerr = np.array(_err({"x_mean": extra, "x_ci95": q.get(ci_key)}, "x_ci95")).reshape(2, 1)
+        xerr = np.array(_err(b, "speedup_pct_ci95")).reshape(2, 1)
+        ax.errorbar(b["speedup_pct_mean"], extra, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(m, (b["speedup_pct_mean"], extra), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("speedup % (mean over seeds)")
+    ax.set_ylabel("extra MMLU forgetting (pp)")
+    ax.set_title(f"Speed vs quality [{variant}]\ny = Aletheia delta - Standard delta "
+                 "(> 0: Aletheia forgot less)", fontsize=10)
+    return _save(fig, path)
+
+
+def layer_score_summary(rows: list[dict]) -> dict[str, dict]:
+    """Per model: mean per-layer probe score (each run scaled to max 1) and selection frequency."""
+    acc: dict[str, dict] = {}
+    for row in rows:
+        scores = row.get("layer_scores")
+        if row.get("recipe") != "aletheia" or not isinstance(scores, list) or not scores:
+            continue
+        values = np.array([s if isinstance(s, (int, float)) else np.nan for s in scores], dtype=float)
+        top = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
+        if top > 0:
+            values = values / top
+        entry = acc.setdefault(row.get("model"), {"runs": []})
+        selected = np.zeros(values.size)
+        for layer in row.get("selected_layers") or []:
+            if isinstance(layer, int) and 0 <= layer < values.size:
+                selected[layer] = 1.0
+        entry["runs"].append((values, selected))
+    out = {}
+    for model, entry in acc.items():
+        width = max(v.size for v, _ in entry["runs"])
+        scores = np.full((len(entry["runs"]), width), np.nan)
+        chosen = np.full((len(entry["runs"]), width), np.nan)
+        for i, (v, s) in enumerate(entry["runs"]):
+            scores[i, : v.size] = v
+            chosen[i, : s.size] = s
+        with np.errstate(invalid="ignore"):
+            out[model] = {"score": np.nanmean(scores, axis=0), "selected_freq": np.nanmean(chosen, axis=0),
+                          "n_runs": len(entry["runs"])}
+    return out
+
+
+def fig_layer_scores(summary: dict[str, dict], order: list[str], path: Path) -> Path:
+    models = [m for m in order if m in summary] + [m for m in summary if m not in order]
+    if not models:
+        raise SkipFigure("no Aletheia row carries layer_scores")
+    width = max(summary[m]["score"].size for m in models)
+    grid = np.full((len(models), width), np.nan)
+    for i, m in enumerate(models):
+        grid[i, : summary[m]["score"].size] = summary[m]["score"]
+    fig = _new_figure(min(18.0, max(7.5, 0.18 * width + 4)), max(3.0, 0.4 * len(models) + 1.8))
+    ax = fig.add_subplot(111)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="score / run max (mean)")
+    xs, ys = [], []
+    for i, m in enumerate(models):
+        freq = summary[m]["selected_freq"]
+        picked = np.flatnonzero(np.nan_to_num(freq) >= 0.5)
+        xs.extend(picked.tolist())
+        ys.extend([i] * picked.size)
+    if xs:
+        ax.scatter(xs, ys, marker="o", s=14, facecolors="none", edgecolors="red")
+    ax.set_yticks(np.arange(len(models)))
+    ax.set_yticklabels([f"{m} (n={summary[m]['n_runs']})" for m in models])
+    ax.set_xlabel("layer index")
+    ax.set_title("Probe score per layer; red circle = selected in >= half of the runs", fontsize=10)
+    return _save(fig, path)
+
+
+def make_figures(stats: dict, rows: list[dict], variant: str, ref: PaperReference, fig_dir: Path,
+                 model_order: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Write every figure that has data; returns (name -> path, name -> reason it was skipped)."""
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "speedup_per_model": lambda p: fig_speedup_per_model(stats, variant, ref, p),
+        "speedup_by_family": lambda p: fig_speedup_by_family(stats, variant, p),
+        "benchmark_deltas": lambda p: fig_benchmark_deltas(stats, variant, p),
+        "speed_quality": lambda p: fig_speed_quality(stats, variant, p),
+        "layer_scores": lambda p: fig_layer_scores(layer_score_summary(rows), model_order, p),
+    }
+    written: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    for name, make in makers.items():
+        path = fig_dir / FIGURE_FILES[name]
+        try:
+            written[name] = make(path)
+        except SkipFigure as exc:
+            path.unlink(missing_ok=True)  # never leave a stale figure from an earlier aggregation
+            skipped[name] = str(exc)
+    return written, skipped
+

@@ -1,0 +1,392 @@
+"""REPORT.md: the campaign's tables, figures, failures, provenance and the paper-vs-this-run tables."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from .figures import FIGURE_FILES, FIGURE_TITLES
+from .paper import PAPER_TO_CONFIG, PaperReference, reference_key
+from .stats import CONVENTIONS
+from .tables import BENCH_FIELDS, COMPUTE_MATCHED
+
+if TYPE_CHECKING:
+    from .core import AggregateResult
+
+MAX_LISTED = 200  # failed cells / unreadable files listed in full up to this many
+BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
+DASH = "—"
+
+
+def _cell(value) -> str:
+    text = DASH if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f(x, digits: int = 2, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return DASH
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _p(x) -> str:
+    if x is None:
+        return DASH
+    return f"{x:.2e}" if x < 1e-3 else f"{x:.4f}"
+
+
+def _paper_p(x) -> str:
+    """The paper printed p-values to 4 decimals; 0.0000 there means < 0.0001."""
+    if x is None:
+        return DASH
+    return "< 0.0001" if x == 0 else f"{x:.4f}"
+
+
+def _msd(mean, sd, digits: int = 2, sign: bool = False) -> str:
+    if mean is None:
+        return DASH
+    text = _f(mean, digits, sign)
+    return text if sd is None else f"{text} ± {_f(sd, digits)}"
+
+
+def _ci(ci, digits: int = 2) -> str:
+    return DASH if not ci else f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
+
+
+def _range(pair) -> str:
+    return DASH if not pair else f"{_f(pair[0], 1)} to {_f(pair[1], 1)}"
+
+
+def _variant_rank(variant: str) -> tuple:
+    return (variant != "matched", variant == COMPUTE_MATCHED, str(variant))
+
+
+def _variant_order(per_model: dict) -> list[str]:
+    seen: list[str] = []
+    for by_variant in per_model.values():
+        for v in by_variant:
+            if v not in seen:
+                seen.append(v)
+    return seen
+
+
+# ------------------------------------------------------------------------------------- sections
+
+def _headline(stats: dict, ref: PaperReference) -> list[str]:
+    o = stats["overall"]
+    head = ref.headline
+    rows = [
+        ["pairs (model x seed)", o["n_pairs"], head.get("campaign1_n_pairs")],
+        ["models with pairs", o["n_models"], head.get("campaign1_n_models")],
+        ["mean time ratio (std / ale)", _f(o["ratio_mean"], 3), _f(head.get("time_ratio_mean"), 3)],
+        ["mean speedup % (per pair)", _msd(o["speedup_pct_mean"], o["speedup_pct_sd"], 1),
+         _f(head.get("speedup_pct_mean"), 1)],
+        ["95% CI of mean speedup %", _ci(o["speedup_pct_ci95"], 1), DASH],
+        ["per-model mean speedup range %", _range(o["per_model_speedup_pct_range"]),
+         f"{_f(head.get('speedup_pct_min'), 1)} to {_f(head.get('speedup_pct_max'), 1)}" if head else DASH],
+        ["win rate (pairs, Aletheia faster)", _f(o["win_rate"], 3), _f(head.get("win_rate"), 3)],
+        ["per-model win rate", _f(o["model_win_rate"], 3), DASH],
+        ["paired t (std vs ale time), df", f"{_f(o['t_stat'], 2)}, {o['df'] if o['df'] is not None else DASH}",
+         "lost in extraction" if head else DASH],
+        ["p-value (two-sided)", _p(o["p_value"]), "lost in extraction" if head else DASH],
+        ["Cohen's d_z (paired)", _f(o["cohens_dz"], 2), "lost in extraction" if head else DASH],
+    ]
+    out = [f"## Headline (variant `{o['variant']}`)", "",
+           _table(["figure", "this run", "paper (Campaign 1)"], rows)]
+    if o.get("note"):
+        out += ["", f"Note: {o['note']}."]
+    return out
+
+
+def _per_model_timing(stats: dict) -> list[str]:
+    out = ["## Training time per model", "",
+           "Mean ± SD over seeds; CI = 95% t-interval of the mean per-pair speedup; t-test = paired "
+           "t-test of Standard vs Aletheia time over the model's seeds; d_z = Cohen's d for paired samples."]
+    for v in _variant_order(stats["per_model"]):
+        rows = []
+        for model, by_variant in stats["per_model"].items():
+            b = by_variant.get(v)
+            if b is None:
+                continue
+            rows.append([model, b.get("paper_model"), b.get("family"), b["n_pairs"],
+                         _msd(b["std_time_s_mean"], b["std_time_s_sd"], 1),
+                         _msd(b["ale_time_s_mean"], b["ale_time_s_sd"], 1),
+                         _msd(b["ratio_mean"], b["ratio_sd"], 3),
+                         _msd(b["speedup_pct_mean"], b["speedup_pct_sd"], 1),
+                         _ci(b["speedup_pct_ci95"], 1), _f(b["t_stat"], 2), _p(b["p_value"]),
+                         _f(b["cohens_dz"], 2), _f(b["win_rate"], 2), b.get("note")])
+        out += ["", f"### Variant `{v}`" + (" (Aletheia 250 steps vs matched Standard)"
+                                           if v == COMPUTE_MATCHED else ""), "",
+                _table(["model", "paper name", "family", "n", "std time s", "ale time s", "ratio",
+                        "speedup %", "95% CI", "t", "p", "d_z", "win rate", "note"], rows)]
+    return out
+
+
+def _per_family(stats: dict) -> list[str]:
+    rows = []
+    for family, by_variant in stats["per_family"].items():
+        for v, b in sorted(by_variant.items(), key=lambda kv: _variant_rank(kv[0])):
+            rows.append([family, v, ", ".join(b["models"]), b["n_pairs"],
+                         _msd(b["speedup_pct_mean"], b["speedup_pct_sd"], 1), _ci(b["speedup_pct_ci95"], 1),
+                         _f(b["ratio_mean"], 3), _p(b["p_value"]), _f(b["cohens_dz"], 2),
+                         _f(b["win_rate"], 2), b.get("note")])
+    if not rows:
+        return ["## Speedup by family", "", "No pairs."]
+    return ["## Speedup by family", "",
+            _table(["family", "variant", "models", "n", "speedup %", "95% CI", "ratio", "p", "d_z",
+                    "win rate", "note"], rows)]
+
+
+def _quality(stats: dict) -> list[str]:
+    out = ["## Quality: eval loss and benchmarks", "",
+           "Differences are Aletheia - Standard over paired seeds (eval loss in loss units, benchmarks "
+           "in percentage points); delta = fine-tuned - base model; extra = Aletheia delta - Standard "
+           "delta (positive: Aletheia forgot less)."]
+    loss_rows, bench_rows = [], {b: [] for b in BENCH_FIELDS}
+    for model, by_variant in stats["per_model"].items():
+        for v, b in by_variant.items():
+            q = b.get("quality") or {}
+            if "eval_loss" in q:
+                e = q["eval_loss"]
+                loss_rows.append([model, v, e["n"], _msd(e["std_mean"], e["std_sd"], 4),
+                                  _msd(e["ale_mean"], e["ale_sd"], 4), _f(e["diff_mean"], 4, True),
+                                  _ci(e["diff_ci95"], 4), _p(e["p_value"]), e.get("note")])
+            for bench in BENCH_FIELDS:
+                if bench in q:
+                    m = q[bench]
+                    bench_rows[bench].append([
+                        model, v, m["n"], _f(m.get("base_mean"), 1), _msd(m["std_mean"], m["std_sd"], 1),
+                        _msd(m["ale_mean"], m["ale_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
+                        _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("ale_delta_pp_mean"), 2, True),
+                        _f(m.get("extra_pp_mean"), 2, True), _ci(m.get("extra_pp_ci95"), 2)])
+    if loss_rows:
+        out += ["", "### Eval loss", "", _table(["model", "variant", "n", "Standard", "Aletheia",
+                                                 "ale - std", "95% CI", "p", "note"], loss_rows)]
+    for bench, rows in bench_rows.items():
+        if rows:
+            out += ["", f"### {BENCH_LABELS[bench]} (%)", "",
+                    _table(["model", "variant", "n", "base", "Standard", "Aletheia", "ale - std pp",
+                            "95% CI", "std delta pp", "ale delta pp", "extra pp", "extra 95% CI"], rows)]
+    if not loss_rows and not any(bench_rows.values()):
+        out += ["", "No quality metrics on paired runs."]
+    return out
+
+
+def _compute_matched(stats: dict) -> list[str]:
+    cm = stats["compute_matched"]
+    out = ["## Compute-matched Aletheia", ""]
+    if not cm["n_pairs"]:
+        return out + [f"{cm['note']}."]
+    rows = []
+    for model, b in cm["per_model"].items():
+        q = b.get("quality") or {}
+        e = q.get("eval_loss") or {}
+        rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("ale_mean"), 4),
+                     _f(e.get("diff_mean"), 4, True), _ci(e.get("diff_ci95"), 4),
+                     *[_f((q.get(bn) or {}).get("diff_mean"), 2, True) for bn in BENCH_FIELDS],
+                     _f(b["ratio_mean"], 3)])
+    return out + [
+        "Aletheia trained for 250 steps against the matched-variant Standard run (200 steps) of the "
+        "same model and seed; differences are compute-matched Aletheia - Standard.", "",
+        _table(["model", "n", "std eval loss", "CM eval loss", "diff", "95% CI",
+                *[f"{BENCH_LABELS[b]} diff pp" for b in BENCH_FIELDS], "time ratio std/CM"], rows)]
+
+
+def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
+    out = ["## Paper vs this run", ""]
+    if not ref.found:
+        return out + [f"Paper reference data not found at `{ref.directory}`; no comparison."]
+    primary = stats["primary_variant"]
+    by_ref: dict[str, dict] = {}
+    for model, by_variant in stats["per_model"].items():
+        by_ref.setdefault(reference_key(model), {"model": model, **by_variant})
+
+    def measured(key: str, variant: str) -> dict:
+        entry = by_ref.get(key, {})
+        block = entry.get(variant)
+        return block if block and block.get("n_pairs") else {}
+
+    def ours(key: str) -> str:
+        return by_ref.get(key, {}).get("model") or f"{key} (not run)"
+
+    out += ["Paper figures from `results/paper_reference/`; models matched by name "
+            "(case-insensitive). Measured values use the "
+            f"`{primary}` variant unless stated.", ""]
+    rows = []
+    for key, p in ref.speed.items():
+        b = measured(key, primary)
+        rows.append([p["paper_model"], ours(key), _f(p["time_ratio"], 3), _f(b.get("ratio_mean"), 3),
+                     _f(p["speedup_pct"], 1), _f(b.get("speedup_pct_from_mean_ratio"), 1),
+                     _msd(b.get("speedup_pct_mean"), b.get("speedup_pct_sd"), 1),
+                     _paper_p(p["p_value"]), _p(b.get("p_value")), b.get("n_pairs", 0)])
+    out += ["### Training speed (paper Table 2)", "",
+            _table(["paper model", "our model", "paper ratio", "measured ratio", "paper speedup %",
+                    "measured speedup % (1 - 1/ratio)", "measured speedup % (per pair)", "paper p",
+                    "measured p", "n pairs"], rows)]
+
+    rows = []
+    for key, p in ref.mmlu.items():
+        m = (measured(key, primary).get("quality") or {}).get("mmlu", {})
+        rows.append([p["paper_model"], ours(key), _f(p["base_mmlu_pct"], 1), _f(m.get("base_mean"), 1),
+                     _f(p["std_delta_pp"], 1, True), _f(m.get("std_delta_pp_mean"), 1, True),
+                     _f(p["ale_delta_pp"], 1, True), _f(m.get("ale_delta_pp_mean"), 1, True),
+                     _f(p["extra_pp"], 1, True), _f(m.get("extra_pp_mean", m.get("diff_mean")), 1, True)])
+    out += ["", "### MMLU forgetting (paper Table 3; pp, delta = FT - base, extra = ale delta - std delta)", "",
+            _table(["paper model", "our model", "paper base %", "measured base %", "paper std delta",
+                    "measured std delta", "paper ale delta", "measured ale delta", "paper extra",
+                    "measured extra"], rows)]
+
+    rows = []
+    for key, p in ref.campaign2_abs.items():
+        q = measured(key, primary).get("quality") or {}
+        row = [p["paper_model"], ours(key)]
+        for bench in BENCH_FIELDS:
+            d = (q.get(bench) or {}).get("diff_mean")
+            row += [_f(p[f"{bench}_abs_pp"], 2), DASH if d is None else f"{abs(d):.2f} ({d:+.2f})"]
+        rows.append(row)
+    out += ["", "### Campaign 2 benchmark differences (paper Table 4; |Aletheia - Standard| pp; the "
+            "paper's signs were lost, ours in brackets)", "",
+            _table(["paper model", "our model", "paper MMLU", "measured MMLU", "paper GSM8K",
+                    "measured GSM8K", "paper HumanEval", "measured HumanEval"], rows)]
+
+    rows = []
+    for key, p in ref.compute_matched.items():
+        e = (measured(key, COMPUTE_MATCHED).get("quality") or {}).get("eval_loss", {})
+        rows.append([p["paper_model"], ours(key), _f(p["std_eval_loss"], 3), _f(e.get("std_mean"), 3),
+                     _f(p["cm_ale_eval_loss"], 3), _f(e.get("ale_mean"), 3), p.get("downstream")])
+    out += ["", "### Compute-matched eval loss (paper Table 5; Standard 200 steps vs Aletheia 250 steps)", "",
+            _table(["paper model", "our model", "paper std", "measured std", "paper CM Aletheia",
+                    "measured CM Aletheia", "paper downstream verdict"], rows)]
+    unknown = [m for m in stats["per_model"] if reference_key(m) not in PAPER_TO_CONFIG.values()]
+    if unknown:
+        out += ["", "Models of this run that the paper does not report: " + ", ".join(unknown) + "."]
+    return out
+
+
+def _figures(result: "AggregateResult", requested: bool) -> list[str]:
+    out = ["## Figures", ""]
+    if not requested or result.out_dir is None:
+        return out + ["Figures were not generated for this aggregation."]
+    for name, filename in FIGURE_FILES.items():
+        if name in result.figures:
+            out += [f"![{FIGURE_TITLES[name]}](figures/{filename})", ""]
+        else:
+            out += [f"- *{FIGURE_TITLES[name]}*: skipped ({result.skipped_figures.get(name, 'not made')}).", ""]
+    return out
+
+
+def _failures(result: "AggregateResult") -> list[str]:
+    stats = result.stats
+    failed = stats["failed_cells"]
+    out = ["## Failed cells", ""]
+    if not failed:
+        out.append("None: every row has status ok.")
+    else:
+        reasons = Counter((f["status"], f["failure_reason"]) for f in failed)
+        out.append(f"{len(failed)} row(s) did not finish ok; they are in runs.csv and "
+                   "RESULTS_CAMPAIGN2.csv and take no part in pairs.")
+        rows = [[f["cell_id"], f["model"], f["recipe"], f["variant"], f["seed"], f["status"],
+                 f["nan_step"], (f["failure_reason"] or "")[:300]] for f in failed[:MAX_LISTED]]
+        out += ["", _table(["cell", "model", "recipe", "variant", "seed", "status", "nan step", "reason"], rows)]
+        if len(failed) > MAX_LISTED:
+            out += ["", f"... and {len(failed) - MAX_LISTED} more (see stats.json `failed_cells`). "
+                    "Most frequent reasons:", ""]
+            out += [f"- {n} x {s}: {_cell((r or '')[:200])}" for (s, r), n in reasons.most_common(10)]
+    bad = stats["unreadable_rows"]
+    out += ["", "### Unreadable row files", ""]
+    if not bad:
+        out.append("None.")
+    else:
+        out.append(f"{len(bad)} row file(s) could not be read or failed validation; they were skipped:")
+        out += [""] + [f"- `{b['path']}`: {_cell(b['reason'])}" for b in bad[:MAX_LISTED]]
+        if len(bad) > MAX_LISTED:
+            out.append(f"- ... and {len(bad) - MAX_LISTED} more (stats.json `unreadable_rows`)")
+    missing = stats["cells_without_row"]
+    if missing:
+        out += ["", "### Cell directories without a row", "",
+                f"{len(missing)} cell director(ies) have no row.json (still running, or lost):", ""]
+        out += [f"- `{m}`" for m in missing[:50]]
+        if len(missing) > 50:
+            out.append(f"- ... and {len(missing) - 50} more")
+    if stats.get("duplicate_runs_superseded"):
+        out += ["", f"{stats['duplicate_runs_superseded']} ok run(s) share model, recipe, variant and seed "
+                "with a later row and were not used for pairs (the latest finished row is used)."]
+    return out
+
+
+def _counts(series: pd.Series, limit: int = 20) -> list[list]:
+    counts = series.fillna(DASH).astype(str).value_counts()
+    rows = [[value, int(n)] for value, n in counts.head(limit).items()]
+    if len(counts) > limit:
+        rows.append([f"... {len(counts) - limit} more values", int(counts.iloc[limit:].sum())])
+    return rows
+
+
+def _provenance(result: "AggregateResult") -> list[str]:
+    runs = result.runs
+    out = ["## Provenance", ""]
+    if runs.empty:
+        return out + ["No rows."]
+    shas = runs.assign(git_sha=runs["git_sha"].fillna(DASH).astype(str),
+                       git_dirty=runs["git_dirty"].map(lambda d: DASH if d is None or d != d else str(bool(d))))
+    sha_rows = [[sha, dirty, int(n)] for (sha, dirty), n in
+                shas.groupby(["git_sha", "git_dirty"]).size().sort_values(ascending=False).items()]
+    out += ["### Code (git)", "", _table(["git sha", "dirty", "rows"], sha_rows[:30])]
+    versions: dict[str, Counter] = {}
+    for text, n in runs["package_versions"].dropna().value_counts().items():
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(parsed, dict):
+            for pkg, ver in parsed.items():
+                versions.setdefault(pkg, Counter())[str(ver)] += int(n)
+    if versions:
+        rows = [[pkg, ", ".join(f"{v} ({n} rows)" for v, n in versions[pkg].most_common())]
+                for pkg in sorted(versions)]
+        out += ["", "### Package versions", "", _table(["package", "versions"], rows)]
+    for column, title in (("device", "Device"), ("gpu_name", "GPU"), ("host", "Hosts")):
+        out += ["", f"### {title}", "", _table([column, "rows"], _counts(runs[column]))]
+    started = runs["started_at"].dropna().astype(str)
+    finished = runs["finished_at"].dropna().astype(str)
+    if len(started) or len(finished):
+        out += ["", f"Rows started from {started.min() if len(started) else DASH} and finished up to "
+                f"{finished.max() if len(finished) else DASH} (UTC)."]
+    return out
+
+
+def render_report(result: "AggregateResult", rows: list[dict], ref: PaperReference,
+                  figures_requested: bool = True) -> str:
+    """The Markdown text of REPORT.md for ``result`` (figure links are relative to the campaign dir)."""
+    stats = result.stats
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(stats["n_rows_by_status"].items())) or "none"
+    lines = [f"# Campaign `{result.campaign}`: aggregate report", ""]
+    if result.partial:
+        lines += [f"> **PARTIAL CAMPAIGN**: {result.completeness}. Every figure below covers only the "
+                  "rows present so far.", ""]
+    lines += [
+        f"- Completeness: {result.completeness}" + (" (partial)" if result.partial else ""),
+        f"- Rows by status: {by_status}; rows by recipe: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(stats["n_rows_by_recipe"].items())) or "none"),
+        f"- Standard/Aletheia pairs: {stats['n_pairs_total']} (variants: "
+        + (", ".join(stats["variants"]) or "none") + ")",
+        f"- Generated {stats['generated_at']}; files: runs.csv, pairs.csv, RESULTS_MASTER.csv, "
+        "RESULTS_CAMPAIGN2.csv, stats.json",
+        "",
+    ]
+    sections = [_headline(stats, ref), _per_model_timing(stats), _per_family(stats), _quality(stats),
+                _compute_matched(stats), _paper_vs_run(stats, ref), _figures(result, figures_requested),
+                _failures(result), _provenance(result)]
+    for section in sections:
+        lines += section + [""]
+    lines += ["## Conventions", ""] + [f"- **{k}**: {v}" for k, v in CONVENTIONS.items()] + [""]
+    return "\n".join(lines)

@@ -1,0 +1,471 @@
+"""Rows -> tables: reading row files, the per-run table, the Standard/Aletheia pairs, the paper's CSVs.
+
+Pairing rule. Training runs are the rows with recipe ``standard`` or ``aletheia``; only ``ok`` rows
+pair. For each Aletheia run, its Standard partner is the ok Standard run of the same model and seed
+in the *standard variant*: ``matched`` for the ``compute_matched`` variant, the Aletheia run's own
+variant when that variant has Standard runs, else ``matched``. Should a key (model, recipe, variant,
+seed) have several ok rows (different cell ids), the one that finished last is used.
+
+Base rows (recipe ``base``) are matched to pairs by model alone (latest ok base row per model).
+Benchmark accuracies are fractions in rows; the pair tables carry them as percent (``*_pct``) and
+their differences in percentage points (``*_pp``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
+
+from .paper import model_sort_key, paper_name
+
+TRAIN_RECIPES = ("standard", "aletheia")
+DEFAULT_VARIANT = "matched"
+COMPUTE_MATCHED = "compute_matched"
+# benchmark short name -> row field
+BENCH_FIELDS = {"mmlu": "mmlu_acc", "gsm8k": "gsm8k_acc", "humaneval": "humaneval_pass1"}
+
+# runs.csv columns taken as they are from the row
+_SCALAR_FIELDS = (
+    "cell_id", "campaign", "model", "family", "recipe", "variant", "seed", "status",
+    "failure_reason", "nan_step", "attempts", "num_layers", "trainable_params", "train_steps",
+    "planned_steps", "train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
+    "final_train_loss", "eval_loss", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n",
+    "humaneval_pass1", "humaneval_n", "started_at", "finished_at", "host", "device", "gpu_name",
+    "git_sha", "git_dirty",
+)
+# runs.csv columns written as JSON text
+_JSON_FIELDS = ("selected_layers", "layer_scores", "benchmarks", "eval_time_s", "eval_source",
+                "package_versions")
+_SLURM_KEYS = ("job_id", "array_job_id", "array_task_id", "node")
+RUN_COLUMNS = (
+    _SCALAR_FIELDS[:3] + ("paper_model",) + _SCALAR_FIELDS[3:12] + ("n_selected_layers",)
+    + _SCALAR_FIELDS[12:] + _JSON_FIELDS + tuple(f"slurm_{k}" for k in _SLURM_KEYS) + ("row_path",)
+)
+ROW_PATH_KEY = "_row_path"  # set by load_rows on the dicts it returns
+
+
+@dataclass
+class BadRow:
+    """A row file that could not be used, with the reason (from InvalidRow)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class LoadedRows:
+    rows: list[dict] = field(default_factory=list)
+    bad_rows: list[BadRow] = field(default_factory=list)
+    cells_without_row: list[str] = field(default_factory=list)
+
+
+def load_rows(results_dir: Path, campaign: str) -> LoadedRows:
+    """Read every ``<results_dir>/<campaign>/cells/<cell_id>/row.json``.
+
+    Corrupt, truncated or schema-violating files are collected in ``bad_rows`` (path + reason) and
+    skipped; cell directories without a row file (cells running or lost) in ``cells_without_row``.
+    """
+    cells = Path(results_dir) / campaign / "cells"
+    loaded = LoadedRows()
+    if not cells.is_dir():
+        return loaded
+    with os.scandir(cells) as entries:
+        dirs = sorted(e.path for e in entries if e.is_dir())
+    for cell_dir in dirs:
+        path = os.path.join(cell_dir, ROW_FILENAME)
+        if not os.path.isfile(path):
+            loaded.cells_without_row.append(cell_dir)
+            continue
+        try:
+            row = read_row(Path(path))
+        except InvalidRow as exc:
+            loaded.bad_rows.append(BadRow(path=path, reason=str(exc).replace(f"{path}: ", "", 1)))
+            continue
+        row[ROW_PATH_KEY] = path
+        loaded.rows.append(row)
+    return loaded
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False)
+_NUMBER_CHARS = str.maketrans("", "", "0123456789-+.e,")
+FLOAT_FORMAT = "%.12g"  # floats in CSV text: 12 significant digits (row.json keeps them exact)
+
+
+def _json_list(value: list) -> str:
+    """A list of numbers (selected_layers, layer_scores) as compact JSON, without the generic
+    encoder: floats get 12 significant digits. Anything else goes to the generic encoder."""
+    text = None
+    if type(value[0]) is int:
+        text = ",".join(map(str, value))
+    else:
+        try:
+            text = ",".join([FLOAT_FORMAT % x for x in value])
+        except TypeError:
+            pass
+    if text is not None and not text.translate(_NUMBER_CHARS):  # nothing but number characters
+        return "[" + text + "]"
+    return _json_general(value)
+
+
+def _json_general(value) -> str:
+    try:
+        return _JSON.encode(value)
+    except (ValueError, TypeError):  # NaN / inf or odd types: readable, if not strict JSON
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _json_column(values: list) -> list:
+    """JSON text of each value (None stays None); equal flat dicts and int/str lists are encoded once."""
+    cache: dict = {}
+    out = []
+    for v in values:
+        if v is None or (type(v) is float and v != v):  # NaN: key missing in the row
+            out.append(None)
+        elif type(v) is list:
+            if not v:
+                out.append("[]")
+            elif type(v[0]) is str or type(v[0]) is int:  # benchmarks, selected layers: often equal
+                try:
+                    key = tuple(v)
+                    text = cache.get(key)
+                    if text is None:
+                        text = cache[key] = _json_list(v) if type(v[0]) is int else _json_general(v)
+                except TypeError:  # unhashable elements
+                    text = _json_general(v)
+                out.append(text)
+            else:
+                out.append(_json_list(v))
+        elif type(v) is dict:
+            try:
+                key = tuple(v.items())
+                text = cache.get(key)
+                if text is None:
+                    text = cache[key] = _json_general(v)
+            except TypeError:  # unhashable values (nested objects)
+                text = _json_general(v)
+            out.append(text)
+        else:
+            out.append(_json_general(v))
+    return out
+
+
+_ROW_KEYS = _SCALAR_FIELDS + _JSON_FIELDS + ("slurm", ROW_PATH_KEY)
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    """One row per cell, every status kept, lists/objects as JSON text, sorted for reading."""
+    raw = pd.DataFrame.from_records(rows, columns=list(_ROW_KEYS), nrows=len(rows)) if rows else \
+        pd.DataFrame({k: pd.Series([], dtype=object) for k in _ROW_KEYS})
+    df = pd.DataFrame(index=raw.index)
+    for name in RUN_COLUMNS:
+        if name in _INT_FIELDS:
+            source = raw["selected_layers"].map(_length) if name == "n_selected_layers" else raw[name]
+            df[name] = _as_int(source)
+        elif name in _FLOAT_FIELDS:
+            df[name] = pd.to_numeric(raw[name], errors="coerce").astype(float)
+        elif name in _JSON_FIELDS:
+            df[name] = pd.Series(_json_column(raw[name].tolist()), index=raw.index, dtype=object)
+        elif name.startswith("slurm_"):
+            key = name[len("slurm_"):]
+            df[name] = pd.Series([v.get(key) if type(v) is dict else None for v in raw["slurm"].tolist()],
+                                 index=raw.index, dtype=object)
+        elif name == "paper_model":
+            names = {m: paper_name(m) for m in raw["model"].unique()}
+            df[name] = raw["model"].map(names).astype(object)
+        elif name == "row_path":
+            df[name] = raw[ROW_PATH_KEY].astype(object)
+        else:
+            df[name] = _objects(raw[name])
+    df["variant"] = df["variant"].where(df["variant"].notna(), DEFAULT_VARIANT)
+    df["seed"] = _tidy_seeds(df["seed"])
+    return _sorted(df, ["recipe", "variant", "seed", "cell_id"])
+
+
+def _length(value) -> int | None:
+    return len(value) if type(value) is list else None
+
+
+def _objects(col: pd.Series) -> pd.Series:
+    """A column as Python objects with None (not NaN) for missing values."""
+    col = col.astype(object)
+    return col.where(col.notna(), None)
+
+
+def _sorted(df: pd.DataFrame, then: list[str]) -> pd.DataFrame:
+    """Sort by model (paper order first), then by ``then`` (text; integer seeds numerically)."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    models = df["model"].tolist()
+    ranks = {m: model_sort_key(str(m))[0] for m in set(models)}
+    columns = [[ranks[m] for m in models], [str(m) for m in models]]
+    for c in then:
+        values = df[c].tolist()
+        if c == "seed":
+            columns.append([(0, v) if type(v) is int else (1, str(v)) for v in values])
+        else:
+            columns.append([v if type(v) is str else str(v) for v in values])
+    keys = list(zip(*columns))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return df.take(order).reset_index(drop=True)
+
+
+_INT_FIELDS = ("num_layers", "trainable_params", "train_steps", "planned_steps", "mmlu_n", "gsm8k_n",
+               "humaneval_n", "nan_step", "attempts", "n_selected_layers")
+_FLOAT_FIELDS = ("train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
+                 "final_train_loss", "eval_loss", "mmlu_acc", "gsm8k_acc", "humaneval_pass1")
+
+
+def _as_int(values: pd.Series) -> pd.Series:
+    """Counts as nullable integers (so CSVs say 200, not 200.0); non-integral values stay float."""
+    numeric = pd.to_numeric(values, errors="coerce").astype(float)
+    finite = numeric.dropna()
+    if (finite == finite.round()).all():
+        return numeric.astype("Int64")
+    return numeric
+
+
+def _tidy_seeds(seeds: pd.Series) -> pd.Series:
+    """Seeds as given; integral numbers become Python ints so that 42 and 42.0 agree."""
+    if seeds.dtype.kind in "iu":
+        return seeds.astype(object)
+
+    def tidy(s):
+        if isinstance(s, (float, np.floating)) and float(s).is_integer():
+            return int(s)
+        if isinstance(s, np.integer):
+            return int(s)
+        return s
+    return pd.Series([tidy(s) for s in seeds.tolist()], index=seeds.index, dtype=object)
+
+
+def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Keep, per key, the row that finished last (ties: the later cell id)."""
+    if df.empty:
+        return df
+    if not df.duplicated(keys).any():
+        return df
+    order = df.assign(_fin=df["finished_at"].fillna("").astype(str)).sort_values(["_fin", "cell_id"], kind="stable")
+    return order.drop_duplicates(keys, keep="last").drop(columns="_fin")
+
+
+def superseded_runs(runs: pd.DataFrame) -> int:
+    """How many ok training runs are unused because a later row has the same (model, recipe,
+    variant, seed)."""
+    ok = runs[(runs["status"] == "ok") & runs["recipe"].isin(TRAIN_RECIPES)]
+    if ok.empty:
+        return 0
+    keys = pd.DataFrame({"m": ok["model"].astype(str), "r": ok["recipe"].astype(str),
+                         "v": ok["variant"].astype(str), "s": ok["seed"].astype(str)})
+    return int(keys.duplicated().sum())
+
+
+def standard_variant_of(variant: str, variants_with_standard: set) -> str:
+    """The variant whose Standard runs pair with Aletheia runs of ``variant`` (module docstring)."""
+    if variant == COMPUTE_MATCHED:
+        return DEFAULT_VARIANT
+    return variant if variant in variants_with_standard else DEFAULT_VARIANT
+
+
+PAIR_SIDE_FIELDS = ("cell_id", "train_time_s", "train_steps", "trainable_params", "eval_loss",
+                    "final_train_loss") + tuple(BENCH_FIELDS.values())
+
+
+def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, seed, variant) with an ok Standard and an ok Aletheia run."""
+    ok = runs[runs["status"] == "ok"]
+    train = ok[ok["recipe"].isin(TRAIN_RECIPES)].assign(seed_key=lambda d: d["seed"].astype(str))
+    train = _latest(train, ["model", "recipe", "variant", "seed_key"])
+    std = train[train["recipe"] == "standard"]
+    ale = train[train["recipe"] == "aletheia"]
+    with_std = set(std["variant"])
+    ale = ale.assign(standard_variant=pd.Series(
+        [standard_variant_of(v, with_std) for v in ale["variant"]], index=ale.index, dtype=object))
+    left = ale[["model", "family", "paper_model", "variant", "standard_variant", "seed", "seed_key",
+                "num_layers", "n_selected_layers", "selected_layers", "probe_time_s",
+                *PAIR_SIDE_FIELDS]].rename(columns={f: f"ale_{f}" for f in PAIR_SIDE_FIELDS})
+    left = left.rename(columns={"probe_time_s": "ale_probe_time_s"})
+    right = std[["model", "variant", "seed_key", *PAIR_SIDE_FIELDS]].rename(
+        columns={"variant": "standard_variant", **{f: f"std_{f}" for f in PAIR_SIDE_FIELDS}})
+    pairs = left.merge(right, on=["model", "standard_variant", "seed_key"], how="inner")
+
+    base = _latest(ok[ok["recipe"] == "base"], ["model"])
+    base = base[["model", *BENCH_FIELDS.values()]].rename(
+        columns={f: f"base_{f}" for f in BENCH_FIELDS.values()})
+    pairs = pairs.merge(base, on="model", how="left")
+
+    out = pd.DataFrame({
+        "model": pairs["model"], "paper_model": pairs["paper_model"], "family": pairs["family"],
+        "variant": pairs["variant"], "standard_variant": pairs["standard_variant"],
+        "seed": pairs["seed"], "std_cell_id": pairs["std_cell_id"], "ale_cell_id": pairs["ale_cell_id"],
+    })
+    st = pairs["std_train_time_s"].astype(float).to_numpy()
+    at = pairs["ale_train_time_s"].astype(float).to_numpy()
+    probe = pairs["ale_probe_time_s"].astype(float).to_numpy()
+    out["std_train_time_s"] = st
+    out["ale_train_time_s"] = at
+    out["time_saved_s"] = st - at
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["time_ratio"] = st / at
+        out["speedup_pct"] = (1.0 - at / st) * 100.0
+        out["ale_probe_time_s"] = probe
+        out["speedup_incl_probe_pct"] = (1.0 - (at + np.nan_to_num(probe)) / st) * 100.0
+    for f in ("train_steps", "trainable_params"):
+        out[f"std_{f}"] = pairs[f"std_{f}"].to_numpy()
+        out[f"ale_{f}"] = pairs[f"ale_{f}"].to_numpy()
+    out["num_layers"] = pairs["num_layers"].to_numpy()
+    out["n_selected_layers"] = pairs["n_selected_layers"].to_numpy()
+    out["selected_layers"] = pairs["selected_layers"].to_numpy()
+    for f in ("eval_loss", "final_train_loss"):
+        out[f"std_{f}"] = pairs[f"std_{f}"].astype(float).to_numpy()
+        out[f"ale_{f}"] = pairs[f"ale_{f}"].astype(float).to_numpy()
+        if f == "eval_loss":
+            out["eval_loss_diff"] = out["ale_eval_loss"] - out["std_eval_loss"]
+    for short, fld in BENCH_FIELDS.items():
+        base_v = pairs[f"base_{fld}"].astype(float).to_numpy() * 100.0
+        std_v = pairs[f"std_{fld}"].astype(float).to_numpy() * 100.0
+        ale_v = pairs[f"ale_{fld}"].astype(float).to_numpy() * 100.0
+        out[f"base_{short}_pct"] = base_v
+        out[f"std_{short}_pct"] = std_v
+        out[f"ale_{short}_pct"] = ale_v
+        out[f"{short}_diff_pp"] = ale_v - std_v
+        out[f"std_{short}_delta_pp"] = std_v - base_v
+        out[f"ale_{short}_delta_pp"] = ale_v - base_v
+        out[f"{short}_extra_pp"] = (ale_v - base_v) - (std_v - base_v)
+    return _sorted(out, ["variant", "seed"])
+
+
+# RESULTS_MASTER.csv column -> pairs column
+MASTER_COLUMNS = {
+    "model": "model", "paper_model": "paper_model", "family": "family", "variant": "variant",
+    "seed": "seed", "std_time_s": "std_train_time_s", "ale_time_s": "ale_train_time_s",
+    "time_ratio": "time_ratio", "speedup_pct": "speedup_pct", "std_eval_loss": "std_eval_loss",
+    "ale_eval_loss": "ale_eval_loss", "eval_loss_diff": "eval_loss_diff", "num_layers": "num_layers",
+    "n_selected_layers": "n_selected_layers", "selected_layers": "selected_layers",
+    "base_mmlu_pct": "base_mmlu_pct", "std_mmlu_pct": "std_mmlu_pct", "ale_mmlu_pct": "ale_mmlu_pct",
+    "std_mmlu_delta_pp": "std_mmlu_delta_pp", "ale_mmlu_delta_pp": "ale_mmlu_delta_pp",
+    "mmlu_extra_pp": "mmlu_extra_pp", "std_cell_id": "std_cell_id", "ale_cell_id": "ale_cell_id",
+}
+# RESULTS_CAMPAIGN2.csv columns copied unchanged from runs (the rest are derived)
+CAMPAIGN2_FROM_RUNS = ("model", "paper_model", "family", "recipe", "variant", "seed", "status",
+                       "failure_reason", "nan_step", "train_steps", "train_time_s", "probe_time_s",
+                       "eval_loss", "num_layers", "n_selected_layers")
+
+
+def master_rows(pairs: pd.DataFrame, variant: str) -> np.ndarray:
+    """Positions in ``pairs`` of the RESULTS_MASTER rows."""
+    return np.flatnonzero((pairs["variant"] == variant).to_numpy(dtype=bool))
+
+
+def campaign2_rows(runs: pd.DataFrame) -> np.ndarray:
+    """Positions in ``runs`` of the RESULTS_CAMPAIGN2 rows (every run but base evaluations)."""
+    return np.flatnonzero((runs["recipe"] != "base").to_numpy(dtype=bool))
+
+
+def results_master(pairs: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """The paper's Campaign 1 file: one row per model x seed pair of ``variant``."""
+    p = pairs.iloc[master_rows(pairs, variant)]
+    return pd.DataFrame({out: p[src] for out, src in MASTER_COLUMNS.items()}).reset_index(drop=True)
+
+
+def results_campaign2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Campaign 2 file: one row per training run (every status), benchmarks in percent.
+
+    Aletheia rows that paired also carry their Standard partner, speedup and benchmark differences.
+    """
+    r = runs.iloc[campaign2_rows(runs)]
+    base = _latest(runs[(runs["recipe"] == "base") & (runs["status"] == "ok")], ["model"])
+    base = base.set_index("model")
+    out = pd.DataFrame({name: r[name] for name in CAMPAIGN2_FROM_RUNS})
+    for short, fld in BENCH_FIELDS.items():
+        value = r[fld].astype(float) * 100.0
+        base_v = r["model"].map(base[fld]).astype(float) * 100.0 if len(base) else value * np.nan
+        out[f"{short}_pct"] = value
+        out[f"base_{short}_pct"] = base_v
+        out[f"{short}_delta_pp"] = value - base_v
+    link = pairs[["ale_cell_id", "std_cell_id", "speedup_pct",
+                  *(f"{s}_diff_pp" for s in BENCH_FIELDS)]]
+    link = link.rename(columns={"std_cell_id": "paired_std_cell_id",
+                                **{f"{s}_diff_pp": f"{s}_vs_std_pp" for s in BENCH_FIELDS}})
+    out["cell_id"] = r["cell_id"]
+    out = out.merge(link, left_on="cell_id", right_on="ale_cell_id", how="left").drop(columns="ale_cell_id")
+    return out.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ CSV
+
+_CSV_SPECIAL = (",", '"', "\n", "\r")
+
+
+def _csv_text(text: str) -> str:
+    if "," in text or '"' in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _column_cells(col: pd.Series) -> list[str]:
+    """The CSV cells of one column; missing values are empty, floats have 12 significant digits."""
+    fmt = FLOAT_FORMAT
+    if col.dtype == np.float64:
+        values = col.to_numpy()
+        missing = np.isnan(values)
+        if missing.all():
+            return [""] * len(values)
+        cells = list(map(fmt.__mod__, values.tolist()))
+        for i in np.flatnonzero(missing).tolist():
+            cells[i] = ""
+        return cells
+    if isinstance(col.dtype, pd.Int64Dtype):
+        return ["" if x is None else str(x) for x in col.to_numpy(dtype=object, na_value=None).tolist()]
+    if col.dtype.kind in "iub":
+        return [str(x) for x in col.to_numpy().tolist()]
+    if pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty"):
+        cells = col.astype(object).fillna("").tolist()  # every value a str (or missing)
+        joined = "\x00".join(cells)
+        if any(c in joined for c in _CSV_SPECIAL):
+            cells = ['"' + c.replace('"', '""') + '"' if c else "" for c in cells]
+        return cells
+    cells = []
+    append = cells.append
+    for x in col.to_numpy(dtype=object).tolist():
+        if type(x) is str:
+            append(x)
+        elif x is None or x is pd.NA:
+            append("")
+        elif type(x) is float:
+            append(fmt % x if x == x else "")
+        else:
+            append(str(x))
+    joined = "\x00".join(cells)
+    if any(c in joined for c in _CSV_SPECIAL):
+        cells = [_csv_text(c) for c in cells]
+    return cells
+
+
+def frame_cells(df: pd.DataFrame, reuse: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """CSV cells of every column of ``df``; columns in ``reuse`` take those cells as they are."""
+    reuse = reuse or {}
+    return {c: reuse[c] if c in reuse else _column_cells(df[c]) for c in df.columns}
+
+
+def pick(cells: list[str], positions: np.ndarray) -> list[str]:
+    """``cells`` at ``positions`` (to reuse formatted cells for a row subset of another table)."""
+    return [cells[i] for i in positions.tolist()]
+
+
+def csv_text(df: pd.DataFrame, cells: dict[str, list[str]] | None = None) -> str:
+    """``df`` as CSV text (no index), several times faster than ``DataFrame.to_csv`` for wide float
+    tables; minimal quoting, readable by ``pandas.read_csv`` and the csv module. ``cells`` may hold
+    the already formatted cells (``frame_cells``)."""
+    header = ",".join(_csv_text(str(c)) for c in df.columns)
+    if df.empty:
+        return header + "\n"
+    cells = cells if cells is not None else frame_cells(df)
+    columns = [cells[c] for c in df.columns]
+    return header + "\n" + "\n".join(map(",".join, zip(*columns))) + "\n"
