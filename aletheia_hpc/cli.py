@@ -1,6 +1,6 @@
 """``aletheia-hpc VERB [hydra overrides] [--flags]``: the one entry point.
 
-Verbs: plan, launch, status, run-cell, aggregate. Overrides use Hydra syntax
+Verbs: plan, launch, status, resubmit, cancel, run-cell, aggregate. Overrides use Hydra syntax
 (``campaign=smoke model=tiny-qwen2 train.steps=10``); flags start with ``--``.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aletheia_hpc.config import ConfigError
 
-VERBS = ("plan", "launch", "status", "run-cell", "aggregate")
+VERBS = ("plan", "launch", "status", "resubmit", "cancel", "run-cell", "aggregate")
 
 
 def _plan(overrides):
@@ -38,18 +38,41 @@ def cmd_plan(overrides, args) -> int:
     return 0
 
 
+def _states(plan) -> list[dict]:
+    from aletheia_hpc.campaign.slurm import cell_states
+
+    return cell_states(plan.cells, Path(plan.root.results_dir))
+
+
+def _submit(plan, cells) -> int:
+    from aletheia_hpc.campaign.slurm import submit_cells
+
+    sub = submit_cells(cells, Path(plan.root.results_dir), plan.root.cluster, plan.name)
+    print(f"submitted {sub.cells} cells as {sub.arrays} job array(s) in {sub.classes} resource class(es)"
+          + (f"; code snapshot {sub.snapshot}" if sub.snapshot else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_launch(overrides, args) -> int:
-    from aletheia_hpc.campaign.local import run_local
     from aletheia_hpc.campaign.store import is_done
 
     plan = _plan(overrides)
     results_dir = Path(plan.root.results_dir)
+    if plan.root.cluster.kind == "slurm":
+        states = {s["cell_id"]: s["state"] for s in _states(plan)}
+        todo = [c for c in plan.cells if states[c.cell_id] not in ("done", "pending", "running")]
+        print(f"campaign {plan.name}: {len(plan.cells)} cells, "
+              f"{sum(v == 'done' for v in states.values())} already done, "
+              f"{sum(v in ('pending', 'running') for v in states.values())} queued or running, "
+              f"{len(todo)} to submit to {plan.root.cluster.name}", file=sys.stderr)
+        return _submit(plan, todo)
+    if plan.root.cluster.kind != "local":
+        raise ConfigError(f"cluster.kind={plan.root.cluster.kind!r}: use local or slurm")
+    from aletheia_hpc.campaign.local import run_local
+
     todo = [c for c in plan.cells if not is_done(results_dir, c)]
     print(f"campaign {plan.name}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
           f"{len(todo)} to run on {plan.root.cluster.name}", file=sys.stderr)
-    if plan.root.cluster.kind != "local":
-        raise ConfigError(f"cluster.kind={plan.root.cluster.kind!r}: SLURM dispatch is not available "
-                          "in this version; use cluster=local")
     codes = run_local(todo, results_dir, plan.root.cluster.local_workers)
     failed = [cid for cid, code in codes.items() if code != 0]
     _print_status(plan, as_json=False)
@@ -57,32 +80,63 @@ def cmd_launch(overrides, args) -> int:
 
 
 def _print_status(plan, as_json: bool) -> None:
-    from aletheia_hpc.campaign.store import row_state
-
-    results_dir = Path(plan.root.results_dir)
-    cells = []
-    for cell in plan.cells:
-        state = row_state(results_dir, cell)
-        if state.row is None:
-            status, reason = "missing", state.problem
-        elif state.row["status"] == "ok":
-            status, reason = "done", None
-        else:
-            status, reason = "failed", state.row["failure_reason"].splitlines()[0]
-        cells.append({"cell_id": cell.cell_id, "model": cell.model.name, "recipe": cell.recipe.name,
-                      "variant": cell.variant, "seed": cell.seed, "state": status, "reason": reason})
+    cells = _states(plan)
     counts = dict(Counter(c["state"] for c in cells))
     if as_json:
         print(json.dumps({"counts": counts, "cells": cells}, indent=1))
         return
     for c in cells:
+        reason = (c["reason"] or "").replace("\n", "\n" + " " * 8)
         print(f"{c['cell_id']}  {c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} "
-              f"{c['state']:8s} {c['reason'] or ''}")
+              f"{c['state']:8s} {reason}")
     print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
 
 
 def cmd_status(overrides, args) -> int:
     _print_status(_plan(overrides), as_json=args.json)
+    return 0
+
+
+def _require_slurm(plan, verb: str) -> None:
+    if plan.root.cluster.kind != "slurm":
+        raise ConfigError(f"{verb} needs a SLURM cluster (cluster=<name> of kind slurm); "
+                          f"cluster {plan.root.cluster.name!r} is {plan.root.cluster.kind}")
+
+
+def cmd_resubmit(overrides, args) -> int:
+    """Submit the failed and missing cells (none that is queued or running); --force reruns named cells."""
+    from aletheia_hpc.campaign.slurm import move_checkpoints_aside, move_row_aside
+
+    plan = _plan(overrides)
+    _require_slurm(plan, "resubmit")
+    results_dir = Path(plan.root.results_dir)
+    states = {s["cell_id"]: s for s in _states(plan)}
+    by_id = {c.cell_id: c for c in plan.cells}
+    force = list(dict.fromkeys(args.force or []))
+    unknown = [cid for cid in force if cid not in by_id]
+    if unknown:
+        raise ConfigError(f"--force: no such cell in campaign {plan.name}: {', '.join(unknown)}")
+    busy = [cid for cid in force if states[cid]["state"] in ("pending", "running")]
+    if busy:
+        raise ConfigError(f"--force: cells queued or running (cancel them first): {', '.join(busy)}")
+    todo = [c for c in plan.cells if c.cell_id in force or states[c.cell_id]["state"] in ("failed", "missing")]
+    for cell in todo:
+        moved = move_row_aside(results_dir, cell)
+        if cell.cell_id in force:
+            move_checkpoints_aside(results_dir, cell)  # a forced rerun starts from scratch
+        if moved:
+            print(f"cell {cell.cell_id}: old row kept as {moved}", file=sys.stderr)
+    print(f"campaign {plan.name}: resubmitting {len(todo)} cell(s)", file=sys.stderr)
+    return _submit(plan, todo)
+
+
+def cmd_cancel(overrides, args) -> int:
+    from aletheia_hpc.campaign.slurm import cancel
+
+    plan = _plan(overrides)
+    _require_slurm(plan, "cancel")
+    ids = cancel(plan.cells, Path(plan.root.results_dir))
+    print(f"cancelled {len(ids)} job(s)" + (f": {' '.join(ids)}" if ids else ""), file=sys.stderr)
     return 0
 
 
@@ -111,7 +165,7 @@ def cmd_aggregate(overrides, args) -> int:
         expected = sum(1 for c in plan.cells if c.campaign == name)
         result = aggregate_campaign(Path(plan.root.results_dir), name, expected_cells=expected)
         print(summary_table(result))
-        print(f"report: {result.report_path}")
+        print(f"report: {result.report_md}")
     return 0
 
 
@@ -121,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("verb", choices=VERBS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. campaign=smoke train.steps=5")
     parser.add_argument("--json", action="store_true", help="status: machine-readable output")
+    parser.add_argument("--force", nargs="+", metavar="CELL_ID",
+                        help="resubmit: rerun these cells even if done (their old row is kept aside)")
     args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "run-cell": cmd_run_cell,
-               "aggregate": cmd_aggregate}[args.verb]
+    handler = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "resubmit": cmd_resubmit,
+               "cancel": cmd_cancel, "run-cell": cmd_run_cell, "aggregate": cmd_aggregate}[args.verb]
     try:
         return handler(args.overrides, args)
     except ConfigError as exc:

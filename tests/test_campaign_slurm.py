@@ -1,0 +1,177 @@
+"""SLURM dispatch of campaigns (aletheia_hpc/campaign/slurm.py) against the real dev cluster.
+
+Golden sbatch scripts need no cluster; everything else uses the ``dev_cluster`` fixture.
+Regenerate the golden files with ``ALETHEIA_UPDATE_GOLDEN=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aletheia_hpc.campaign.matrix import expand
+from aletheia_hpc.campaign.slurm import resource_class, sbatch_script
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+# ------------------------------------------------------------------ golden sbatch scripts (no cluster)
+
+@pytest.mark.parametrize("name, overrides", [
+    ("dev_tiny_llama", ["campaign=smoke", "campaign.models=[tiny-llama]", "cluster=dev"]),
+    ("leonardo_mixtral_8x7b", ["campaign=smoke", "campaign.models=[mixtral-8x7b]", "cluster=leonardo"]),
+])
+def test_golden_sbatch(name, overrides):
+    plan = expand(overrides)
+    cell = plan.cells[0]
+    cls = resource_class(cell, plan.root.cluster)
+    script = sbatch_script(cls, plan.root.cluster, "<SNAPSHOT>", "/RESULTS/smoke/submitit/%j", n_tasks=1,
+                           job_name="aletheia-smoke", python="<PYTHON>")
+    path = GOLDEN / f"{name}.sbatch"
+    if os.environ.get("ALETHEIA_UPDATE_GOLDEN") == "1":
+        path.write_text(script)
+    assert script == path.read_text()
+    if "mixtral" in name:
+        assert "#SBATCH --gres=gpu:4" in script and "#SBATCH --nodes=1" in script
+        assert "#SBATCH --cpus-per-task=32" in script and "#SBATCH --mem=480GB" in script
+    assert "#SBATCH --signal=USR2@" in script and "USR1" not in script
+
+
+def test_array_script_has_throttle():
+    plan = expand(["campaign=smoke", "campaign.models=[tiny-llama]", "cluster=dev"])
+    script = sbatch_script(resource_class(plan.cells[0], plan.root.cluster), plan.root.cluster, "/s",
+                           "/f/%j", n_tasks=4)
+    assert "#SBATCH --array=0-3%2" in script
+
+
+# ------------------------------------------------------------------ real cluster
+
+def cli(cluster, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", *args], env=cluster.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"aletheia-hpc {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def status(cluster, overrides) -> dict:
+    out = json.loads(cli(cluster, "status", *overrides, "--json").stdout)
+    out["by_key"] = {(c["recipe"], c["seed"]): c for c in out["cells"]}
+    return out
+
+
+def queued(cluster, job_name: str) -> list[str]:
+    out = cluster.run(["squeue", "-h", "-n", job_name, "-o", "%i %T"]).stdout
+    return out.split("\n") if out.strip() else []
+
+
+def wait_idle(cluster, job_name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while queued(cluster, job_name):
+        assert time.monotonic() < deadline, f"jobs still queued after {timeout}s: {queued(cluster, job_name)}"
+        time.sleep(1)
+
+
+def rows(results: Path, campaign: str) -> dict[str, Path]:
+    return {p.parent.name: p for p in (results / campaign / "cells").glob("*/row.json")}
+
+
+@pytest.mark.slurm
+def test_smoke_end_to_end(dev_cluster, tmp_path):
+    ov = ["campaign=smoke", "cluster=dev", f"results_dir={tmp_path}", "campaign.name=smoke_e2e",
+          "campaign.models=[tiny-llama]", "train.steps=3"]
+    cli(dev_cluster, "launch", *ov)
+    wait_idle(dev_cluster, "aletheia-smoke_e2e", 150)
+    st = status(dev_cluster, ov)
+    assert st["counts"] == {"done": 4}, st
+    assert len(rows(tmp_path, "smoke_e2e")) == 4
+    snap = next((tmp_path / "smoke_e2e" / "snapshots").iterdir())
+    assert (snap / ".snapshot-git-sha").read_text().strip()
+    assert (snap / "aletheia_hpc" / "worker" / "__main__.py").exists()
+    # launching again submits nothing: every cell is done
+    again = cli(dev_cluster, "launch", *ov)
+    assert "submitted 0 cells" in again.stderr
+
+
+@pytest.mark.slurm
+def test_faults_status_and_resubmit(dev_cluster, tmp_path):
+    name = "smoke_faults"
+    faults = ("+campaign.faults={tiny-llama/standard/42:{raise_on_attempt:1},"
+              "tiny-llama/standard/123:{nan_at_step:2},"
+              "tiny-llama/aletheia/42:{sleep_per_step_s:6},"
+              "tiny-llama/aletheia/123:{sleep_per_step_s:3}}")
+    ov = ["campaign=smoke", "cluster=dev", f"results_dir={tmp_path}", f"campaign.name={name}",
+          "campaign.models=[tiny-llama]", "campaign.seeds=[42,123,7]", "train.steps=10",
+          "train.checkpoint_every=2", "model.resources.time_min=1", faults]
+    job_name = f"aletheia-{name}"
+    cli(dev_cluster, "launch", *ov)
+    jobs = [json.loads(line) for line in (tmp_path / name / "jobs.jsonl").read_text().splitlines()]
+    assert len({j["array_job_id"] for j in jobs}) == 1  # one sbatch for the one resource class
+    by_cell = {j["cell_id"]: j for j in jobs}
+    plan = expand(ov)
+    cell_of = {(c.recipe.name, c.seed): c.cell_id for c in plan.cells}
+    victim = by_cell[cell_of["aletheia", 123]]["job_id"]
+    # cancel the slow aletheia/123 cell mid-training (after it checkpointed at least once)
+    ckpt = tmp_path / name / "cells" / cell_of["aletheia", 123] / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (ckpt.exists() and any(ckpt.iterdir())):
+        assert time.monotonic() < deadline, "the cell to cancel never checkpointed"
+        time.sleep(0.5)
+    dev_cluster.run(["scancel", victim])
+    wait_idle(dev_cluster, job_name, 200)
+
+    st = status(dev_cluster, ov)
+    c = st["by_key"]
+    assert c["standard", 42]["state"] == "failed" and "InjectedFault" in c["standard", 42]["reason"]
+    assert c["standard", 123]["state"] == "failed" and c["standard", 123]["reason"].startswith("nan_abort")
+    assert c["aletheia", 123]["state"] == "failed" and c["aletheia", 123]["reason"].startswith("CANCELLED")
+    for key in (("aletheia", 42), ("standard", 7), ("aletheia", 7)):
+        assert c[key]["state"] == "done", c[key]
+    timeout_row = json.loads(rows(tmp_path, name)[cell_of["aletheia", 42]].read_text())
+    assert timeout_row["attempts"] >= 2 and timeout_row["train_steps"] == 10, timeout_row["attempts"]
+
+    ok_before = {cid: (p.stat().st_ino, p.stat().st_mtime_ns) for cid, p in rows(tmp_path, name).items()
+                 if json.loads(p.read_text())["status"] == "ok"}
+    assert len(ok_before) == 3
+    out = cli(dev_cluster, "resubmit", *ov)
+    assert "submitted 3 cells" in out.stderr, out.stderr
+    again = cli(dev_cluster, "resubmit", *ov)  # everything failed is now queued: nothing to do
+    assert "submitted 0 cells" in again.stderr, again.stderr
+    wait_idle(dev_cluster, job_name, 150)
+
+    st = status(dev_cluster, ov)
+    c = st["by_key"]
+    assert st["counts"] == {"done": 5, "failed": 1}, st
+    assert c["standard", 123]["reason"].startswith("nan_abort")  # fails again, by design
+    for cid, (ino, mtime) in ok_before.items():
+        p = rows(tmp_path, name)[cid]
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == (ino, mtime), cid
+    for cell_dir in (tmp_path / name / "cells").iterdir():
+        assert len(list(cell_dir.glob("row.json"))) == 1
+    resumed = json.loads(rows(tmp_path, name)[cell_of["aletheia", 123]].read_text())
+    assert resumed["status"] == "ok" and resumed["attempts"] >= 2
+
+    # --force reruns an ok cell and keeps its old row aside
+    ok_id = cell_of["standard", 7]
+    cli(dev_cluster, "resubmit", *ov, "--force", ok_id)
+    assert list((tmp_path / name / "cells" / ok_id).glob("row.json.replaced-*"))
+    wait_idle(dev_cluster, job_name, 60)
+    assert status(dev_cluster, ov)["counts"] == {"done": 5, "failed": 1}
+
+
+@pytest.mark.slurm
+def test_bad_matrix_submits_nothing(dev_cluster, tmp_path):
+    ov = ["campaign=smoke", "cluster=dev", f"results_dir={tmp_path}", "campaign.name=smoke_bad",
+          "recipe.attention_rank=0"]
+    for verb in ("plan", "launch"):
+        proc = cli(dev_cluster, verb, *ov, check=False)
+        assert proc.returncode == 2 and "invalid cell" in proc.stderr, proc.stderr
+    assert queued(dev_cluster, "aletheia-smoke_bad") == []
+    assert not (tmp_path / "smoke_bad").exists()
