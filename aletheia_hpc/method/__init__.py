@@ -9,18 +9,23 @@
     # ...train model as any peft model
 """
 
-from aletheia_hpc.method.checkpointing import enable_selective_checkpointing
-from aletheia_hpc.method.families import (FamilySpec, UnknownFamily, family_of, get_family,
-                                          known_families, num_layers, register_family)
-from aletheia_hpc.method.lora import (AdapterPlacementError, LoraRanks, adapted_modules, apply_lora,
-                                      build_lora_config, expected_adapters, verify_adapters)
-from aletheia_hpc.method.probe import PROBE_MODES, QuantizedProbeError, probe_layer_scores
-from aletheia_hpc.method.selection import STRATEGIES, layer_budget, select_layers
+import importlib
 
-__all__ = [
-    "enable_selective_checkpointing",
-    "FamilySpec", "UnknownFamily", "family_of", "get_family", "known_families", "num_layers",
-    "register_family", "AdapterPlacementError", "LoraRanks", "adapted_modules", "apply_lora",
-    "build_lora_config", "expected_adapters", "verify_adapters", "PROBE_MODES", "QuantizedProbeError",
-    "probe_layer_scores", "STRATEGIES", "layer_budget", "select_layers",
-]
+# name -> submodule; resolved on first use (PEP 562) so that importing one submodule, e.g. the
+# family registry for config validation, does not pull in torch and peft.
+_EXPORTS = {
+    "enable_selective_checkpointing": "checkpointing",
+    **dict.fromkeys(("FamilySpec", "UnknownFamily", "family_of", "get_family", "known_families",
+                     "num_layers", "register_family"), "families"),
+    **dict.fromkeys(("AdapterPlacementError", "LoraRanks", "adapted_modules", "apply_lora",
+                     "build_lora_config", "expected_adapters", "verify_adapters"), "lora"),
+    **dict.fromkeys(("PROBE_MODES", "QuantizedProbeError", "probe_layer_scores"), "probe"),
+    **dict.fromkeys(("STRATEGIES", "layer_budget", "select_layers"), "selection"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch-free at runtime: campaign validation looks families up without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def get_family(name: str) -> FamilySpec:
     )
 
 
-def family_of(model: torch.nn.Module) -> FamilySpec:
+def family_of(model: "torch.nn.Module") -> FamilySpec:
     """The family of a transformers model, from its config.model_type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
@@ -117,7 +119,7 @@ def family_of(model: torch.nn.Module) -> FamilySpec:
     return get_family(model_type)
 
 
-def num_layers(model: torch.nn.Module, family: FamilySpec) -> int:
+def num_layers(model: "torch.nn.Module", family: FamilySpec) -> int:
     """Number of transformer layers, counted from the parameters that sit in the layer stack."""
     layers = {family.layer_of(name) for name, _ in model.named_parameters()} - {None}
     if not layers:
