@@ -23,18 +23,38 @@ def _plan(overrides):
     return expand(overrides)
 
 
+def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
+    """Per cell its estimated peak memory, and a warning for each cell that will not fit its GPUs."""
+    from aletheia_hpc.campaign.memory import estimate_cell, fit_problem
+
+    estimates, warnings = {}, []
+    for cell in plan.cells:
+        est = estimate_cell(cell)
+        estimates[cell.cell_id] = (f"~{est.per_gpu_gib:5.1f} GiB{'/GPU' if cell.model.resources.gpus else ' CPU'}"
+                                   f"{' (rough)' if est.rough else ''}") if est else "memory ?"
+        problem = fit_problem(cell, est, plan.root.cluster)
+        if problem:
+            warnings.append(f"warning: cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/"
+                            f"seed={cell.seed}/{cell.variant}) will not fit: {problem}")
+    return estimates, warnings
+
+
 def cmd_plan(overrides, args) -> int:
     plan = _plan(overrides)
     classes = Counter((c.model.resources.gpus, c.model.resources.cpus, c.model.resources.mem_gb,
                        c.model.resources.time_min) for c in plan.cells)
-    print(f"campaign {plan.name}: {len(plan.cells)} cells, cluster {plan.root.cluster.name} "
+    print(f"campaign {plan.name}: {len(plan.cells)} cells on cluster {plan.root.cluster.name} "
           f"({plan.root.cluster.kind}), results in {plan.root.results_dir}")
     for (gpus, cpus, mem, minutes), n in sorted(classes.items()):
         print(f"  resource class gpus={gpus} cpus={cpus} mem={mem}G time={minutes}min: {n} cells")
+    estimates, warnings = _memory_lines(plan)
     for cell in plan.cells:
         print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.recipe.name:9s} "
-              f"seed={cell.seed:<4d} {cell.variant:16s} steps={cell.train.steps}")
-    print("nothing submitted (plan only)")
+              f"seed={cell.seed:<4d} {cell.variant:16s} steps={cell.train.steps}  {estimates[cell.cell_id]}")
+    for line in warnings:
+        print(line, file=sys.stderr)
+    print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
+                                             if warnings else ""))
     return 0
 
 
@@ -58,6 +78,8 @@ def cmd_launch(overrides, args) -> int:
 
     plan = _plan(overrides)
     results_dir = Path(plan.root.results_dir)
+    for line in _memory_lines(plan)[1]:  # a warning, not a refusal: the estimate is approximate
+        print(line, file=sys.stderr)
     if plan.root.cluster.kind == "slurm":
         states = {s["cell_id"]: s["state"] for s in _states(plan)}
         todo = [c for c in plan.cells if states[c.cell_id] not in ("done", "pending", "running")]

@@ -32,6 +32,20 @@ class ResourcesConfig:
 
 
 @dataclass
+class ShapeConfig:
+    """Architecture sizes from the model's config.json, for the memory plan (0: unknown, then the plan
+    falls back to a rough estimate from ``params``)."""
+    hidden_size: int = 0
+    intermediate_size: int = 0  # per expert for mixture-of-experts models
+    vocab_size: int = 0
+    kv_dim: int = 0  # num_key_value_heads x head_dim; 0: as hidden_size (no grouped-query attention)
+    gated_mlp: bool = True  # gate/up/down (llama-like) rather than two matrices (GPT-J, GPT-NeoX)
+    tied_embeddings: bool = False
+    experts: int = 0  # fused experts per layer (MoE); bitsandbytes leaves them unquantized
+    experts_per_token: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     family: str = MISSING  # a registered family (aletheia_hpc.method.families)
@@ -40,9 +54,10 @@ class ModelConfig:
     path: str = ""
     num_layers: int = MISSING
     params: str = ""  # nominal size, e.g. "7B"
+    shape: ShapeConfig = field(default_factory=ShapeConfig)
     paper_name: Optional[str] = None  # the model's name in the paper's tables
-    precision: str = "bf16"
-    quantization: str = "none"
+    precision: str = "bf16"  # bf16 | fp16 (GPU, loss-scaled) | fp32 (CPU)
+    quantization: str = "none"  # none | nf4 (4-bit, double quant, bf16 compute) | int8 (bitsandbytes)
     lr: float = 2e-4
     batch_size: int = 4
     max_seq_len: int = 512
@@ -134,6 +149,7 @@ class ClusterConfig:
     gpus_per_node: int = 0
     cpus_per_node: int = 2
     mem_gb_per_node: int = 16
+    gpu_mem_gb: int = 0  # memory of one GPU in GiB, for plan's fit check (0: unknown, not checked)
     max_time_min: int = 0  # 0: no limit
     array_parallelism: int = 64  # concurrent tasks per array
     signal_delay_s: int = 90  # pre-timeout warning before the time limit
@@ -161,8 +177,9 @@ class RootConfig:
 class CellConfig:
     """Everything that decides one cell's result; its hash is the cell's identity.
 
-    Where a cell runs (cluster, resources) and deliberate test faults are not part of the identity:
-    moving a campaign to another cluster, or resubmitting with a longer time limit, keeps its cells.
+    Where a cell runs (cluster, resources), the shape figures used only for memory planning, and
+    deliberate test faults are not part of the identity: moving a campaign to another cluster, or
+    resubmitting with a longer time limit, keeps its cells.
     """
     campaign: str
     model: ModelConfig
@@ -179,6 +196,7 @@ class CellConfig:
         ident = asdict(self)
         ident.pop("faults")
         ident["model"].pop("resources")
+        ident["model"].pop("shape")
         return ident
 
     @property
@@ -220,6 +238,11 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"model.precision={m.precision!r}: use one of {PRECISIONS}")
     if m.quantization not in QUANTIZATIONS:
         problems.append(f"model.quantization={m.quantization!r}: use one of {QUANTIZATIONS}")
+    if m.precision == "fp16" and m.resources.gpus == 0:
+        problems.append("model.precision=fp16 with model.resources.gpus=0: fp16 training needs a GPU; "
+                        "set model.precision=fp32 for a CPU cell")
+    if m.resources.gpus < 0:
+        problems.append(f"model.resources.gpus={m.resources.gpus}: must be >= 0")
     for name in ("num_layers", "batch_size", "max_seq_len"):
         if getattr(m, name) <= 0:
             problems.append(f"model.{name}={getattr(m, name)}: must be > 0")

@@ -14,6 +14,14 @@ Two ways to compute the same scores:
     The paper's procedure: gradients enabled on ``chunk_size`` layers at a time, ceil(L/chunk_size)
     passes over the probe batches.
 
+Quantized models (bitsandbytes 4-bit NF4 or 8-bit): their linear weights are packed integers that
+autograd never differentiates, so a probe that only read parameter gradients would score each layer
+by its norms and biases alone. Instead, for every quantized linear y = x W^T + b the probe computes
+the gradient the weight would have, dL/dW = G^T X, from the module's input X and output gradient G
+(captured by hooks), takes its squared norm and frees it. The score is thus the same quantity as
+on an unquantized model, evaluated at the dequantized weights; both modes support it. A
+non-floating-point weight in any other kind of module raises QuantizedProbeError.
+
 Both leave the model as they found it: training mode, requires_grad flags, and no .grad.
 """
 
@@ -31,23 +39,90 @@ PROBE_MODES = ("single_pass", "chunked")
 
 
 class QuantizedProbeError(TypeError):
-    """The model holds non-floating-point (quantized) layer weights the plain probe cannot score."""
+    """The model holds non-floating-point layer weights in a module the probe cannot differentiate."""
 
 
-def _layer_parameters(model: torch.nn.Module, family: FamilySpec) -> dict[int, list[tuple[str, torch.nn.Parameter]]]:
-    by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
-    for name, param in model.named_parameters():
-        layer = family.layer_of(name)
-        if layer is None:
-            continue
-        if not param.dtype.is_floating_point:
-            raise QuantizedProbeError(
-                f"parameter {name} has dtype {param.dtype}: quantized weights get no gradient, so the "
-                "plain probe would silently skip them. Probe the unquantized model, or use the "
-                "quantized probe mode once available."
-            )
-        by_layer.setdefault(layer, []).append((name, param))
-    return by_layer
+def _quantized_linear_types() -> tuple[type, ...]:
+    """Linear modules whose packed weight the probe scores through G^T X (bitsandbytes, if installed)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+class _LayerTargets:
+    """What the probe reads per layer: floating-point parameters (through their .grad) and
+    quantized linear modules (through G^T X)."""
+
+    def __init__(self, model: torch.nn.Module, family: FamilySpec):
+        self.params: dict[int, list[torch.nn.Parameter]] = {}
+        self.quantized: dict[int, list[torch.nn.Module]] = {}
+        packed_owners = {}
+        for name, module in model.named_modules():
+            for pname, param in module.named_parameters(prefix=name, recurse=False):
+                if not param.dtype.is_floating_point:
+                    packed_owners[pname] = module
+        supported = _quantized_linear_types() if packed_owners else ()
+        for name, param in model.named_parameters():
+            layer = family.layer_of(name)
+            if layer is None:
+                continue
+            if param.dtype.is_floating_point:
+                self.params.setdefault(layer, []).append(param)
+                continue
+            owner = packed_owners[name]
+            if not (isinstance(owner, supported) and name.endswith(".weight")):
+                raise QuantizedProbeError(
+                    f"parameter {name} has dtype {param.dtype} in a {type(owner).__name__}: the probe "
+                    "can score quantized weights only of bitsandbytes Linear4bit/Linear8bitLt modules; "
+                    "probe the unquantized model or load it through bitsandbytes."
+                )
+            self.quantized.setdefault(layer, []).append(owner)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.params) | set(self.quantized))
+
+
+def _add_weight_grad_sq(sq: list[float], layer: int, x: torch.Tensor):
+    """Tensor hook for a quantized linear's output: adds ||G^T X||^2 to sq[layer]."""
+    x = x.detach().reshape(-1, x.shape[-1])
+
+    def hook(grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1])
+        weight_grad = g.float().T @ x.float()  # (out, in): one matrix alive at a time
+        sq[layer] += float(weight_grad.double().pow(2).sum())
+    return hook
+
+
+@contextmanager
+def _quantized_weight_readers(model: torch.nn.Module, modules: Mapping[int, list[torch.nn.Module]],
+                              sq: list[float]):
+    """While active, each backward adds the squared weight-gradient norm of ``modules`` (layer ->
+    quantized linears) into sq[layer]."""
+    if not any(modules.values()):
+        yield
+        return
+
+    def on_forward(layer):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                raise QuantizedProbeError(f"{type(module).__name__} in layer {layer}: its output takes no "
+                                          "part in backward, so its weight cannot be scored")
+            output.register_hook(_add_weight_grad_sq(sq, layer, inputs[0]))
+        return hook
+
+    # Packed weights never require grad: make the embedding output require it so that backward
+    # reaches every layer's quantized linears, however few float parameters a layer has.
+    handles = [model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))]
+    for layer, layer_modules in modules.items():
+        handles += [m.register_forward_hook(on_forward(layer)) for m in layer_modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -66,7 +141,7 @@ def _probe_state(model: torch.nn.Module):
 
 
 def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     if "labels" not in inputs:
         labels = inputs["input_ids"].clone()
@@ -79,9 +154,9 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     return loss
 
 
-def _single_pass(model, by_layer, batches) -> list[float]:
-    scores = [0.0] * len(by_layer)
-    batch_sq = [0.0] * len(by_layer)
+def _single_pass(model, targets: _LayerTargets, batches) -> list[float]:
+    n = len(targets.layers)
+    scores, batch_sq = [0.0] * n, [0.0] * n
 
     def reader(layer: int):
         def hook(param: torch.Tensor) -> None:
@@ -90,38 +165,40 @@ def _single_pass(model, by_layer, batches) -> list[float]:
         return hook
 
     handles = []
-    for layer, params in by_layer.items():
-        for _, param in params:
+    for layer, params in targets.params.items():
+        for param in params:
             param.requires_grad_(True)
             handles.append(param.register_post_accumulate_grad_hook(reader(layer)))
     try:
-        for batch in batches:
-            batch_sq[:] = [0.0] * len(by_layer)
-            _loss(model, batch).backward()
-            for layer in by_layer:
-                scores[layer] += math.sqrt(batch_sq[layer])
+        with _quantized_weight_readers(model, targets.quantized, batch_sq):
+            for batch in batches:
+                batch_sq[:] = [0.0] * n
+                _loss(model, batch).backward()
+                for layer in range(n):
+                    scores[layer] += math.sqrt(batch_sq[layer])
     finally:
         for handle in handles:
             handle.remove()
     return scores
 
 
-def _chunked(model, by_layer, batches, chunk_size: int) -> list[float]:
-    scores = [0.0] * len(by_layer)
-    layers = sorted(by_layer)
+def _chunked(model, targets: _LayerTargets, batches, chunk_size: int) -> list[float]:
+    layers = targets.layers
+    scores, batch_sq = [0.0] * len(layers), [0.0] * len(layers)
     for start in range(0, len(layers), chunk_size):
         chunk = layers[start:start + chunk_size]
-        for layer in layers:
-            for _, param in by_layer[layer]:
+        for layer, params in targets.params.items():
+            for param in params:
                 param.requires_grad_(layer in chunk)
-        for batch in batches:
-            _loss(model, batch).backward()
-            for layer in chunk:
-                sq = 0.0
-                for _, param in by_layer[layer]:
-                    sq += float(param.grad.detach().double().pow(2).sum())
-                    param.grad = None
-                scores[layer] += math.sqrt(sq)
+        with _quantized_weight_readers(model, {l: targets.quantized.get(l, []) for l in chunk}, batch_sq):
+            for batch in batches:
+                batch_sq[:] = [0.0] * len(layers)
+                _loss(model, batch).backward()
+                for layer in chunk:
+                    for param in targets.params.get(layer, []):
+                        batch_sq[layer] += float(param.grad.detach().double().pow(2).sum())
+                        param.grad = None
+                    scores[layer] += math.sqrt(batch_sq[layer])
     return scores
 
 
@@ -143,13 +220,13 @@ def probe_layer_scores(
     batches: Sequence = list(batches)
     if not batches:
         raise ValueError("the probe needs at least one batch")
-    by_layer = _layer_parameters(model, family)
+    targets = _LayerTargets(model, family)
     expected = num_layers(model, family)
-    if sorted(by_layer) != list(range(expected)):
+    if targets.layers != list(range(expected)):
         raise ValueError(f"layers found under {family.layers_path} are not 0..{expected - 1}")
     with _probe_state(model):
         for param in model.parameters():
             param.requires_grad_(False)
         if mode == "single_pass":
-            return _single_pass(model, by_layer, batches)
-        return _chunked(model, by_layer, batches, chunk_size)
+            return _single_pass(model, targets, batches)
+        return _chunked(model, targets, batches, chunk_size)

@@ -1,28 +1,92 @@
-"""Loading the model a cell names: hub id, local directory, GGUF file, or a tiny test model."""
+"""Loading the model a cell names: hub id, local directory, GGUF file, or a tiny test model.
+
+Precision (``model.precision``): bf16 (the paper's choice for Qwen and Phi) and fp16 need a CUDA GPU;
+fp16 trains with loss scaling (the Trainer's fp16 mode); fp32 is for CPUs. A GPU without bf16 (pre-
+Ampere) is refused before anything loads, naming the fix, rather than failing inside a step.
+
+Quantization (``model.quantization``, QLoRA): ``nf4`` loads linear weights as 4-bit NF4 with double
+quantization and bf16 compute, ``int8`` as LLM.int8, both through bitsandbytes (which also runs on
+CPUs). bitsandbytes quantizes nn.Linear modules only: fused MoE expert tensors (Mixtral) stay in the
+model's precision.
+
+Placement: a cell with ``model.resources.gpus > 1`` is spread over that many GPUs by accelerate
+(device_map="auto", balanced, with a per-GPU memory cap); anything else sits on one device.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from aletheia_hpc.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Share of each GPU that weights may take when a model is spread over several; the rest is left
+# for activations, adapters and optimizer state.
+WEIGHT_SHARE_PER_GPU = 0.85
+
+
+class DeviceError(RuntimeError):
+    """The machine cannot run the cell as configured (precision, GPU count); says what to change."""
+
+
+def check_device_support(model_cfg: ModelConfig, *, cuda_devices: int, bf16_supported: bool,
+                         gpu_name: str = "") -> None:
+    """Raise DeviceError if the model's precision/quantization/GPU count cannot run on a machine with
+    ``cuda_devices`` visible GPUs (0: CPU only) whose bf16 support is ``bf16_supported``."""
+    name = model_cfg.name
+    if cuda_devices == 0:
+        if model_cfg.precision == "fp16":
+            raise DeviceError(f"model {name}: precision=fp16 needs a CUDA GPU (loss-scaled fp16 training); "
+                              "on a CPU set model.precision=fp32")
+        return
+    if not bf16_supported:
+        if model_cfg.precision == "bf16":
+            raise DeviceError(f"model {name}: precision=bf16 but this GPU ({gpu_name}) lacks bf16; "
+                              "set model.precision=fp16 (trained with loss scaling)")
+        if model_cfg.quantization == "nf4":
+            raise DeviceError(f"model {name}: quantization=nf4 computes in bf16, which this GPU ({gpu_name}) "
+                              "lacks; use model.quantization=int8 or a GPU with bf16 (Ampere or newer)")
+    if model_cfg.resources.gpus > cuda_devices:
+        raise DeviceError(f"model {name}: model.resources.gpus={model_cfg.resources.gpus} but only "
+                          f"{cuda_devices} GPU(s) are visible (CUDA_VISIBLE_DEVICES); request them from the "
+                          "scheduler or lower model.resources.gpus")
 
 
 def resolve_device(model_cfg: ModelConfig) -> torch.device:
-    """cuda when present, else cpu; half precision on a CPU is refused here, not deep in a step."""
-    if torch.cuda.is_available():
-        if model_cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError(f"model {model_cfg.name}: precision=bf16 but this GPU "
-                               f"({torch.cuda.get_device_name()}) lacks bf16; set model.precision=fp16")
-        return torch.device("cuda")
-    if model_cfg.precision == "fp16":
-        raise RuntimeError(f"model {model_cfg.name}: precision=fp16 needs a CUDA GPU; on a CPU set "
-                           "model.precision=fp32")
-    return torch.device("cpu")
+    """cuda when present, else cpu; a precision or GPU count the machine cannot serve is refused here."""
+    cuda = torch.cuda.is_available()
+    check_device_support(model_cfg, cuda_devices=torch.cuda.device_count() if cuda else 0,
+                         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+                         gpu_name=torch.cuda.get_device_name() if cuda else "")
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for model.quantization (None for ``none``)."""
+    if model_cfg.quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def spans_gpus(model_cfg: ModelConfig, device: torch.device) -> bool:
+    return device.type == "cuda" and model_cfg.resources.gpus > 1
+
+
+def device_placement(model_cfg: ModelConfig, device: torch.device) -> tuple[str | dict, dict | None]:
+    """(device_map, max_memory) for from_pretrained: balanced over the cell's GPUs when it asks for
+    more than one, else everything on ``device``."""
+    if spans_gpus(model_cfg, device):
+        max_memory = {i: int(torch.cuda.get_device_properties(i).total_memory * WEIGHT_SHARE_PER_GPU)
+                      for i in range(model_cfg.resources.gpus)}
+        return "auto", max_memory
+    return {"": (device.index or 0) if device.type == "cuda" else "cpu"}, None
 
 
 def model_directory(model_cfg: ModelConfig) -> str:
@@ -38,22 +102,44 @@ def model_directory(model_cfg: ModelConfig) -> str:
     return model_cfg.path
 
 
+def _from_pretrained(source: str, model_cfg: ModelConfig, device: torch.device):
+    device_map, max_memory = device_placement(model_cfg, device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[model_cfg.precision], device_map=device_map,
+                                                 max_memory=max_memory,
+                                                 quantization_config=quantization_config(model_cfg))
+    offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+    if device.type == "cuda" and offloaded:
+        raise DeviceError(f"model {model_cfg.name} does not fit on {max(model_cfg.resources.gpus, 1)} GPU(s): "
+                          f"parts went to {offloaded}; raise model.resources.gpus or use model.quantization=nf4")
+    return model
+
+
 def load_model(model_cfg: ModelConfig, device: torch.device):
-    """(model, tokenizer) in the config's precision on ``device``; the tokenizer has a pad token."""
+    """(model, tokenizer) in the config's precision and quantization, placed on ``device`` (or over
+    the cell's GPUs); the tokenizer has a pad token."""
     if model_cfg.kind == "tiny":
         from aletheia_hpc.models.tiny import build_tiny_model
         from aletheia_hpc.models.tokenizer import tiny_tokenizer
 
-        model = build_tiny_model(model_cfg.family, model_cfg.num_layers).to(DTYPES[model_cfg.precision])
         tokenizer = tiny_tokenizer()
+        model = build_tiny_model(model_cfg.family, model_cfg.num_layers)
+        if model_cfg.quantization != "none" or spans_gpus(model_cfg, device):
+            # bitsandbytes quantizes and accelerate places while loading: go through a saved copy
+            with tempfile.TemporaryDirectory(prefix="aletheia-tiny-") as folder:
+                model.save_pretrained(folder)
+                model = _from_pretrained(folder, model_cfg, device)
+            # like a model built from its config, it has no source to look things up in later
+            model.name_or_path = model.config.name_or_path = ""
+        else:
+            model = model.to(device=device, dtype=DTYPES[model_cfg.precision])
     else:
         source = model_directory(model_cfg)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[model_cfg.precision])
+        model = _from_pretrained(source, model_cfg, device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_cfg.num_layers != getattr(model.config, "num_hidden_layers", model_cfg.num_layers):
         raise RuntimeError(f"model {model_cfg.name}: config says num_layers={model_cfg.num_layers} "
                            f"but the loaded model has {model.config.num_hidden_layers}; fix the model config")
     model.config.use_cache = False
-    return model.to(device), tokenizer
+    return model, tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import traceback
@@ -75,6 +76,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
 
     m, r = cell.model, cell.recipe
     device = resolve_device(m)
+    # what the scheduler granted, beside what the cell asked for: the first thing to read when a
+    # multi-GPU cell misbehaves
+    log.info("cell %s: device %s, model.resources.gpus=%d, CUDA_VISIBLE_DEVICES=%s, precision %s, "
+             "quantization %s", cell.cell_id, device.type, m.resources.gpus,
+             os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), m.precision, m.quantization)
     row["device"] = device.type
     row["gpu_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     t0 = time.perf_counter()

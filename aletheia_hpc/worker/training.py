@@ -147,6 +147,8 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         adam_beta2=train_cfg.adam_beta2,
         adam_epsilon=train_cfg.adam_eps,
         max_grad_norm=train_cfg.max_grad_norm,
+        # mixed precision on the GPU: bf16 autocast, or fp16 autocast with dynamic loss scaling
+        # (accelerate's GradScaler); fp16 on a CPU is refused before loading (models/loading.py)
         bf16=precision == "bf16" and device.type == "cuda",
         fp16=precision == "fp16",
         logging_steps=1,
