@@ -104,7 +104,7 @@ def test_smoke_end_to_end(dev_cluster, tmp_path):
 def test_faults_status_and_resubmit(dev_cluster, tmp_path):
     name = "smoke_faults"
     faults = ("+campaign.faults={tiny-llama/standard/42:{raise_on_attempt:1},"
-              "tiny-llama/standard/123:{nan_at_step:2},"
+              "tiny-llama/standard/123:{nan_at_step:2,sleep_per_step_s:8},"
               "tiny-llama/aletheia/42:{sleep_per_step_s:6},"
               "tiny-llama/aletheia/123:{sleep_per_step_s:3}}")
     ov = ["campaign=smoke", "cluster=dev", f"results_dir={tmp_path}", f"campaign.name={name}",
@@ -142,7 +142,9 @@ def test_faults_status_and_resubmit(dev_cluster, tmp_path):
     assert len(ok_before) == 3
     out = cli(dev_cluster, "resubmit", *ov)
     assert "submitted 3 cells" in out.stderr, out.stderr
-    again = cli(dev_cluster, "resubmit", *ov)  # everything failed is now queued: nothing to do
+    # everything failed is now queued or running (the NaN cell sleeps 8 s per step before it fails
+    # again, so it cannot have failed yet): nothing to do
+    again = cli(dev_cluster, "resubmit", *ov)
     assert "submitted 0 cells" in again.stderr, again.stderr
     wait_idle(dev_cluster, job_name, 150)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool) -> int:
+def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str]) -> int:
     work_dir = prepare_cell_dir(results_dir, cell)
     while True:
         log_path = work_dir / LOG_DIR / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}.log"
@@ -28,7 +29,7 @@ def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool) -> int
              f"-> {work_dir}")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.worker", str(work_dir), "--progress"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             # Raw chunks, not lines: progress bars redraw with carriage returns.
             while chunk := proc.stdout.read1(4096):
                 log.write(chunk)
@@ -46,9 +47,13 @@ def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1) -> d
     if not cells:
         return {}
     echo = workers == 1  # interleaved progress bars from parallel cells would be unreadable
+    # Share the cores: parallel cells that each spawn one thread per core slow each other down
+    # many times over (a user's own OMP_NUM_THREADS wins).
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     codes: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo): cell
+        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo, env): cell
                    for i, cell in enumerate(cells)}
         for future, cell in futures.items():
             codes[cell.cell_id] = future.result()

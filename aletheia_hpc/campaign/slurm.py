@@ -62,6 +62,9 @@ class CellJob:
     def __call__(self, cell_dir: str) -> int:
         work = Path(cell_dir)
         env = dict(os.environ)
+        # torch would start one thread per core of the node, not per CPU this task was given
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            env.setdefault("OMP_NUM_THREADS", os.environ["SLURM_CPUS_PER_TASK"])
         if self.snapshot:
             env["PYTHONPATH"] = self.snapshot + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         job = _own_job_id()
