@@ -1,10 +1,10 @@
 """Dispatch benchmark: the full ``campaign=paper`` matrix (128 cells) as no-op cells on SLURM.
 
     eval "$(slurm/dev-cluster env)"   # after slurm/dev-cluster up
-    .venv/bin/python bench/dispatch.py [--results DIR] [--timeout S] [extra hydra overrides]
+    .venv/bin/python bench/dispatch.py [--results DIR] [--timeout S] [--plan-only] [extra hydra overrides]
 
-Resources are overridden so every cell fits the 2-CPU dev node. sbatch and sacct calls are
-counted with PATH shims that log each call, then run the real command.
+Resources and precision are overridden so every cell fits the 2-CPU, GPU-less dev node.
+sbatch and sacct calls are counted with PATH shims that log each call, then run the real command.
 """
 
 from __future__ import annotations
@@ -46,19 +46,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", help="results dir (default: a new temp dir)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for all rows")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="expand and validate the matrix, print its size, submit nothing")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = Path(args.results or tempfile.mkdtemp(prefix="aletheia-dispatch-"))
     overrides = ["campaign=paper", "cluster=dev", "campaign.noop=true", f"results_dir={results}",
                  "model.resources.cpus=1", "model.resources.mem_gb=1", "model.resources.gpus=0",
+                 "model.precision=fp32",
                  *args.overrides]
-    work = Path(tempfile.mkdtemp(prefix="aletheia-shims-"))
-    log = work / "calls.log"
-    install_shims(work / "bin", log)
-
     t0 = time.perf_counter()
     plan = expand(overrides)
     t_expand = time.perf_counter() - t0
+    if args.plan_only:
+        print(f"cells: {len(plan.cells)}; expand (hydra compose + validation): {t_expand:.2f} s")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="aletheia-shims-"))
+    log = work / "calls.log"
+    install_shims(work / "bin", log)
     cluster = plan.root.cluster
     by_campaign: dict[str, list] = {}
     for cell in plan.cells:
