@@ -1,5 +1,6 @@
 """Every shipped config loads, types and validates; campaigns expand to the paper's matrices."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,11 @@ def test_dispatch_benchmark_matrix_is_valid_on_a_gpu_less_node():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cells: 128;")
+
+
+def test_gpu_cells_check_validates_every_arm_without_a_gpu():
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_cells.sh"
+    result = subprocess.run(["bash", str(script)], env={**os.environ, "PLAN_ONLY": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("nothing submitted") == 4 and "every arm validates" in result.stdout
