@@ -36,23 +36,23 @@ done
 [ "$gpus" -ge 2 ] || echo "gpu_cells: one GPU visible; the multi-GPU arm was skipped"
 
 "$py" - "$out" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
-rows = sorted(Path(sys.argv[1]).glob("*/*/cells/*/row.json"))
+from aletheia_hpc.row import read_row
+rows = [(path.parts[-5], read_row(path)) for path in sorted(Path(sys.argv[1]).glob("*/*/cells/*/row.json"))]
 print(f"\n{'arm':6} {'model':13} {'recipe':9} {'status':8} {'device':6} {'prec':5} {'quant':5} "
       f"{'gpus':4} {'layers':>6} {'eval loss':>9} {'step s':>7}  gpu")
-for path in rows:
-    r = json.loads(path.read_text())
+for arm, r in rows:
     m = r["config"]["model"]
     step = r["step_time_median_s"]
-    print(f"{path.parts[-5]:6} {r['model']:13} {r['recipe']:9} {r['status']:8} {r['device'] or '-':6} "
+    print(f"{arm:6} {r['model']:13} {r['recipe']:9} {r['status']:8} {r['device'] or '-':6} "
           f"{m['precision']:5} {m['quantization']:5} {m['resources']['gpus']:4} "
           f"{len(r['selected_layers'] or []):>3}/{r['num_layers']:<2} "
           f"{r['eval_loss'] if r['eval_loss'] is not None else float('nan'):9.4f} "
           f"{step if step is not None else float('nan'):7.3f}  {r['gpu_name']}")
     if r["status"] != "ok":
         print(f"       failure: {r['failure_reason']}")
-bad = [p for p in rows if json.loads(p.read_text())["status"] != "ok"]
-print(f"\n{len(rows)} rows, {len(bad)} not ok; results in {sys.argv[1]}")
+bad = sum(r["status"] != "ok" for _, r in rows)
+print(f"\n{len(rows)} rows, {bad} not ok; results in {sys.argv[1]}")
 sys.exit(1 if bad or not rows else 0)
 EOF

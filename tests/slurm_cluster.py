@@ -22,7 +22,8 @@ from typing import Iterator, Sequence
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from aletheia_hpc.provenance import REPO_ROOT
+
 DEV_CLUSTER = REPO_ROOT / "slurm" / "dev-cluster"
 DEFAULT_STATE_DIR = Path("/tmp/aletheia-slurm")
 

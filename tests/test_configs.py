@@ -3,13 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from aletheia_hpc.campaign.matrix import compose_root, expand, option_names
 from aletheia_hpc.config import CellConfig, ConfigError, validate_cell
 from aletheia_hpc.method import get_family
+from aletheia_hpc.provenance import REPO_ROOT
 
 
 @pytest.mark.parametrize("model", option_names("model"))
@@ -84,16 +84,14 @@ def test_plan_prints_resource_classes_and_submits_nothing(tmp_path):
 
 def test_dispatch_benchmark_matrix_is_valid_on_a_gpu_less_node():
     # bench/dispatch.py reshapes the paper matrix for the CPU dev node; keep its overrides valid.
-    bench = Path(__file__).resolve().parents[1] / "bench" / "dispatch.py"
-    result = subprocess.run([sys.executable, str(bench), "--plan-only"],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "dispatch.py"), "--plan-only"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("cells: 128;")
 
 
 def test_gpu_cells_check_validates_every_arm_without_a_gpu():
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_cells.sh"
-    result = subprocess.run(["bash", str(script)], env={**os.environ, "PLAN_ONLY": "1"},
+    result = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_cells.sh")], env={**os.environ, "PLAN_ONLY": "1"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("nothing submitted") == 4 and "every arm validates" in result.stdout

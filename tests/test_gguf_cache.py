@@ -28,8 +28,7 @@ import pytest
 import torch
 
 from aletheia_hpc.models import gguf_cache as gc
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from aletheia_hpc.provenance import REPO_ROOT
 
 
 # ----------------------------------------------------------------------------------------------
