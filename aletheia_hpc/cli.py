@@ -23,6 +23,28 @@ def _plan(overrides):
     return expand(overrides)
 
 
+def _cell_label(cell) -> str:
+    return f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
+
+
+def _gpu_request_problems(cells, cluster) -> list[str]:
+    """A line per cell whose GPU request the cluster can never meet (a local cluster counts this
+    machine's GPUs): such cells are refused before anything runs."""
+    from aletheia_hpc.campaign.local import with_local_gpus
+    from aletheia_hpc.campaign.memory import gpu_count_problem
+
+    cluster = with_local_gpus(cluster)
+    return [f"cell {c.cell_id} ({_cell_label(c)}) {problem}" for c in cells
+            if (problem := gpu_count_problem(c, cluster))]
+
+
+def _require_gpus(cells, cluster) -> None:
+    problems = _gpu_request_problems(cells, cluster)
+    if problems:
+        raise ConfigError(f"{len(problems)} cell(s) cannot get their GPUs on cluster {cluster.name}:\n  "
+                          + "\n  ".join(problems))
+
+
 def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
     """Per cell its estimated peak memory, and a warning for each cell that will not fit its GPUs."""
     from aletheia_hpc.campaign.memory import estimate_cell, fit_problem
@@ -34,8 +56,7 @@ def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
                                    f"{' (rough)' if est.rough else ''}") if est else "memory ?"
         problem = fit_problem(cell, est, plan.root.cluster)
         if problem:
-            warnings.append(f"warning: cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/"
-                            f"seed={cell.seed}/{cell.variant}) will not fit: {problem}")
+            warnings.append(f"warning: cell {cell.cell_id} ({_cell_label(cell)}) will not fit: {problem}")
     return estimates, warnings
 
 
@@ -55,6 +76,7 @@ def cmd_plan(overrides, args) -> int:
         print(line, file=sys.stderr)
     print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
                                              if warnings else ""))
+    _require_gpus(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
     return 0
 
 
@@ -78,6 +100,7 @@ def cmd_launch(overrides, args) -> int:
 
     plan = _plan(overrides)
     results_dir = Path(plan.root.results_dir)
+    _require_gpus(plan.cells, plan.root.cluster)
     for line in _memory_lines(plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
     if plan.root.cluster.kind == "slurm":
@@ -95,7 +118,7 @@ def cmd_launch(overrides, args) -> int:
     todo = [c for c in plan.cells if not is_done(results_dir, c)]
     print(f"campaign {plan.name}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
           f"{len(todo)} to run on {plan.root.cluster.name}", file=sys.stderr)
-    codes = run_local(todo, results_dir, plan.root.cluster.local_workers)
+    codes = run_local(todo, results_dir, plan.root.cluster.local_workers, plan.root.cluster.cpu_fallback)
     failed = [cid for cid, code in codes.items() if code != 0]
     _print_status(plan, as_json=False)
     return 1 if failed else 0
@@ -142,6 +165,7 @@ def cmd_resubmit(overrides, args) -> int:
     if busy:
         raise ConfigError(f"--force: cells queued or running (cancel them first): {', '.join(busy)}")
     todo = [c for c in plan.cells if c.cell_id in force or states[c.cell_id]["state"] in ("failed", "missing")]
+    _require_gpus(todo, plan.root.cluster)
     for cell in todo:
         moved = move_row_aside(results_dir, cell)
         if cell.cell_id in force:
@@ -171,7 +195,8 @@ def cmd_run_cell(overrides, args) -> int:
     cell = CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
     check_cells([cell])
-    row = run_cell(cell, Path(root.results_dir), progress=root.progress)
+    _require_gpus([cell], root.cluster)
+    row = run_cell(cell, Path(root.results_dir), progress=root.progress, cpu_fallback=root.cluster.cpu_fallback)
     # one line, last: scripts read it with `tail -1`
     print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",
                                            "eval_loss")}))

@@ -146,6 +146,8 @@ class ClusterConfig:
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
+    # GPUs of one node. SLURM: 0 = unknown (not checked). local: -1 = this machine's visible GPUs,
+    # counted when a campaign is planned or launched.
     gpus_per_node: int = 0
     cpus_per_node: int = 2
     mem_gb_per_node: int = 16
@@ -156,6 +158,10 @@ class ClusterConfig:
     max_array_size: int = 0  # 0: read MaxArraySize from scontrol
     setup: list[str] = field(default_factory=list)  # shell lines run before the worker
     local_workers: int = 1
+    # A cell that asked for GPUs but finds no CUDA device trains on the CPU instead of failing. Only
+    # for clusters whose GPUs are declared but not real (the dev cluster): elsewhere such a cell's
+    # timings would not compare with its pair's, so it is refused.
+    cpu_fallback: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ out=${1:-$(mktemp -d "${TMPDIR:-/tmp}/aletheia-gpu-cells.XXXX")}
 verb=launch
 [ -n "${PLAN_ONLY:-}" ] && verb=plan
 
-gpus=0
+gpus=4  # plan only: validate every arm as on a 4-GPU machine
 if [ -z "${PLAN_ONLY:-}" ]; then
   gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
   [ "$gpus" -ge 1 ] || { echo "gpu_cells: no CUDA device visible; nothing to check" >&2; exit 2; }
@@ -30,7 +30,7 @@ for arm in "${arms[@]}"; do
   [ "$name" = spread ] && models="[tiny-mixtral]"
   "$py" -m aletheia_hpc.cli "$verb" campaign=smoke cluster=local "results_dir=$out/$name" \
     "campaign.models=$models" "campaign.seeds=[42]" "model.resources.gpus=$n" \
-    "model.precision=$precision" "model.quantization=$quantization"
+    "model.precision=$precision" "model.quantization=$quantization" "cluster.gpus_per_node=$gpus"
 done
 [ "$verb" = plan ] && { echo "gpu_cells: every arm validates"; exit 0; }
 [ "$gpus" -ge 2 ] || echo "gpu_cells: one GPU visible; the multi-GPU arm was skipped"

@@ -76,7 +76,8 @@ def test_a_bad_matrix_fails_with_a_message_per_bad_cell():
 
 
 def test_plan_prints_resource_classes_and_submits_nothing(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "plan", "campaign=paper_c2"],
+    result = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "plan", "campaign=paper_c2",
+                             "cluster=leonardo"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "58 cells" in result.stdout and "gpus=4" in result.stdout and "nothing submitted" in result.stdout
@@ -94,4 +95,4 @@ def test_gpu_cells_check_validates_every_arm_without_a_gpu():
     result = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_cells.sh")], env={**os.environ, "PLAN_ONLY": "1"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("nothing submitted") == 4 and "every arm validates" in result.stdout
+    assert result.stdout.count("nothing submitted") == 5 and "every arm validates" in result.stdout

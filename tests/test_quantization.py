@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 def tiny_cfg(quantization="none", precision="fp32") -> ModelConfig:
     return ModelConfig(name="tiny-llama", family="llama", kind="tiny", num_layers=6, params="tiny",
-                       precision=precision, quantization=quantization)
+                       precision=precision, quantization=quantization, resources=ResourcesConfig(gpus=0))
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])

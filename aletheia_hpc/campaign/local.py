@@ -9,11 +9,40 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
-from aletheia_hpc.campaign.store import LOG_DIR, REQUEUE_EXIT_CODE, prepare_cell_dir
-from aletheia_hpc.config import CellConfig
+from aletheia_hpc.campaign.store import LOG_DIR, REQUEUE_EXIT_CODE, prepare_cell_dir, worker_command
+from aletheia_hpc.config import CellConfig, ClusterConfig
+
 _print_lock = threading.Lock()
+
+
+def visible_gpus() -> int:
+    """NVIDIA GPUs a cell started here would see: ``nvidia-smi -L``, narrowed by CUDA_VISIBLE_DEVICES
+    (whose list ends at its first negative entry, as CUDA reads it). 0 without a driver."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    found = sum(line.startswith("GPU ") for line in listing.stdout.splitlines()) if listing.returncode == 0 else 0
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is None:
+        return found
+    allowed = 0
+    for entry in mask.split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        allowed += 1
+    return min(found, allowed)
+
+
+def with_local_gpus(cluster: ClusterConfig) -> ClusterConfig:
+    """The cluster with a GPU count to check cells against: a local cluster's ``gpus_per_node: -1``
+    becomes this machine's visible GPUs."""
+    if cluster.kind == "local" and cluster.gpus_per_node < 0:
+        return replace(cluster, gpus_per_node=visible_gpus())
+    return cluster
 
 
 def _say(text: str) -> None:
@@ -21,14 +50,15 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str]) -> int:
+def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
+             cpu_fallback: bool) -> int:
     work_dir = prepare_cell_dir(results_dir, cell)
     while True:
         log_path = work_dir / LOG_DIR / f"local-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}.log"
         _say(f"{label} {cell.model.name} / {cell.recipe.name} / seed {cell.seed} / {cell.variant} "
              f"-> {work_dir}")
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.worker", str(work_dir), "--progress"],
+            proc = subprocess.Popen(worker_command(work_dir, progress=True, cpu_fallback=cpu_fallback),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             # Raw chunks, not lines: progress bars redraw with carriage returns.
             while chunk := proc.stdout.read1(4096):
@@ -42,7 +72,8 @@ def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: d
             return code
 
 
-def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1) -> dict[str, int]:
+def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1,
+              cpu_fallback: bool = False) -> dict[str, int]:
     """Run ``cells``; returns cell_id -> worker exit code. A failed cell never stops the others."""
     if not cells:
         return {}
@@ -53,7 +84,8 @@ def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1) -> d
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     codes: dict[str, int] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo, env): cell
+        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo, env,
+                               cpu_fallback): cell
                    for i, cell in enumerate(cells)}
         for future, cell in futures.items():
             codes[cell.cell_id] = future.result()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, campaign_dir, cell_path,
-                                         prepare_cell_dir, row_state)
+                                         prepare_cell_dir, row_state, worker_command)
 from aletheia_hpc.config import CellConfig, ClusterConfig
 from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
 from aletheia_hpc.row import ROW_FILENAME
@@ -56,8 +56,8 @@ ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending"
 class CellJob:
     """The submitit function of every array task: run the worker on one cell directory."""
 
-    def __init__(self, snapshot: str | None = None):
-        self.snapshot = snapshot
+    def __init__(self, snapshot: str | None = None, cpu_fallback: bool = False):
+        self.snapshot, self.cpu_fallback = snapshot, cpu_fallback
 
     def __call__(self, cell_dir: str) -> int:
         work = Path(cell_dir)
@@ -73,7 +73,7 @@ class CellJob:
         log_path = work / LOG_DIR / f"slurm-{job}-r{restart}.log"
         got: list[int] = []
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-u", "-m", "aletheia_hpc.worker", str(work)],
+            proc = subprocess.Popen(worker_command(work, progress=False, cpu_fallback=self.cpu_fallback),
                                     stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=self.snapshot or None)
 
@@ -250,7 +250,7 @@ def submit_cells(cells: list[CellConfig], results_dir: Path, cluster: ClusterCon
         for part_cells, part_dirs in zip(chunks(members, limit), chunks(dirs, limit)):
             executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
             executor.update_parameters(**executor_parameters(cls, cluster, snapshot, f"aletheia-{campaign}"))
-            jobs = executor.map_array(CellJob(str(snapshot)), list(part_dirs))
+            jobs = executor.map_array(CellJob(str(snapshot), cluster.cpu_fallback), list(part_dirs))
             arrays += 1
             now = time.time()
             records = []

@@ -6,6 +6,7 @@ State comes from these files first: a valid ok row means done, whatever the sche
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
+
+
+def worker_command(work_dir: Path, *, progress: bool, cpu_fallback: bool) -> list[str]:
+    """The command line that runs one cell directory's worker (both dispatchers start it so)."""
+    return [sys.executable, "-u", "-m", "aletheia_hpc.worker", str(work_dir),
+            *(["--progress"] if progress else []), *(["--cpu-fallback"] if cpu_fallback else [])]
 
 
 def campaign_dir(results_dir: Path, campaign: str) -> Path:

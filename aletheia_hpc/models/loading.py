@@ -34,11 +34,18 @@ class DeviceError(RuntimeError):
 
 
 def check_device_support(model_cfg: ModelConfig, *, cuda_devices: int, bf16_supported: bool,
-                         gpu_name: str = "") -> None:
+                         gpu_name: str = "", cpu_fallback: bool = False) -> None:
     """Raise DeviceError if the model's precision/quantization/GPU count cannot run on a machine with
-    ``cuda_devices`` visible GPUs (0: CPU only) whose bf16 support is ``bf16_supported``."""
+    ``cuda_devices`` visible GPUs (0: CPU only) whose bf16 support is ``bf16_supported``.
+
+    A cell that asked for GPUs and finds none is refused unless ``cpu_fallback``: run on the CPU,
+    its step times would sit beside GPU-timed cells in the same paired comparison."""
     name = model_cfg.name
     if cuda_devices == 0:
+        if model_cfg.resources.gpus > 0 and not cpu_fallback:
+            raise DeviceError(f"model {name}: model.resources.gpus={model_cfg.resources.gpus} but no CUDA GPU is "
+                              "visible; run the cell where its GPUs are (a GPU node, or cluster=<a SLURM "
+                              "profile>), or on the CPU with model.resources.gpus=0 model.precision=fp32")
         if model_cfg.precision == "fp16":
             raise DeviceError(f"model {name}: precision=fp16 needs a CUDA GPU (loss-scaled fp16 training); "
                               "on a CPU set model.precision=fp32")
@@ -56,12 +63,13 @@ def check_device_support(model_cfg: ModelConfig, *, cuda_devices: int, bf16_supp
                           "scheduler or lower model.resources.gpus")
 
 
-def resolve_device(model_cfg: ModelConfig) -> torch.device:
-    """cuda when present, else cpu; a precision or GPU count the machine cannot serve is refused here."""
+def resolve_device(model_cfg: ModelConfig, *, cpu_fallback: bool = False) -> torch.device:
+    """cuda when present, else cpu; a precision or GPU count the machine cannot serve is refused here
+    (``cpu_fallback``: a cell that asked for GPUs may run on the CPU when there are none)."""
     cuda = torch.cuda.is_available()
     check_device_support(model_cfg, cuda_devices=torch.cuda.device_count() if cuda else 0,
                          bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-                         gpu_name=torch.cuda.get_device_name() if cuda else "")
+                         gpu_name=torch.cuda.get_device_name() if cuda else "", cpu_fallback=cpu_fallback)
     return torch.device("cuda" if cuda else "cpu")
 
 

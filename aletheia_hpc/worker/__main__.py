@@ -1,4 +1,5 @@
-"""``python -m aletheia_hpc.worker CELL_DIR``: run the cell whose cell.json lies in CELL_DIR.
+"""``python -m aletheia_hpc.worker CELL_DIR [--progress] [--cpu-fallback]``: run the cell whose
+cell.json lies in CELL_DIR (``--cpu-fallback``: a cell that asked for GPUs may train on the CPU).
 
 The dispatchers (local runner and SLURM job arrays) start cells this way; CELL_DIR is
 ``<results_dir>/<campaign>/cells/<cell_id>``.
@@ -29,7 +30,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGUSR2, lambda *_: stop.request())
     signal.signal(signal.SIGTERM, lambda *_: stop.request())
     try:
-        run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv)
+        run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv,
+                 cpu_fallback="--cpu-fallback" in argv)
     except StopForRequeue as exc:
         logging.info("%s", exc)
         return REQUEUE_EXIT_CODE

@@ -66,7 +66,8 @@ def _probe_batches(train_examples, collator, batch_size: int, n_batches: int, se
     return [collator(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
 
 
-def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progress: bool) -> None:
+def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progress: bool,
+                        cpu_fallback: bool) -> None:
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
     from aletheia_hpc.method import (LoraRanks, apply_lora, enable_selective_checkpointing, get_family,
@@ -75,12 +76,15 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     from aletheia_hpc.worker.training import held_out_loss, train_cell
 
     m, r = cell.model, cell.recipe
-    device = resolve_device(m)
+    device = resolve_device(m, cpu_fallback=cpu_fallback)
     # what the scheduler granted, beside what the cell asked for: the first thing to read when a
     # multi-GPU cell misbehaves
     log.info("cell %s: device %s, model.resources.gpus=%d, CUDA_VISIBLE_DEVICES=%s, precision %s, "
              "quantization %s", cell.cell_id, device.type, m.resources.gpus,
              os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), m.precision, m.quantization)
+    if device.type == "cpu" and m.resources.gpus:
+        log.warning("cell %s asked for %d GPU(s) and sees none: training on the CPU (cluster.cpu_fallback)",
+                    cell.cell_id, m.resources.gpus)
     row["device"] = device.type
     row["gpu_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
@@ -135,12 +139,14 @@ def _benchmarks(cell: CellConfig, model, tokenizer, device, row: dict, progress:
     row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress))
 
 
-def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True) -> dict:
+def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True,
+             cpu_fallback: bool = False) -> dict:
     """Run ``cell`` and write its row under results_dir; return the row.
 
     A non-finite loss gives a nan_abort row; any other exception a failed row (then re-raised, so
     the scheduler records the failure too). A stop request for requeue re-raises StopForRequeue
-    with no row written.
+    with no row written. ``cpu_fallback``: a cell that asked for GPUs may train on the CPU when
+    there are none (clusters with declared, not real, GPUs); otherwise it fails.
     """
     from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue, StopSignal
 
@@ -157,7 +163,7 @@ def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool =
         if cell.noop:
             row.update(train_time_s=0.0, eval_loss=0.0, train_steps=cell.train.steps, device="none")
         else:
-            _train_and_evaluate(cell, work_dir, row, stop or StopSignal(), progress)
+            _train_and_evaluate(cell, work_dir, row, stop or StopSignal(), progress, cpu_fallback)
     except NonFiniteLoss as exc:
         row.update(status="nan_abort", failure_reason=f"nan_abort: {exc}", nan_step=exc.step)
     except StopForRequeue:
