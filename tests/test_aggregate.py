@@ -197,6 +197,37 @@ def test_overall_and_per_model_stats_match_scipy():
     assert fam["t_stat"] == pytest.approx(result.stats["per_model"]["mistral-7b"]["matched"]["t_stat"])
 
 
+def test_pairs_timed_on_different_hardware_leave_timing_and_stay_in_quality(tmp_path):
+    rows = pair_rows("qwen2.5-7b", [1, 2, 3, 4], [100, 110, 120, 130], [80, 85, 90, 95])
+    h100 = "NVIDIA H100 80GB HBM3"
+    for row in rows:
+        if row["seed"] == 4 and row["recipe"] == "aletheia":
+            row["gpu_name"], row["eval_loss"] = h100, 1.5  # seed 4's Aletheia run landed on another GPU type
+        if row["seed"] == 3 and row["recipe"] == "standard":
+            row["device"], row["gpu_name"] = "cpu", None  # and seed 3's Standard run on a CPU
+    result = aggregate_campaign(write_campaign(tmp_path, rows).parent, CAMPAIGN)
+    block = result.stats["per_model"]["qwen2.5-7b"]["matched"]
+    assert block["n_pairs"] == 2 and block["n_pairs_mixed_hardware"] == 2
+    assert block["std_time_s_mean"] == pytest.approx(105.0) and block["ale_time_s_mean"] == pytest.approx(82.5)
+    assert block["t_stat"] == pytest.approx(sps.ttest_rel([100, 110], [80, 85]).statistic)
+    assert "2 pair(s) timed Standard and Aletheia on different hardware" in block["note"]
+    assert block["quality"]["eval_loss"]["n"] == 4  # quality does not depend on the clock
+    assert block["quality"]["eval_loss"]["ale_mean"] == pytest.approx((1 + 1 + 1 + 1.5) / 4)
+    assert result.stats["overall"]["n_pairs_mixed_hardware"] == 2
+    pairs = pd.read_csv(tmp_path / CAMPAIGN / "pairs.csv").set_index("seed")
+    assert pairs["same_hardware"].to_dict() == {1: True, 2: True, 3: False, 4: False}
+    assert pairs.loc[4, "ale_hardware"] == h100 and pairs.loc[3, "std_hardware"] == "cpu"
+    report = (tmp_path / CAMPAIGN / "REPORT.md").read_text()
+    assert "## Pairs timed on different hardware" in report and f"| {h100} |" in report
+
+
+def test_pairs_on_one_hardware_report_no_mixed_pairs(tmp_path):
+    result = aggregate_campaign(write_campaign(tmp_path, pair_rows("qwen2.5-7b", [1, 2], [100, 110], [80, 85])).parent,
+                                CAMPAIGN)
+    assert result.stats["overall"]["n_pairs"] == 2 and result.stats["overall"]["n_pairs_mixed_hardware"] == 0
+    assert "different hardware" not in (tmp_path / CAMPAIGN / "REPORT.md").read_text().split("## Conventions")[0]
+
+
 def test_per_family_pools_models():
     rows, truth = random_campaign(models=("qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b"))
     result = aggregate_rows(rows, report=False)

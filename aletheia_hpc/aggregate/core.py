@@ -94,6 +94,7 @@ class _PairArrays:
     def __init__(self, pairs: pd.DataFrame):
         self.std_time = pairs["std_train_time_s"].to_numpy(float)
         self.ale_time = pairs["ale_train_time_s"].to_numpy(float)
+        self.same_hardware = pairs["same_hardware"].to_numpy(bool)
         self.cols = {}
         for metric, scale, _ in _QUALITY:
             if metric == "eval_loss":
@@ -106,7 +107,14 @@ class _PairArrays:
                                  None if base is None else base.to_numpy(float))
 
     def block(self, idx: np.ndarray) -> dict:
-        out = timing_stats(self.std_time[idx], self.ale_time[idx])
+        timed = idx[self.same_hardware[idx]]
+        out = timing_stats(self.std_time[timed], self.ale_time[timed])
+        mixed = int(idx.size - timed.size)
+        if mixed:
+            out["n_pairs_mixed_hardware"] = mixed
+            out["note"] = "; ".join(filter(None, [
+                out["note"], f"{mixed} pair(s) timed Standard and Aletheia on different hardware: left out of "
+                             "the timing figures, kept in the quality ones"]))
         quality = {}
         for metric, scale, unit in _QUALITY:
             std, ale, base = self.cols[metric]

@@ -346,6 +346,21 @@ def _figures(result: "AggregateResult", requested: bool) -> list[str]:
     return out
 
 
+def _mixed_hardware(pairs: pd.DataFrame) -> list[str]:
+    """The pairs whose two runs were timed on different hardware, when there are any."""
+    mixed = pairs[~pairs["same_hardware"].astype(bool)] if len(pairs) else pairs
+    if mixed.empty:
+        return []
+    rows = [[r.model, r.variant, r.seed, r.std_hardware, r.ale_hardware, _f(r.time_ratio, 3)]
+            for r in mixed.head(MAX_LISTED).itertuples()]
+    return ["## Pairs timed on different hardware", "",
+            f"> **{len(mixed)} pair(s)** ran Standard and Aletheia on different hardware. Their time ratio "
+            "compares the machines, not the recipes, so they are left out of every timing figure in this "
+            "report and in stats.json (`n_pairs_mixed_hardware`); their quality figures are kept. Pin a "
+            "campaign to one GPU type (a partition or constraint in the cluster profile) to avoid this.", "",
+            _table(["model", "variant", "seed", "Standard on", "Aletheia on", "ratio (not used)"], rows)]
+
+
 def _failures(result: "AggregateResult") -> list[str]:
     stats = result.stats
     failed = stats["failed_cells"]
@@ -445,7 +460,7 @@ def render_report(result: "AggregateResult", rows: list[dict], ref: PaperReferen
         "RESULTS_CAMPAIGN2.csv, stats.json",
         "",
     ]
-    sections = [_headline(stats, ref), _per_model_timing(stats), _per_family(stats), _quality(stats),
+    sections = [_headline(stats, ref), _mixed_hardware(result.pairs), _per_model_timing(stats), _per_family(stats), _quality(stats),
                 _compute_matched(stats), _layer_selection(rows), _paper_vs_run(stats, ref),
                 _setting_differences(rows), _figures(result, figures_requested),
                 _failures(result), _provenance(result)]

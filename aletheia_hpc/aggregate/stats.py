@@ -14,6 +14,8 @@ Conventions (they are also written into ``stats.json`` under ``conventions``):
 * ``speedup_pct_ci95``: 95% t-interval of the mean per-pair speedup,
   mean +/- t_{0.975, n-1} x SD / sqrt(n).
 * ``win_rate``: share of pairs where Aletheia's train time is strictly lower.
+* Hardware: timing figures use only pairs whose two runs ran on the same hardware (GPU name, else
+  device type); the others are counted in ``n_pairs_mixed_hardware`` and stay in the quality figures.
 * Quality metrics are compared as aletheia - standard (eval loss in loss units, benchmarks in
   percentage points, accuracies as percent); their paired test is ``ttest_rel(aletheia, standard)``.
   With a base-model row: ``*_delta_pp`` = fine-tuned - base, and
@@ -48,6 +50,9 @@ CONVENTIONS = {
     "cohens_dz": "Cohen's d for paired samples: mean(standard - aletheia) / SD(standard - aletheia)",
     "speedup_pct_ci95": "95% t-interval of the mean per-pair speedup: mean +/- t(0.975, n-1) * SD / sqrt(n)",
     "win_rate": "share of pairs in which the Aletheia train time is strictly lower",
+    "hardware": "a pair whose two runs were timed on different hardware (GPU name, else device type) "
+                "is left out of every timing figure and counted in n_pairs_mixed_hardware; its quality "
+                "figures are kept",
     "quality": "metric differences are aletheia - standard; eval loss in loss units, benchmark "
                "accuracies in percent and differences in percentage points (pp); paired test is "
                "ttest_rel(aletheia, standard)",
@@ -136,6 +141,7 @@ def timing_stats(std_time: np.ndarray, ale_time: np.ndarray) -> dict:
     ratio_mean = _mean(ratio)
     out = {
         "n_pairs": n,
+        "n_pairs_mixed_hardware": 0,
         "std_time_s_mean": _mean(std_time), "std_time_s_sd": _sd(std_time),
         "ale_time_s_mean": _mean(ale_time), "ale_time_s_sd": _sd(ale_time),
         "time_saved_s_mean": _mean(saved), "time_saved_s_sd": _sd(saved),

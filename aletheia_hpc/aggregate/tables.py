@@ -274,7 +274,12 @@ def standard_variant_of(variant: str, variants_with_standard: set) -> str:
 
 
 PAIR_SIDE_FIELDS = ("cell_id", "train_time_s", "train_steps", "trainable_params", "eval_loss",
-                    "final_train_loss") + tuple(BENCH_FIELDS.values())
+                    "final_train_loss", "device", "gpu_name") + tuple(BENCH_FIELDS.values())
+
+
+def hardware_label(device: pd.Series, gpu_name: pd.Series) -> pd.Series:
+    """What a run was timed on: the GPU's name, else the device type (cpu), else 'unknown'."""
+    return gpu_name.where(gpu_name.notna(), device).fillna("unknown").astype(str)
 
 
 def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -310,6 +315,10 @@ def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     probe = pairs["ale_probe_time_s"].astype(float).to_numpy()
     out["std_train_time_s"] = st
     out["ale_train_time_s"] = at
+    # a ratio of times taken on two kinds of hardware compares the machines, not the recipes
+    out["std_hardware"] = hardware_label(pairs["std_device"], pairs["std_gpu_name"]).to_numpy()
+    out["ale_hardware"] = hardware_label(pairs["ale_device"], pairs["ale_gpu_name"]).to_numpy()
+    out["same_hardware"] = out["std_hardware"] == out["ale_hardware"]
     out["time_saved_s"] = st - at
     with np.errstate(divide="ignore", invalid="ignore"):
         out["time_ratio"] = st / at
