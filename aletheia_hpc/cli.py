@@ -27,21 +27,17 @@ def _cell_label(cell) -> str:
     return f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
 
 
-def _gpu_request_problems(cells, cluster) -> list[str]:
-    """A line per cell whose GPU request the cluster can never meet (a local cluster counts this
-    machine's GPUs): such cells are refused before anything runs."""
+def _require_placement(cells, cluster) -> None:
+    """Refuse, before anything runs, every cell whose GPUs, CPUs or memory the cluster can never give
+    (a local cluster counts this machine's GPUs)."""
     from aletheia_hpc.campaign.local import with_local_gpus
-    from aletheia_hpc.campaign.memory import gpu_count_problem
+    from aletheia_hpc.campaign.matrix import placement_problem
 
     cluster = with_local_gpus(cluster)
-    return [f"cell {c.cell_id} ({_cell_label(c)}) {problem}" for c in cells
-            if (problem := gpu_count_problem(c, cluster))]
-
-
-def _require_gpus(cells, cluster) -> None:
-    problems = _gpu_request_problems(cells, cluster)
+    problems = [f"cell {c.cell_id} ({_cell_label(c)}) {problem}" for c in cells
+                if (problem := placement_problem(c, cluster))]
     if problems:
-        raise ConfigError(f"{len(problems)} cell(s) cannot get their GPUs on cluster {cluster.name}:\n  "
+        raise ConfigError(f"{len(problems)} cell(s) cannot run as asked on cluster {cluster.name}:\n  "
                           + "\n  ".join(problems))
 
 
@@ -76,7 +72,7 @@ def cmd_plan(overrides, args) -> int:
         print(line, file=sys.stderr)
     print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
                                              if warnings else ""))
-    _require_gpus(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
+    _require_placement(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
     return 0
 
 
@@ -100,7 +96,7 @@ def cmd_launch(overrides, args) -> int:
 
     plan = _plan(overrides)
     results_dir = Path(plan.root.results_dir)
-    _require_gpus(plan.cells, plan.root.cluster)
+    _require_placement(plan.cells, plan.root.cluster)
     for line in _memory_lines(plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
     if plan.root.cluster.kind == "slurm":
@@ -165,7 +161,7 @@ def cmd_resubmit(overrides, args) -> int:
     if busy:
         raise ConfigError(f"--force: cells queued or running (cancel them first): {', '.join(busy)}")
     todo = [c for c in plan.cells if c.cell_id in force or states[c.cell_id]["state"] in ("failed", "missing")]
-    _require_gpus(todo, plan.root.cluster)
+    _require_placement(todo, plan.root.cluster)
     for cell in todo:
         moved = move_row_aside(results_dir, cell)
         if cell.cell_id in force:
@@ -195,7 +191,7 @@ def cmd_run_cell(overrides, args) -> int:
     cell = CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
     check_cells([cell])
-    _require_gpus([cell], root.cluster)
+    _require_placement([cell], root.cluster)
     row = run_cell(cell, Path(root.results_dir), progress=root.progress, cpu_fallback=root.cluster.cpu_fallback)
     # one line, last: scripts read it with `tail -1`
     print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",

@@ -21,6 +21,10 @@ MODEL_KINDS = ("hub", "local", "gguf", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "nf4", "int8")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last")
+# transformers' SchedulerType values a cell may use (tests/test_configs.py keeps them in step with
+# the installed transformers; listed here so that plan-time validation needs no torch)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
 
 @dataclass
@@ -225,6 +229,8 @@ class ConfigError(ValueError):
 
 def validate_cell(cell: CellConfig) -> None:
     """Raise ConfigError listing every problem of one cell (nothing is submitted if any)."""
+    from aletheia_hpc.data.builtin import BUILTIN_NAME
+    from aletheia_hpc.data.instructions import TEMPLATES
     from aletheia_hpc.evaluation.settings import validate as validate_eval
     from aletheia_hpc.method.families import UnknownFamily, get_family
 
@@ -271,12 +277,22 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if (t.lr if t.lr is not None else m.lr) <= 0:
         problems.append("train.lr (or model.lr): must be > 0")
-    source = cell.data.source
-    if source != "builtin" and not source.startswith("hub:") and not Path(source).is_file():
-        problems.append(f"data.source={source!r}: no such file; give an Alpaca-format .jsonl/.json "
+    if t.scheduler not in SCHEDULERS:
+        problems.append(f"train.scheduler={t.scheduler!r}: use one of {SCHEDULERS}")
+    if t.checkpoint_every < 0:
+        problems.append(f"train.checkpoint_every={t.checkpoint_every}: use 0 (only on preemption) or a "
+                        "positive number of optimizer steps")
+    d = cell.data
+    if d.source != BUILTIN_NAME and not d.source.startswith("hub:") and not Path(d.source).is_file():
+        problems.append(f"data.source={d.source!r}: no such file; give an Alpaca-format .jsonl/.json "
                         "file, 'builtin', or 'hub:<dataset id>'")
-    if cell.data.eval_size <= 0:
-        problems.append(f"data.eval_size={cell.data.eval_size}: must be > 0")
+    if d.template not in TEMPLATES:
+        problems.append(f"data.template={d.template!r}: use one of {sorted(TEMPLATES)}")
+    if d.eval_size <= 0:
+        problems.append(f"data.eval_size={d.eval_size}: must be > 0")
+    if d.source == BUILTIN_NAME and d.eval_size >= d.builtin_size:
+        problems.append(f"data.eval_size={d.eval_size} with data.builtin_size={d.builtin_size}: the held-out "
+                        "split would leave no training records; raise data.builtin_size or lower data.eval_size")
     try:
         validate_eval(cell.eval)
     except ValueError as exc:

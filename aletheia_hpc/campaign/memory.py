@@ -151,22 +151,6 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
                           gpus=m.resources.gpus, rough=rough)
 
 
-def gpu_count_problem(cell: CellConfig, cluster: ClusterConfig) -> str | None:
-    """Why ``cell``'s GPU request can never be met on ``cluster`` (and what to change), or None.
-    ``cluster.gpus_per_node`` must be resolved: for a local cluster, the GPUs this machine shows."""
-    gpus = cell.model.resources.gpus
-    if gpus == 0:
-        return None
-    if cluster.kind == "local" and not cluster.cpu_fallback and gpus > cluster.gpus_per_node:
-        return (f"asks for {gpus} GPU(s) but this machine shows {max(cluster.gpus_per_node, 0)}; launch it on "
-                "a SLURM cluster (cluster=<profile>), or run it on the CPU with model.resources.gpus=0 "
-                "model.precision=fp32")
-    if cluster.kind == "slurm" and cluster.gpus_per_node and gpus > cluster.gpus_per_node:
-        return (f"asks for {gpus} GPUs but {cluster.name} nodes have {cluster.gpus_per_node}; "
-                "lower model.resources.gpus or use model.quantization=nf4")
-    return None
-
-
 def fit_problem(cell: CellConfig, estimate: MemoryEstimate | None, cluster: ClusterConfig) -> str | None:
     """Why ``cell`` will not fit its GPUs' memory on ``cluster`` (and what to change), or None."""
     gpus = cell.model.resources.gpus

@@ -13,8 +13,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from aletheia_hpc.data.builtin import BUILTIN_NAME, builtin_records
 
 IGNORE_INDEX = -100
@@ -84,19 +82,32 @@ def format_prompt(record: dict, template: str = "alpaca") -> str:
     )
 
 
+def fit_to_length(prompt: list[int], response: list[int], max_len: int, keep_head: int) -> tuple[list[int], list[int]]:
+    """(prompt, response) cut to at most ``max_len`` tokens together.
+
+    The response keeps whatever the whole prompt leaves, but never less than half the window; the
+    prompt then loses tokens from its middle: its first ``keep_head`` tokens (BOS) and its end, which
+    carries the template's response marker, always stay, so a trained or scored sequence never has
+    its response start without the marker."""
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response
+    response = response[: max(max_len - len(prompt), max_len // 2)]
+    budget = max_len - len(response)
+    if len(prompt) > budget:
+        tail = max(budget - keep_head, 0)
+        prompt = prompt[:keep_head] + (prompt[len(prompt) - tail:] if tail else [])
+    return prompt, response
+
+
 def tokenize_records(records: list[dict], tokenizer, max_len: int, template: str = "alpaca") -> list[dict]:
-    """input_ids + labels per record; the response is truncated before the prompt is."""
+    """input_ids + labels per record, at most ``max_len`` tokens (see ``fit_to_length``)."""
     examples = []
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     for record in records:
-        prompt = tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]
+        prompt = bos + tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]
         response = tokenizer(str(record["output"]), add_special_tokens=False)["input_ids"]
-        response = response + [tokenizer.eos_token_id]
-        if tokenizer.bos_token_id is not None:
-            prompt = [tokenizer.bos_token_id] + prompt
-        prompt = prompt[: max(1, max_len - len(response))]
-        ids = (prompt + response)[:max_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
-        examples.append({"input_ids": ids, "labels": labels})
+        prompt, response = fit_to_length(prompt, response + [tokenizer.eos_token_id], max_len, len(bos))
+        examples.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
     return examples
 
 
@@ -105,7 +116,9 @@ class PadCollator:
     """Right-pads a list of tokenized examples into a batch; padding is masked out of the loss."""
     pad_token_id: int
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch  # here, not at the top: plan-time validation reads TEMPLATES without torch
+
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
@@ -90,6 +91,9 @@ def validate(settings: EvalSettings) -> EvalSettings:
     if settings.source == "local" and not settings.data_dir:
         raise ValueError("eval.data_dir is unset but eval.source=local: set eval.data_dir to the "
                          "directory holding mmlu.jsonl/gsm8k.jsonl/humaneval.jsonl, or use source=auto")
+    if settings.source == "local" and not Path(settings.data_dir).is_dir():
+        raise ValueError(f"eval.data_dir={settings.data_dir!r}: no such directory (eval.source=local reads "
+                         "mmlu.jsonl/gsm8k.jsonl/humaneval.jsonl from it)")
     return settings
 
 

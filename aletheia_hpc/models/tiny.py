@@ -51,6 +51,8 @@ def tiny_config(family: str, num_layers: int = 4) -> PretrainedConfig:
 
 
 def build_tiny_model(family: str, num_layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A random-init causal LM of ``family`` in fp32, deterministic for a given seed."""
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family, num_layers), dtype=torch.float32)
+    """A random-init causal LM of ``family`` in fp32, deterministic for a given seed. The global RNG is
+    left as it was: a cell seeds it before loading, and its LoRA initialisation draws from it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(tiny_config(family, num_layers), dtype=torch.float32)

@@ -1,7 +1,8 @@
-"""A cell that asks for GPUs gets them or is refused: at plan/launch time when the cluster can never
-give them (a local machine without GPUs, more GPUs than a node has), and in the worker when it lands
-where no CUDA device is visible. Only a cluster marked ``cpu_fallback`` (the dev cluster, whose GPUs
-are declared but not real) lets such a cell train on the CPU.
+"""A cell gets what it asks for or is refused. At plan/launch time when the cluster can never give it
+(GPUs on a local machine without them; more GPUs, CPUs or memory than a SLURM node has; fp16 where
+the GPUs are only declared), and in the worker when a GPU cell lands where no CUDA device is
+visible. Only a cluster marked ``cpu_fallback`` (the dev cluster, whose GPUs are declared but not
+real) lets such a cell train on the CPU.
 
 This machine has no NVIDIA driver; where a test needs one to be seen, a stand-in ``nvidia-smi`` on
 PATH prints the listing format of the real tool."""
@@ -17,8 +18,7 @@ import pytest
 import torch
 
 from aletheia_hpc.campaign.local import visible_gpus
-from aletheia_hpc.campaign.matrix import compose_root
-from aletheia_hpc.campaign.memory import gpu_count_problem
+from aletheia_hpc.campaign.matrix import compose_root, placement_problem
 from aletheia_hpc.config import ModelConfig, ResourcesConfig
 from aletheia_hpc.models.loading import DeviceError, check_device_support
 from aletheia_hpc.provenance import REPO_ROOT
@@ -81,14 +81,26 @@ def test_plan_time_gpu_count_checks_per_cluster_kind():
     cell = make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=4")
     local = root.cluster
     assert local.kind == "local" and local.gpus_per_node == -1  # counted at plan time
-    assert "this machine shows 0" in gpu_count_problem(cell, replace(local, gpus_per_node=0))
-    assert "this machine shows 2" in gpu_count_problem(cell, replace(local, gpus_per_node=2))
-    assert gpu_count_problem(cell, replace(local, gpus_per_node=4)) is None
+    assert "this machine shows 0" in placement_problem(cell, replace(local, gpus_per_node=0))
+    assert "this machine shows 2" in placement_problem(cell, replace(local, gpus_per_node=2))
+    assert placement_problem(cell, replace(local, gpus_per_node=4)) is None
     dev = compose_root(["cluster=dev", "model=tiny-llama", "recipe=standard"]).cluster
-    assert dev.cpu_fallback and gpu_count_problem(cell, dev) is None
+    assert dev.cpu_fallback and placement_problem(cell, dev) is None
     eight = make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=8")
-    assert "dev nodes have 4" in gpu_count_problem(eight, dev)  # declared GPUs are still counted
-    assert gpu_count_problem(make_cell("model=tiny-llama", "recipe=standard"), replace(local, gpus_per_node=0)) is None
+    assert "dev nodes have 4" in placement_problem(eight, dev)  # declared GPUs are still counted
+    assert placement_problem(make_cell("model=tiny-llama", "recipe=standard"), replace(local, gpus_per_node=0)) is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.resources.cpus=8", "asks for model.resources.cpus=8 but dev nodes have 2"),
+    ("model.resources.mem_gb=120", "asks for model.resources.mem_gb=120 but dev nodes have 16 GB"),
+    ("model.precision=fp16", "model.precision=fp16 on dev, whose GPUs are declared but not real"),
+])
+def test_slurm_nodes_bound_cpus_memory_and_declared_gpus(override, message):
+    dev = compose_root(["cluster=dev", "model=tiny-llama", "recipe=standard"]).cluster
+    cell = make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=1", override)
+    assert message in placement_problem(cell, dev)
+    assert placement_problem(make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=1"), dev) is None
 
 
 def _cli(*args, env=None):
@@ -103,10 +115,10 @@ def test_plan_and_launch_on_a_machine_without_the_gpus_refuse_before_anything_ru
     planned = _cli("plan", *ov, env=os.environ)
     assert planned.returncode == 2, planned.stderr
     assert "2 cells on cluster local" in planned.stdout  # the plan is still shown
-    assert "2 cell(s) cannot get their GPUs on cluster local" in planned.stderr
+    assert "2 cell(s) cannot run as asked on cluster local" in planned.stderr
     assert "this machine shows 0; launch it on a SLURM cluster" in planned.stderr
     launched = _cli("launch", *ov, env=os.environ)
-    assert launched.returncode == 2 and "cannot get their GPUs" in launched.stderr, launched.stderr
+    assert launched.returncode == 2 and "cannot run as asked" in launched.stderr, launched.stderr
     assert not (tmp_path / "results").exists()
     run = _cli("run-cell", "model=tiny-llama", "model.resources.gpus=1", f"results_dir={tmp_path / 'results'}",
                env=os.environ)
