@@ -57,13 +57,15 @@ def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
 
 
 def cmd_plan(overrides, args) -> int:
+    from aletheia_hpc.campaign.slurm import resource_class
+
     plan = _plan(overrides)
-    classes = Counter((c.model.resources.gpus, c.model.resources.cpus, c.model.resources.mem_gb,
-                       c.model.resources.time_min) for c in plan.cells)
+    classes = Counter(resource_class(c, plan.root.cluster) for c in plan.cells)
     print(f"campaign {plan.name}: {len(plan.cells)} cells on cluster {plan.root.cluster.name} "
           f"({plan.root.cluster.kind}), results in {plan.root.results_dir}")
-    for (gpus, cpus, mem, minutes), n in sorted(classes.items()):
-        print(f"  resource class gpus={gpus} cpus={cpus} mem={mem}G time={minutes}min: {n} cells")
+    for cls, n in sorted(classes.items()):  # as submitted: time clamped to the cluster's limit
+        print(f"  resource class gpus={cls.gpus} cpus={cls.cpus} mem={cls.mem_gb}G time={cls.time_min}min"
+              + (f" partition={cls.partition}" if cls.partition else "") + f": {n} cells")
     estimates, warnings = _memory_lines(plan)
     for cell in plan.cells:
         print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.recipe.name:9s} "
@@ -91,7 +93,20 @@ def _submit(plan, cells) -> int:
     return 0
 
 
+def _set_old_rows_aside(results_dir: Path, cells) -> None:
+    """Keep the row of every cell about to run again as row.json.replaced-*, so that its status
+    never mixes the old row with the new attempt."""
+    from aletheia_hpc.campaign.store import move_row_aside
+
+    for cell in cells:
+        moved = move_row_aside(results_dir, cell)
+        if moved:
+            print(f"cell {cell.cell_id}: old row kept as {moved}", file=sys.stderr)
+
+
 def cmd_launch(overrides, args) -> int:
+    """Run (local) or submit (SLURM) every cell that is not done and not queued: cells without a row,
+    and failed or nan_abort cells, whose old row is kept aside."""
     from aletheia_hpc.campaign.store import is_done
 
     plan = _plan(overrides)
@@ -106,6 +121,7 @@ def cmd_launch(overrides, args) -> int:
               f"{sum(v == 'done' for v in states.values())} already done, "
               f"{sum(v in ('pending', 'running') for v in states.values())} queued or running, "
               f"{len(todo)} to submit to {plan.root.cluster.name}", file=sys.stderr)
+        _set_old_rows_aside(results_dir, todo)
         return _submit(plan, todo)
     if plan.root.cluster.kind != "local":
         raise ConfigError(f"cluster.kind={plan.root.cluster.kind!r}: use local or slurm")
@@ -114,6 +130,7 @@ def cmd_launch(overrides, args) -> int:
     todo = [c for c in plan.cells if not is_done(results_dir, c)]
     print(f"campaign {plan.name}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
           f"{len(todo)} to run on {plan.root.cluster.name}", file=sys.stderr)
+    _set_old_rows_aside(results_dir, todo)
     codes = run_local(todo, results_dir, plan.root.cluster.local_workers, plan.root.cluster.cpu_fallback)
     failed = [cid for cid, code in codes.items() if code != 0]
     _print_status(plan, as_json=False)
@@ -146,7 +163,7 @@ def _require_slurm(plan, verb: str) -> None:
 
 def cmd_resubmit(overrides, args) -> int:
     """Submit the failed and missing cells (none that is queued or running); --force reruns named cells."""
-    from aletheia_hpc.campaign.slurm import move_checkpoints_aside, move_row_aside
+    from aletheia_hpc.campaign.store import move_progress_aside
 
     plan = _plan(overrides)
     _require_slurm(plan, "resubmit")
@@ -163,11 +180,9 @@ def cmd_resubmit(overrides, args) -> int:
     todo = [c for c in plan.cells if c.cell_id in force or states[c.cell_id]["state"] in ("failed", "missing")]
     _require_placement(todo, plan.root.cluster)
     for cell in todo:
-        moved = move_row_aside(results_dir, cell)
         if cell.cell_id in force:
-            move_checkpoints_aside(results_dir, cell)  # a forced rerun starts from scratch
-        if moved:
-            print(f"cell {cell.cell_id}: old row kept as {moved}", file=sys.stderr)
+            move_progress_aside(results_dir, cell)  # a forced rerun starts from scratch
+    _set_old_rows_aside(results_dir, todo)
     print(f"campaign {plan.name}: resubmitting {len(todo)} cell(s)", file=sys.stderr)
     return _submit(plan, todo)
 

@@ -87,6 +87,17 @@ class RecipeConfig:
     dropout: float = 0.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
+    @property
+    def evaluates_only(self) -> bool:
+        """The base-model cell: no adapters, no training."""
+        return self.name == "base"
+
+    @property
+    def probes(self) -> bool:
+        """Whether a cell of this recipe runs the gradient probe (every layer selection does, to
+        record the scores; all-layer LoRA and the base cell do not)."""
+        return not self.evaluates_only and self.layers != "all"
+
 
 @dataclass
 class TrainConfig:

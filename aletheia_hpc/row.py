@@ -26,7 +26,9 @@ evaluation (filled when benchmarks run)
   humaneval_pass1, humaneval_n, eval_time_s (object: benchmark -> seconds), eval_source
   (object: benchmark -> where its data came from)
 provenance
-  started_at, finished_at (ISO 8601 UTC), host, device, gpu_name, git_sha, git_dirty,
+  started_at, finished_at (ISO 8601 UTC), host, device, gpu_name (the GPU's name; when requeued
+  attempts trained on different hardware, every kind joined by " + ", e.g. "NVIDIA A100 + cpu",
+  so that aggregation never takes the cell's time for one machine's), git_sha, git_dirty,
   package_versions (object), slurm (object: job_id, array_job_id, array_task_id, node; empty
   when not under SLURM), config (the resolved cell config)
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +72,7 @@ def main() -> int:
     t1 = time.perf_counter()
     arrays_needed = 0
     for name, cells in by_campaign.items():
-        sub = dispatch.submit_cells(cells, results, cluster, name)
+        dispatch.submit_cells(cells, results, cluster, name)
         arrays_needed += sum(-(-sum(dispatch.resource_class(c, cluster) == k for c in cells) // limit)
                              for k in {dispatch.resource_class(c, cluster) for c in cells})
     t_queued = time.perf_counter() - t1

@@ -6,6 +6,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The paper's tables, in the shared/ folder laid beside every checkout (CI's fresh clone too).
+SHARED_PAPER = ROOT.parent / "shared" / "paper"
 # Derived artefacts (tokenizer, converted models) go to a cache the suite shares across runs.
 os.environ.setdefault("ALETHEIA_CACHE", str(ROOT / ".cache"))
 

@@ -12,10 +12,10 @@ from aletheia_hpc.aggregate import (aggregate_campaign, aggregate_rows, config_n
                                     paper_name, summary_table)
 from aletheia_hpc.aggregate.figures import FIGURE_FILES
 from aletheia_hpc.aggregate.paper import PAPER_REFERENCE_DIR, PAPER_TO_CONFIG
+from tests.conftest import SHARED_PAPER
 from tests.test_aggregate import CAMPAIGN, make_row, write_campaign
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SHARED_PAPER = Path("/work/shared/paper")
 
 
 def full_campaign() -> list[dict]:

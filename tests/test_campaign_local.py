@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from aletheia_hpc.provenance import REPO_ROOT
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 OVERRIDES = ["campaign=smoke", "campaign.name=smoke_eval", "campaign.models=[tiny-llama,tiny-qwen2]",
@@ -21,7 +22,7 @@ OVERRIDES = ["campaign=smoke", "campaign.name=smoke_eval", "campaign.models=[tin
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, f"aletheia-hpc {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
@@ -78,3 +79,22 @@ def test_aggregate_writes_every_output_from_the_real_rows(smoke_eval):
     for section in ("## Provenance", "## Layer selection (gradient probe)", "## How this run differs from the paper",
                     "## Paper vs this run"):
         assert section in report
+
+
+def test_launch_reruns_a_failed_cell_and_keeps_its_old_row(tmp_path):
+    ov = ["campaign=default", f"results_dir={tmp_path}", "train.steps=2", "progress=false",
+          "+campaign.faults={tiny-llama/standard/42:{raise_on_attempt:1}}"]
+    first = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1 and "failed" in first.stdout, first.stderr[-2000:]
+    cells = {json.loads(p.read_text())["recipe"]: p.parent for p in (tmp_path / "default" / "cells").glob("*/row.json")}
+    failed_dir = cells["standard"]
+    assert json.loads((failed_dir / "row.json").read_text())["status"] == "failed"
+    done_row = (cells["aletheia"] / "row.json").stat().st_mtime_ns
+
+    second = cli("launch", *ov)
+    assert "1 already done" in second.stderr and "old row kept as" in second.stderr
+    assert json.loads((failed_dir / "row.json").read_text())["status"] == "ok"
+    (kept,) = failed_dir.glob("row.json.replaced-*")
+    assert json.loads(kept.read_text())["status"] == "failed"
+    assert (cells["aletheia"] / "row.json").stat().st_mtime_ns == done_row  # a done cell is not touched

@@ -17,8 +17,9 @@ import pytest
 
 from aletheia_hpc.campaign.matrix import expand
 from aletheia_hpc.campaign.slurm import resource_class, sbatch_script
+from aletheia_hpc.provenance import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+
 GOLDEN = Path(__file__).parent / "golden"
 
 
@@ -54,7 +55,7 @@ def test_array_script_has_throttle():
 # ------------------------------------------------------------------ real cluster
 
 def cli(cluster, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", *args], env=cluster.env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", *args], env=cluster.env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"aletheia-hpc {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -77,6 +78,20 @@ def wait_idle(cluster, job_name: str, timeout: float) -> None:
     while queued(cluster, job_name):
         assert time.monotonic() < deadline, f"jobs still queued after {timeout}s: {queued(cluster, job_name)}"
         time.sleep(1)
+
+
+def wait_settled(cluster, job_name: str, overrides, timeout: float) -> dict:
+    """Wait until the queue is empty and the project's own status (files, then sacct) has no cell
+    pending or running, e.g. none caught between a requeue and its next start; returns that status."""
+    deadline = time.monotonic() + timeout
+    wait_idle(cluster, job_name, timeout)
+    while True:
+        st = status(cluster, overrides)
+        busy = [c for c in st["cells"] if c["state"] in ("pending", "running")]
+        if not busy and not queued(cluster, job_name):
+            return st
+        assert time.monotonic() < deadline, f"cells still busy after {timeout}s: {busy}"
+        time.sleep(2)
 
 
 def rows(results: Path, campaign: str) -> dict[str, Path]:
@@ -125,9 +140,7 @@ def test_faults_status_and_resubmit(dev_cluster, tmp_path):
         assert time.monotonic() < deadline, "the cell to cancel never checkpointed"
         time.sleep(0.5)
     dev_cluster.run(["scancel", victim])
-    wait_idle(dev_cluster, job_name, 200)
-
-    st = status(dev_cluster, ov)
+    st = wait_settled(dev_cluster, job_name, ov, 240)
     c = st["by_key"]
     assert c["standard", 42]["state"] == "failed" and "InjectedFault" in c["standard", 42]["reason"]
     assert c["standard", 123]["state"] == "failed" and c["standard", 123]["reason"].startswith("nan_abort")
@@ -139,6 +152,8 @@ def test_faults_status_and_resubmit(dev_cluster, tmp_path):
             check=False).stdout)
     timeout_row = json.loads(rows(tmp_path, name)[cell_of["aletheia", 42]].read_text())
     assert timeout_row["attempts"] >= 2 and timeout_row["train_steps"] == 10, timeout_row["attempts"]
+    # every step's time is carried across the requeue: 10 steps of at least the 6 s injected sleep
+    assert len(timeout_row["step_times_s"]) == 10 and timeout_row["train_time_s"] >= 60, timeout_row["step_times_s"]
 
     ok_before = {cid: (p.stat().st_ino, p.stat().st_mtime_ns) for cid, p in rows(tmp_path, name).items()
                  if json.loads(p.read_text())["status"] == "ok"}
@@ -149,9 +164,7 @@ def test_faults_status_and_resubmit(dev_cluster, tmp_path):
     # again, so it cannot have failed yet): nothing to do
     again = cli(dev_cluster, "resubmit", *ov)
     assert "submitted 0 cells" in again.stderr, again.stderr
-    wait_idle(dev_cluster, job_name, 150)
-
-    st = status(dev_cluster, ov)
+    st = wait_settled(dev_cluster, job_name, ov, 180)
     c = st["by_key"]
     assert st["counts"] == {"done": 5, "failed": 1}, st
     assert c["standard", 123]["reason"].startswith("nan_abort")  # fails again, by design
@@ -165,10 +178,14 @@ def test_faults_status_and_resubmit(dev_cluster, tmp_path):
 
     # --force reruns an ok cell and keeps its old row aside
     ok_id = cell_of["standard", 7]
+    old_row = json.loads(rows(tmp_path, name)[ok_id].read_text())
     cli(dev_cluster, "resubmit", *ov, "--force", ok_id)
     assert list((tmp_path / name / "cells" / ok_id).glob("row.json.replaced-*"))
-    wait_idle(dev_cluster, job_name, 60)
-    assert status(dev_cluster, ov)["counts"] == {"done": 5, "failed": 1}
+    assert wait_settled(dev_cluster, job_name, ov, 90)["counts"] == {"done": 5, "failed": 1}
+    rerun = json.loads(rows(tmp_path, name)[ok_id].read_text())
+    # a forced rerun starts from scratch: its own attempt, all 10 steps trained (and timed) again
+    assert rerun["attempts"] == 1 and len(rerun["step_times_s"]) == 10
+    assert rerun["step_times_s"] != old_row["step_times_s"] and rerun["started_at"] > old_row["finished_at"]
 
 
 @pytest.mark.slurm
@@ -180,3 +197,23 @@ def test_bad_matrix_submits_nothing(dev_cluster, tmp_path):
         assert proc.returncode == 2 and "invalid cell" in proc.stderr, proc.stderr
     assert queued(dev_cluster, "aletheia-smoke_bad") == []
     assert not (tmp_path / "smoke_bad").exists()
+
+
+@pytest.mark.slurm
+def test_a_job_accounting_never_heard_of_is_pending_only_for_a_grace_period(dev_cluster, tmp_path):
+    ov = ["campaign=default", "cluster=dev", f"results_dir={tmp_path}", "campaign.name=lost_jobs"]
+    plan = expand(ov)
+    camp = tmp_path / "lost_jobs"
+    camp.mkdir()
+    now = time.time()
+    # job ids this cluster has never issued, as left by a wiped cluster or a results dir moved from another
+    records = [{"cell_id": c.cell_id, "job_id": f"{9_000_000 + i}_0", "array_job_id": str(9_000_000 + i),
+                "task": 0, "snapshot": "", "submitted_at": submitted}
+               for i, (c, submitted) in enumerate(zip(plan.cells, (now - 3600, now)))]
+    (camp / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    by_recipe = {c["recipe"]: c for c in status(dev_cluster, ov)["cells"]}
+    lost, fresh = (by_recipe[c.recipe.name] for c in plan.cells)
+    assert lost["state"] == "missing" and "unknown to this cluster's accounting 60 min" in lost["reason"]
+    assert fresh["state"] == "pending" and "not yet in accounting" in fresh["reason"]
+    out = cli(dev_cluster, "cancel", *ov)  # the fresh one is "queued": cancelling it is no error
+    assert "cancelled 1 job(s)" in out.stderr, out.stderr

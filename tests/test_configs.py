@@ -10,6 +10,7 @@ from aletheia_hpc.campaign.matrix import compose_root, expand, option_names
 from aletheia_hpc.config import SCHEDULERS, CellConfig, ConfigError, validate_cell
 from aletheia_hpc.method import get_family
 from aletheia_hpc.provenance import REPO_ROOT
+from tests.conftest import SHARED_PAPER
 
 
 @pytest.mark.parametrize("model", option_names("model"))
@@ -31,9 +32,8 @@ def test_every_recipe_and_cluster_config_composes(group):
 
 def test_paper_models_match_the_papers_layer_counts():
     import csv
-    from pathlib import Path
 
-    table = Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper_table1_table2.csv"
+    table = SHARED_PAPER / "paper_table1_table2.csv"
     if not table.exists():
         pytest.skip("../shared/paper is not beside this checkout")
     layers = {r["model"]: int(r["layers"]) for r in csv.DictReader(table.open())}

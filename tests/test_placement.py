@@ -9,15 +9,17 @@ PATH prints the listing format of the real tool."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 
 import pytest
 import torch
 
-from aletheia_hpc.campaign.local import visible_gpus
+from aletheia_hpc.campaign.local import GpuPool, visible_gpus
 from aletheia_hpc.campaign.matrix import compose_root, placement_problem
 from aletheia_hpc.config import ModelConfig, ResourcesConfig
 from aletheia_hpc.models.loading import DeviceError, check_device_support
@@ -127,3 +129,30 @@ def test_plan_and_launch_on_a_machine_without_the_gpus_refuse_before_anything_ru
 
     fake_driver(1)  # the same campaign on a machine with one GPU passes the check
     assert _cli("plan", *ov, env=os.environ).returncode == 0
+
+
+def test_the_gpu_pool_hands_each_running_cell_its_own_devices():
+    pool = GpuPool(["0", "1", "2"])
+    first, second = pool.acquire(2), pool.acquire(1)
+    assert first == ["0", "1"] and second == ["2"] and pool.acquire(4) == [] and pool.acquire(0) == []
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(2)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not got  # nothing free: it waits
+    pool.release(first)
+    waiter.join(5)
+    assert got == [["0", "1"]]
+
+
+def test_parallel_local_cells_run_on_gpus_of_their_own(tmp_path, fake_driver):
+    fake_driver(2)
+    results = tmp_path / "results"
+    ov = ["campaign=smoke", "campaign.models=[tiny-llama]", "campaign.seeds=[1]", "model.resources.gpus=1",
+          "cluster.local_workers=2", "cluster.cpu_fallback=true", "train.steps=2", "progress=false",
+          f"results_dir={results}"]
+    launched = _cli("launch", *ov, env=os.environ)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    logs = [p.read_text() for p in (results / "smoke").glob("cells/*/logs/local-*.log")]
+    seen = sorted(re.search(r"CUDA_VISIBLE_DEVICES=([^,\s]+)", text).group(1) for text in logs)
+    assert seen == ["0", "1"], seen

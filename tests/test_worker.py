@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,9 @@ from aletheia_hpc.campaign.matrix import compose_root
 from aletheia_hpc.config import CellConfig, FaultConfig
 from aletheia_hpc.models.tiny import TINY_FAMILIES
 from aletheia_hpc.row import read_row
+from aletheia_hpc.campaign.store import cell_path
 from aletheia_hpc.worker.cell import run_cell
+from aletheia_hpc.worker.training import PROGRESS_FILE, StopForRequeue, StopSignal
 
 FAST = ["train.steps=8", "train.warmup_steps=1", "train.checkpoint_every=4", "data.builtin_size=240",
         "data.eval_size=32", "progress=false"]
@@ -64,6 +67,65 @@ def test_an_exception_leaves_a_failed_row_and_is_raised(tmp_path):
     assert row["status"] == "failed" and "InjectedFault" in row["failure_reason"]
     # the second attempt succeeds and replaces the failed row
     assert run_cell(cell, tmp_path, progress=False)["attempts"] == 2
+
+
+def _stopped_attempt(tmp_path, cell, match: str = "") -> Path:
+    """Run one attempt of ``cell`` whose stop was requested before it began (as when SIGUSR2 comes
+    during loading): it stops for requeue after its first optimizer step. Returns the cell's dir."""
+    stop = StopSignal()
+    stop.request()
+    with pytest.raises(StopForRequeue, match=match):
+        run_cell(cell, tmp_path, stop=stop, progress=False)
+    return cell_path(tmp_path, cell)
+
+
+def test_a_stop_request_checkpoints_and_the_next_attempt_resumes_with_every_step_time(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=aletheia")  # 8 steps
+    work = _stopped_attempt(tmp_path, cell)
+    assert not (work / "row.json").exists() and (work / "checkpoints" / "checkpoint-1").is_dir()
+    first = json.loads((work / PROGRESS_FILE).read_text())["step_times_s"]
+    assert len(first) == 1
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["train_steps"] == 8
+    assert len(row["step_times_s"]) == 8 and row["step_times_s"][0] == first[0]
+    assert row["train_time_s"] == pytest.approx(sum(row["step_times_s"]))
+    assert row["gpu_name"] is None and row["device"] == "cpu"  # every step ran here
+    assert json.loads((work / PROGRESS_FILE).read_text())["step_hardware"] == ["cpu"] * 8
+
+
+def test_a_cell_requeued_onto_other_hardware_says_so_in_its_row(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=standard")
+    progress = _stopped_attempt(tmp_path, cell) / PROGRESS_FILE
+    saved = json.loads(progress.read_text())
+    # as the file reads when the first attempt ran on a GPU node (no GPU here to run it on)
+    progress.write_text(json.dumps({**saved, "step_hardware": ["NVIDIA A100-SXM4-64GB"]}))
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["gpu_name"] == "NVIDIA A100-SXM4-64GB + cpu"
+
+
+def test_a_stop_during_evaluation_keeps_the_training_and_the_next_attempt_only_evaluates(tmp_path):
+    one_step = ("model=tiny-llama", "recipe=standard", "train.steps=1", "train.warmup_steps=0",
+                "train.checkpoint_every=0")
+    cell = make_cell(*one_step)
+    # the one step is the last: training finishes, evaluation must not start
+    work = _stopped_attempt(tmp_path, cell, match="evaluation")
+    trained = json.loads((work / PROGRESS_FILE).read_text())["step_times_s"]
+    assert (work / "checkpoints" / "checkpoint-1").is_dir() and len(trained) == 1
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["eval_loss"] is not None
+    assert row["step_times_s"] == trained and row["train_steps"] == 1  # no step was trained again
+    assert row["final_train_loss"] is not None
+    # the adapters evaluated are the trained ones, not a fresh initialisation (LoRA B starts at zero)
+    fresh = run_cell(make_cell(*one_step), tmp_path / "fresh", progress=False)
+    assert row["eval_loss"] == pytest.approx(fresh["eval_loss"], rel=1e-5)
+    assert abs(row["eval_loss"] - _base_eval_loss(tmp_path / "base", "tiny-llama")) > 1e-4
+
+
+def test_step_times_missing_for_a_checkpoint_fail_the_cell_instead_of_undercounting(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=standard")
+    (_stopped_attempt(tmp_path, cell) / PROGRESS_FILE).unlink()
+    with pytest.raises(RuntimeError, match="train time cannot be accounted"):
+        run_cell(cell, tmp_path, progress=False)
 
 
 def test_cell_id_is_a_stable_hash_of_the_resolved_config():

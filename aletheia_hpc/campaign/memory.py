@@ -130,10 +130,9 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
     active_intermediate = s.intermediate_size * max(s.experts_per_token, 1)
     per_layer = tokens * ACTIVATION_BYTES * (full / 2) * (s.hidden_size + active_intermediate)
     logits = tokens * s.vocab_size * LOGIT_BYTES
-    probes = r.name != "base" and r.layers != "all"  # as the worker decides
-    probe = weights + L * per_layer + logits if probes else 0.0
+    probe = weights + L * per_layer + logits if r.probes else 0.0
 
-    if r.name == "base":  # evaluation only: one layer's forward at a time
+    if r.evaluates_only:  # one layer's forward at a time
         adapters, activations = 0.0, per_layer
     else:
         adapted = L if r.layers == "all" else layer_budget(L, r.layer_pct)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -36,14 +35,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, campaign_dir, cell_path,
-                                         prepare_cell_dir, row_state, worker_command)
+                                         prepare_cell_dir, row_state, unique_stamp, worker_command)
 from aletheia_hpc.config import CellConfig, ClusterConfig
 from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
-from aletheia_hpc.row import ROW_FILENAME
 
 JOBS_FILE = "jobs.jsonl"
 SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
 MAX_REQUEUES = 20  # a cell that asks for more is failed (its time limit is far too short)
+# A job that sacct does not know counts as just submitted for this long; after that it is lost
+# (accounting purged, another cluster's or a wiped cluster's job id) and its cell is missing.
+ACCOUNTING_GRACE_S = 300
 
 ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
           "REQUEUE_FED": "pending", "RESIZING": "pending", "SUSPENDED": "pending",
@@ -188,8 +189,7 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 def take_snapshot(camp_dir: Path, source: Path = REPO_ROOT) -> Path:
     """Copy the code a launch runs into ``snapshots/<timestamp>``; record the git sha there."""
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
-    dest = (camp_dir / "snapshots" / stamp).resolve()
+    dest = (camp_dir / "snapshots" / unique_stamp()).resolve()
     dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in SNAPSHOT_DIRS:
@@ -323,17 +323,23 @@ def cell_states(cells: list[CellConfig], results_dir: Path) -> list[dict]:
         jobs.update(read_jobs(campaign_dir(results_dir, name)))
     jobs = {c.cell_id: jobs[c.cell_id] for c in cells if c.cell_id in jobs}
     sacct = sacct_states(r["array_job_id"] for r in jobs.values()) if jobs else {}
+    now = time.time()
     out = []
     for cell in cells:
         rs = row_state(results_dir, cell)
         rec = jobs.get(cell.cell_id)
         sched = (sacct.get(rec["job_id"]) or sacct.get(rec["array_job_id"])) if rec else None
         work = cell_path(results_dir, cell)
+        lost = rec is not None and sched is None and now - rec["submitted_at"] > ACCOUNTING_GRACE_S
         if rs.row is not None and rs.row["status"] == "ok":
             state, reason = "done", None
-        elif rec and (sched is None or sched in ACTIVE):
+        elif rec and not lost and (sched is None or sched in ACTIVE):
             state = ACTIVE.get(sched or "PENDING", "pending")
             reason = f"job {rec['job_id']} {sched or 'submitted (not yet in accounting)'}"
+        elif lost and rs.row is None:
+            state = "missing"
+            reason = (f"job {rec['job_id']} is unknown to this cluster's accounting "
+                      f"{(now - rec['submitted_at']) / 60:.0f} min after submission; resubmit runs the cell again")
         elif rs.row is not None:
             state, reason = "failed", rs.row["failure_reason"]
             if rs.row["status"] == "failed":
@@ -355,16 +361,6 @@ def cell_states(cells: list[CellConfig], results_dir: Path) -> list[dict]:
     return out
 
 
-def move_row_aside(results_dir: Path, cell: CellConfig) -> Path | None:
-    """Rename the cell's row to row.json.replaced-<timestamp> (never deleted)."""
-    row = cell_path(results_dir, cell) / ROW_FILENAME
-    if not row.exists():
-        return None
-    dest = row.with_name(f"{ROW_FILENAME}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}")
-    row.rename(dest)
-    return dest
-
-
 def cancel(cells: list[CellConfig], results_dir: Path) -> list[str]:
     """scancel the campaign's queued and running jobs, in one call; returns the ids cancelled."""
     states = cell_states(cells, results_dir)
@@ -374,17 +370,8 @@ def cancel(cells: list[CellConfig], results_dir: Path) -> list[str]:
     ids = sorted({jobs[s["cell_id"]]["job_id"] for s in states
                   if s["state"] in ("pending", "running") and s["cell_id"] in jobs})
     if ids:
-        subprocess.run(["scancel", *ids], check=True, timeout=120)
+        # a job that ended since the status query is no error: scancel still cancels the others
+        proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+            raise RuntimeError(f"scancel failed: {proc.stderr.strip()}")
     return ids
-
-
-def move_checkpoints_aside(results_dir: Path, cell: CellConfig) -> Path | None:
-    """Rename the cell's checkpoints (and step-time progress) so a forced rerun starts fresh."""
-    work = cell_path(results_dir, cell)
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
-    moved = None
-    for name in ("checkpoints", "progress.json"):
-        if (work / name).exists():
-            moved = work / f"{name}.replaced-{stamp}"
-            (work / name).rename(moved)
-    return moved

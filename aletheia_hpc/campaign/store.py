@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
+PROGRESS_FILES = ("checkpoints", "progress.json", "attempts.json")  # what a rerun from scratch sets aside
+
+
+def unique_stamp() -> str:
+    """A timestamp for file names: sorts in time order, and two calls never give the same one."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
 
 
 def worker_command(work_dir: Path, *, progress: bool, cpu_fallback: bool) -> list[str]:
@@ -61,3 +68,24 @@ def row_state(results_dir: Path, cell: CellConfig) -> RowState:
 def is_done(results_dir: Path, cell: CellConfig) -> bool:
     row = row_state(results_dir, cell).row
     return row is not None and row["status"] == "ok"
+
+
+def move_row_aside(results_dir: Path, cell: CellConfig) -> Path | None:
+    """Rename the cell's row to row.json.replaced-<timestamp> before it runs again (never deleted)."""
+    row = cell_path(results_dir, cell) / ROW_FILENAME
+    if not row.exists():
+        return None
+    dest = row.with_name(f"{ROW_FILENAME}.replaced-{unique_stamp()}")
+    row.rename(dest)
+    return dest
+
+
+def move_progress_aside(results_dir: Path, cell: CellConfig) -> list[Path]:
+    """Rename the cell's checkpoints, step-time progress and attempt log, so that a forced rerun starts
+    from scratch and its row counts only its own attempts."""
+    work, stamp = cell_path(results_dir, cell), unique_stamp()
+    moved = []
+    for name in PROGRESS_FILES:
+        if (work / name).exists():
+            moved.append((work / name).rename(work / f"{name}.replaced-{stamp}"))
+    return moved

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,8 +29,12 @@ def load_eval_data(benchmark: str, settings: EvalSettings) -> tuple[list, list, 
 
 
 def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | Any,
-                   device: torch.device | str | None = None, progress: bool = True) -> dict:
+                   device: torch.device | str | None = None, progress: bool = True,
+                   before_each: Callable[[str], None] | None = None) -> dict:
     """Run ``settings.benchmarks`` on ``model`` and return the row's evaluation fields.
+
+    ``before_each(name)`` is called before each benchmark; whatever it raises ends the run (the
+    worker stops there when the scheduler asks it to).
 
     Returns ``benchmarks`` (names that ran), ``mmlu_acc``/``mmlu_n``, ``gsm8k_acc``/``gsm8k_n``,
     ``humaneval_pass1``/``humaneval_n`` (None for benchmarks not run), ``eval_time_s`` and
@@ -52,6 +56,8 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | A
     model.eval()
     try:
         for name in settings.benchmarks:
+            if before_each is not None:
+                before_each(name)
             started = time.perf_counter()
             records, shots, source = load_eval_data(name, settings)
             if name == "mmlu":

@@ -73,7 +73,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     from aletheia_hpc.method import (LoraRanks, apply_lora, enable_selective_checkpointing, get_family,
                                      probe_layer_scores, select_layers)
     from aletheia_hpc.models.loading import load_model, resolve_device
-    from aletheia_hpc.worker.training import held_out_loss, train_cell
+    from aletheia_hpc.worker.training import train_cell
 
     m, r = cell.model, cell.recipe
     device = resolve_device(m, cpu_fallback=cpu_fallback)
@@ -97,13 +97,12 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     eval_examples = tokenize_records(held_out, tokenizer, m.max_seq_len, cell.data.template)
     collator = PadCollator(tokenizer.pad_token_id)
 
-    if r.name == "base":
-        row["eval_loss"] = held_out_loss(model, eval_examples, collator, m.batch_size, device)
-        _benchmarks(cell, model, tokenizer, device, row, progress)
+    if r.evaluates_only:
+        _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
         return
 
     family = get_family(m.family)
-    if r.layers == "all":
+    if not r.probes:
         layers = list(range(m.num_layers))
     else:
         batches = _probe_batches(train_examples, collator, m.batch_size, r.probe.batches, cell.seed)
@@ -127,16 +126,29 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
                step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
                final_train_loss=outcome.final_train_loss)
-    row["eval_loss"] = held_out_loss(model, eval_examples, collator, m.batch_size, device)
-    _benchmarks(cell, model, tokenizer, device, row, progress)
+    if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
+        row["gpu_name"] = " + ".join(outcome.hardware)
+    _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
 
 
-def _benchmarks(cell: CellConfig, model, tokenizer, device, row: dict, progress: bool) -> None:
+def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, device, row: dict, stop,
+              progress: bool) -> None:
+    """Held-out loss, then the benchmarks; a stop request between them ends the attempt (training
+    is checkpointed at its last step, so the next attempt only evaluates)."""
+    from aletheia_hpc.worker.training import StopForRequeue, held_out_loss
+
+    def stop_point(phase: str) -> None:
+        if stop.requested:
+            raise StopForRequeue(f"stop requested before evaluation phase {phase!r}")
+
+    stop_point("held-out loss")
+    row["eval_loss"] = held_out_loss(model, eval_examples, collator, cell.model.batch_size, device)
     if not cell.eval.benchmarks:
         return
     from aletheia_hpc.evaluation import run_benchmarks
 
-    row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress))
+    row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress,
+                              before_each=stop_point))
 
 
 def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True,

@@ -36,6 +36,13 @@ class TrainOutcome:
     steps: int
     step_times_s: list[float]
     final_train_loss: float | None
+    step_hardware: list[str] = field(default_factory=list)  # what timed each step (GPU name or cpu)
+
+    @property
+    def hardware(self) -> list[str]:
+        """The distinct kinds of hardware the steps were timed on (several after a requeue that
+        landed elsewhere)."""
+        return sorted(set(h for h in self.step_hardware if h))
 
     @property
     def train_time_s(self) -> float:
@@ -83,11 +90,14 @@ class _CellTrainer(Trainer):
 
 
 class _Clock(TrainerCallback):
-    """Per-optimizer-step wall times; saves them beside each checkpoint; honours stop requests."""
+    """Per-optimizer-step wall times, kept in progress.json after every step (so a checkpoint never
+    holds more steps than the file has times); honours stop requests; checkpoints the last step, so
+    that a stop or a kill during evaluation never costs the training."""
 
-    def __init__(self, device, progress_path: Path, prior: list[float], stop: StopSignal, faults: FaultConfig):
+    def __init__(self, device, progress_path: Path, prior: "_Progress", stop: StopSignal, faults: FaultConfig):
         self.device, self.progress_path, self.stop, self.faults = device, progress_path, stop, faults
-        self.step_times = list(prior)
+        self.step_times, self.step_hardware = list(prior.step_times), list(prior.step_hardware)
+        self.hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.losses: list[float] = []
         self._t0 = 0.0
         self.stopped_for_requeue = False
@@ -101,6 +111,10 @@ class _Clock(TrainerCallback):
             time.sleep(self.faults.sleep_per_step_s)  # counts as step time: it stands in for work
         _sync(self.device)
         self.step_times.append(time.perf_counter() - self._t0)
+        self.step_hardware.append(self.hardware)
+        self._write_progress(state.global_step)
+        if state.global_step >= args.max_steps:
+            control.should_save = True
         if self.stop.requested:
             control.should_save = True
             control.should_training_stop = True
@@ -110,18 +124,36 @@ class _Clock(TrainerCallback):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
 
-    def on_save(self, args, state, control, **kwargs):
+    def _write_progress(self, step: int) -> None:
         tmp = self.progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": state.global_step, "step_times_s": self.step_times[: state.global_step]}))
+        tmp.write_text(json.dumps({"step": step, "step_times_s": self.step_times[:step],
+                                   "step_hardware": self.step_hardware[:step]}))
         tmp.replace(self.progress_path)
 
 
-def _prior_step_times(checkpoint: str | None, progress_path: Path) -> list[float]:
-    if checkpoint is None or not progress_path.exists():
-        return []
-    saved = json.loads(progress_path.read_text())
-    step = int(Path(checkpoint).name.split("-")[-1])
-    return saved["step_times_s"][:step]
+def _checkpoint_step(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.split("-")[-1])
+
+
+@dataclass
+class _Progress:
+    step_times: list[float]
+    step_hardware: list[str]
+
+
+def _prior_progress(checkpoint: str | None, progress_path: Path) -> _Progress:
+    """The times (and hardware) of the steps ``checkpoint`` holds, from progress.json; an error if
+    they are missing (the row's train time would silently undercount)."""
+    if checkpoint is None:
+        return _Progress([], [])
+    step = _checkpoint_step(checkpoint)
+    saved = json.loads(progress_path.read_text()) if progress_path.exists() else {"step_times_s": []}
+    if len(saved["step_times_s"]) < step:
+        raise RuntimeError(f"{progress_path} has the times of {len(saved['step_times_s'])} steps but "
+                           f"{Path(checkpoint).name} holds {step}: the train time cannot be accounted; "
+                           "rerun the cell from scratch (resubmit --force)")
+    hardware = saved.get("step_hardware", [])[:step]
+    return _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)))
 
 
 def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
@@ -133,7 +165,9 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
     checkpoints.mkdir(parents=True, exist_ok=True)
     progress_path = work_dir / PROGRESS_FILE
     resume = get_last_checkpoint(str(checkpoints))
-    clock = _Clock(device, progress_path, _prior_step_times(resume, progress_path), stop, faults)
+    clock = _Clock(device, progress_path, _prior_progress(resume, progress_path), stop, faults)
+    if resume is not None and _checkpoint_step(resume) >= train_cfg.steps:
+        return _finished_outcome(model, resume, clock)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=train_cfg.steps,
@@ -171,6 +205,22 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         raise StopForRequeue(f"checkpointed at step {trainer.state.global_step} for requeue")
     final = clock.losses[-1] if clock.losses else None
     return TrainOutcome(steps=trainer.state.global_step, step_times_s=clock.step_times,
+                        step_hardware=clock.step_hardware,
+                        final_train_loss=final if final is None or math.isfinite(final) else None)
+
+
+def _finished_outcome(model, checkpoint: str, clock: _Clock) -> TrainOutcome:
+    """Training was complete at ``checkpoint`` (an earlier attempt stopped during evaluation): load its
+    adapters and report it. The Trainer itself would train one step past max_steps on such a resume."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    final = float(losses[-1]) if losses else None
+    return TrainOutcome(steps=_checkpoint_step(checkpoint), step_times_s=clock.step_times,
+                        step_hardware=clock.step_hardware,
                         final_train_loss=final if final is None or math.isfinite(final) else None)
 
 
