@@ -69,7 +69,7 @@ def test_an_exception_leaves_a_failed_row_and_is_raised(tmp_path):
     assert run_cell(cell, tmp_path, progress=False)["attempts"] == 2
 
 
-def _stopped_attempt(tmp_path, cell, match: str = "") -> Path:
+def _stopped_attempt(tmp_path, cell, match: str | None = None) -> Path:
     """Run one attempt of ``cell`` whose stop was requested before it began (as when SIGUSR2 comes
     during loading): it stops for requeue after its first optimizer step. Returns the cell's dir."""
     stop = StopSignal()
