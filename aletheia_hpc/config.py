@@ -164,8 +164,8 @@ class ClusterConfig:
     # GPUs of one node. SLURM: 0 = unknown (not checked). local: -1 = this machine's visible GPUs,
     # counted when a campaign is planned or launched.
     gpus_per_node: int = 0
-    cpus_per_node: int = 2
-    mem_gb_per_node: int = 16
+    cpus_per_node: int = 0  # SLURM: CPUs of one node, checked at plan time (0: unknown, not checked)
+    mem_gb_per_node: int = 0  # SLURM: memory of one node in GB (0: unknown, not checked)
     gpu_mem_gb: int = 0  # memory of one GPU in GiB, for plan's fit check (0: unknown, not checked)
     max_time_min: int = 0  # 0: no limit
     array_parallelism: int = 64  # concurrent tasks per array

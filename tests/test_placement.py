@@ -103,6 +103,9 @@ def test_slurm_nodes_bound_cpus_memory_and_declared_gpus(override, message):
     cell = make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=1", override)
     assert message in placement_problem(cell, dev)
     assert placement_problem(make_cell("model=tiny-llama", "recipe=standard", "model.resources.gpus=1"), dev) is None
+    unsized = replace(dev, cpus_per_node=0, mem_gb_per_node=0)  # a profile that does not say: not checked
+    big = make_cell("model=tiny-llama", "recipe=standard", "model.resources.cpus=64", "model.resources.mem_gb=999")
+    assert placement_problem(big, unsized) is None
 
 
 def _cli(*args, env=None):

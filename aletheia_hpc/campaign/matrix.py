@@ -163,10 +163,10 @@ def placement_problem(cell: CellConfig, cluster: ClusterConfig) -> str | None:
     if cluster.gpus_per_node and r.gpus > cluster.gpus_per_node:
         return (f"asks for {r.gpus} GPUs but {cluster.name} nodes have {cluster.gpus_per_node}; "
                 "lower model.resources.gpus or use model.quantization=nf4")
-    if r.cpus > cluster.cpus_per_node:
+    if cluster.cpus_per_node and r.cpus > cluster.cpus_per_node:
         return (f"asks for model.resources.cpus={r.cpus} but {cluster.name} nodes have {cluster.cpus_per_node}; "
                 "lower model.resources.cpus")
-    if r.mem_gb > cluster.mem_gb_per_node:
+    if cluster.mem_gb_per_node and r.mem_gb > cluster.mem_gb_per_node:
         return (f"asks for model.resources.mem_gb={r.mem_gb} but {cluster.name} nodes have "
                 f"{cluster.mem_gb_per_node} GB; lower model.resources.mem_gb")
     if r.gpus and cluster.cpu_fallback and cell.model.precision == "fp16" and not cell.noop:
