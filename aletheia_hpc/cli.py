@@ -81,7 +81,7 @@ def cmd_plan(overrides, args) -> int:
 def _states(plan) -> list[dict]:
     from aletheia_hpc.campaign.slurm import cell_states
 
-    return cell_states(plan.cells, Path(plan.root.results_dir))
+    return cell_states(plan.cells, Path(plan.root.results_dir), plan.root.cluster.name)
 
 
 def _submit(plan, cells) -> int:
@@ -192,7 +192,7 @@ def cmd_cancel(overrides, args) -> int:
 
     plan = _plan(overrides)
     _require_slurm(plan, "cancel")
-    ids = cancel(plan.cells, Path(plan.root.results_dir))
+    ids = cancel(plan.cells, Path(plan.root.results_dir), plan.root.cluster.name)
     print(f"cancelled {len(ids)} job(s)" + (f": {' '.join(ids)}" if ids else ""), file=sys.stderr)
     return 0
 

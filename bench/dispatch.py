@@ -87,7 +87,7 @@ def main() -> int:
     t_rows = time.perf_counter() - t1
 
     before = calls(log, "sacct")
-    states = dispatch.cell_states(plan.cells, results)
+    states = dispatch.cell_states(plan.cells, results, cluster.name)
     sacct_calls = calls(log, "sacct") - before
     done = sum(s["state"] == "done" for s in states)
 

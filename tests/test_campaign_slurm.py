@@ -208,7 +208,7 @@ def test_a_job_accounting_never_heard_of_is_pending_only_for_a_grace_period(dev_
     now = time.time()
     # job ids this cluster has never issued, as left by a wiped cluster or a results dir moved from another
     records = [{"cell_id": c.cell_id, "job_id": f"{9_000_000 + i}_0", "array_job_id": str(9_000_000 + i),
-                "task": 0, "snapshot": "", "submitted_at": submitted}
+                "task": 0, "snapshot": "", "submitted_at": submitted, "cluster": "dev"}
                for i, (c, submitted) in enumerate(zip(plan.cells, (now - 3600, now)))]
     (camp / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     by_recipe = {c["recipe"]: c for c in status(dev_cluster, ov)["cells"]}
@@ -217,3 +217,9 @@ def test_a_job_accounting_never_heard_of_is_pending_only_for_a_grace_period(dev_
     assert fresh["state"] == "pending" and "not yet in accounting" in fresh["reason"]
     out = cli(dev_cluster, "cancel", *ov)  # the fresh one is "queued": cancelling it is no error
     assert "cancelled 1 job(s)" in out.stderr, out.stderr
+
+    # the same directory with the fresh job recorded on another cluster: not asked about here
+    records[1]["cluster"] = "leonardo"
+    (camp / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    moved = {c["recipe"]: c for c in status(dev_cluster, ov)["cells"]}[plan.cells[1].recipe.name]
+    assert moved["state"] == "missing" and "ran on cluster leonardo, not dev" in moved["reason"]

@@ -10,7 +10,7 @@ Orchestration only: nothing here imports torch or the worker. Layout under
                       the checkout never changes a running or requeued job.
 ``submitit/``         submitit's pickles and the per-task scheduler logs.
 ``jobs.jsonl``        one line per submitted cell: cell_id, job_id (``A_T``), array_job_id, task,
-                      snapshot, submitted_at. The last line of a cell is its current job.
+                      snapshot, submitted_at, cluster. The last line of a cell is its current job.
 
 Requeue: the job function runs ``python -m aletheia_hpc.worker CELL_DIR`` as a child process
 and forwards SIGUSR2 (SLURM's ``--signal=USR2@signal_delay_s`` pre-timeout warning) and SIGTERM to
@@ -258,7 +258,7 @@ def submit_cells(cells: list[CellConfig], results_dir: Path, cluster: ClusterCon
                 array_id, _, task = job.job_id.partition("_")
                 records.append({"cell_id": cell.cell_id, "job_id": job.job_id, "array_job_id": array_id,
                                 "task": int(task) if task else None, "snapshot": str(snapshot),
-                                "submitted_at": now})
+                                "submitted_at": now, "cluster": cluster.name})
             _append_jobs(camp_dir, records)
     return Submission(arrays, len(cells), len(classes), snapshot)
 
@@ -315,19 +315,28 @@ def _log_tail(work: Path, lines: int = 5) -> str:
     return "\n".join(text[-lines:])
 
 
-def cell_states(cells: list[CellConfig], results_dir: Path) -> list[dict]:
-    """State of every cell from its files plus one sacct call for the whole campaign."""
+def cell_states(cells: list[CellConfig], results_dir: Path, cluster: str | None = None) -> list[dict]:
+    """State of every cell from its files plus one sacct call for the whole campaign. Job records of
+    another cluster than ``cluster`` (a results directory moved between clusters) are not asked
+    about: their ids mean nothing, or another job, here."""
     results_dir = Path(results_dir)
     jobs: dict[str, dict] = {}
     for name in {c.campaign for c in cells}:
         jobs.update(read_jobs(campaign_dir(results_dir, name)))
     jobs = {c.cell_id: jobs[c.cell_id] for c in cells if c.cell_id in jobs}
-    sacct = sacct_states(r["array_job_id"] for r in jobs.values()) if jobs else {}
+    foreign = {cid for cid, r in jobs.items() if cluster and r.get("cluster", cluster) != cluster}
+    sacct = sacct_states(r["array_job_id"] for cid, r in jobs.items() if cid not in foreign)
     now = time.time()
     out = []
     for cell in cells:
         rs = row_state(results_dir, cell)
         rec = jobs.get(cell.cell_id)
+        if cell.cell_id in foreign:
+            if rs.row is None:
+                out.append(_state(cell, "missing", f"job {rec['job_id']} ran on cluster {rec['cluster']}, not "
+                                                    f"{cluster}; resubmit runs the cell here"))
+                continue
+            rec = None  # its row speaks for it
         sched = (sacct.get(rec["job_id"]) or sacct.get(rec["array_job_id"])) if rec else None
         work = cell_path(results_dir, cell)
         lost = rec is not None and sched is None and now - rec["submitted_at"] > ACCOUNTING_GRACE_S
@@ -356,14 +365,18 @@ def cell_states(cells: list[CellConfig], results_dir: Path) -> list[dict]:
                 reason = f"{sched}: job {rec['job_id']}"
         else:
             state, reason = "missing", rs.problem
-        out.append({"cell_id": cell.cell_id, "model": cell.model.name, "recipe": cell.recipe.name,
-                    "variant": cell.variant, "seed": cell.seed, "state": state, "reason": reason})
+        out.append(_state(cell, state, reason))
     return out
 
 
-def cancel(cells: list[CellConfig], results_dir: Path) -> list[str]:
-    """scancel the campaign's queued and running jobs, in one call; returns the ids cancelled."""
-    states = cell_states(cells, results_dir)
+def _state(cell: CellConfig, state: str, reason: str | None) -> dict:
+    return {"cell_id": cell.cell_id, "model": cell.model.name, "recipe": cell.recipe.name,
+            "variant": cell.variant, "seed": cell.seed, "state": state, "reason": reason}
+
+
+def cancel(cells: list[CellConfig], results_dir: Path, cluster: str | None = None) -> list[str]:
+    """scancel the campaign's queued and running jobs on ``cluster``, in one call; returns the ids."""
+    states = cell_states(cells, results_dir, cluster)
     jobs: dict[str, dict] = {}
     for name in {c.campaign for c in cells}:
         jobs.update(read_jobs(campaign_dir(Path(results_dir), name)))
