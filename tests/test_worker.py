@@ -1,8 +1,11 @@
 """One cell end to end on tiny models: real probe, real LoRA training, real rows on disk."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from aletheia_hpc.models.tiny import TINY_FAMILIES
 from aletheia_hpc.row import read_row
 from aletheia_hpc.campaign.store import cell_path
 from aletheia_hpc.worker.cell import run_cell
-from aletheia_hpc.worker.training import PROGRESS_FILE, StopForRequeue, StopSignal
+from aletheia_hpc.worker.stop import StopSignal
+from aletheia_hpc.worker.training import PROGRESS_FILE, StopForRequeue
 
 FAST = ["train.steps=8", "train.warmup_steps=1", "train.checkpoint_every=4", "data.builtin_size=240",
         "data.eval_size=32", "progress=false"]
@@ -173,3 +177,24 @@ def test_run_cell_cli_writes_the_row_where_the_docs_say(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     cell_id = json.loads(result.stdout.strip().splitlines()[-1])["cell_id"]
     assert read_row(tmp_path / "default" / "cells" / cell_id / "row.json")["recipe"] == "aletheia"
+
+
+def test_the_worker_survives_a_flood_of_stop_signals():
+    # SLURM signals every process of the step and the job function forwards the signal as well, so
+    # handlers nest; one that takes a lock (threading.Event) deadlocks here within seconds.
+    code = ("import time\nfrom aletheia_hpc.worker.stop import StopSignal, install_stop_handlers\n"
+            "stop = StopSignal()\ninstall_stop_handlers(stop)\nprint('ready', flush=True)\n"
+            "t = time.time()\nwhile time.time() - t < 4:\n    pass\nprint('requested', stop.requested, flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 2.5
+        sent = 0
+        while time.monotonic() < deadline:
+            os.kill(child.pid, signal.SIGUSR2)
+            os.kill(child.pid, signal.SIGUSR2)
+            sent += 2
+        out, _ = child.communicate(timeout=30)
+        assert child.returncode == 0 and "requested True" in out, (child.returncode, out, sent)
+    finally:
+        child.kill()

@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
-from aletheia_hpc.config import CellConfig
-from aletheia_hpc.campaign.store import CELL_CONFIG_FILE, REQUEUE_EXIT_CODE
-from aletheia_hpc.worker.cell import run_cell
+from aletheia_hpc.worker.stop import StopSignal, install_stop_handlers
 
 
 def main(argv: list[str]) -> int:
+    stop = StopSignal()
+    install_stop_handlers(stop)  # first: a signal during the imports below must not kill the worker
+    from aletheia_hpc.campaign.store import CELL_CONFIG_FILE, REQUEUE_EXIT_CODE
+    from aletheia_hpc.config import CellConfig
+    from aletheia_hpc.worker.cell import run_cell
+    from aletheia_hpc.worker.training import StopForRequeue
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     work_dir = Path(argv[0])
     cell = CellConfig.from_dict(json.loads((work_dir / CELL_CONFIG_FILE).read_text()))
     results_dir = work_dir.parent.parent.parent
-    from aletheia_hpc.worker.training import StopForRequeue, StopSignal
-
-    stop = StopSignal()
-    # SIGUSR2: SLURM's pre-timeout/preemption warning (--signal); USR1 belongs to NCCL.
-    signal.signal(signal.SIGUSR2, lambda *_: stop.request())
-    signal.signal(signal.SIGTERM, lambda *_: stop.request())
     try:
         run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv,
                  cpu_fallback="--cpu-fallback" in argv)

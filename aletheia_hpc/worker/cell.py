@@ -160,7 +160,8 @@ def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool =
     with no row written. ``cpu_fallback``: a cell that asked for GPUs may train on the CPU when
     there are none (clusters with declared, not real, GPUs); otherwise it fails.
     """
-    from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue, StopSignal
+    from aletheia_hpc.worker.stop import StopSignal
+    from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue
 
     work_dir = cell_path(results_dir, cell)
     if not work_dir.exists():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from aletheia_hpc.config import FaultConfig, TrainConfig
+from aletheia_hpc.worker.stop import StopSignal
 
 PROGRESS_FILE = "progress.json"  # step times of the steps a checkpoint holds, across attempts
 
@@ -51,19 +51,6 @@ class TrainOutcome:
     @property
     def step_time_median_s(self) -> float | None:
         return statistics.median(self.step_times_s) if self.step_times_s else None
-
-
-@dataclass
-class StopSignal:
-    """Set from a signal handler; training checkpoints and stops at the next step boundary."""
-    event: threading.Event = field(default_factory=threading.Event)
-
-    def request(self) -> None:
-        self.event.set()
-
-    @property
-    def requested(self) -> bool:
-        return self.event.is_set()
 
 
 def _sync(device: torch.device) -> None:
