@@ -14,10 +14,10 @@ from aletheia_hpc.campaign.matrix import compose_root
 from aletheia_hpc.config import CellConfig, FaultConfig
 from aletheia_hpc.models.tiny import TINY_FAMILIES
 from aletheia_hpc.row import read_row
-from aletheia_hpc.campaign.store import cell_path
+from aletheia_hpc.campaign.store import PROGRESS_FILE, cell_path
 from aletheia_hpc.worker.cell import run_cell
 from aletheia_hpc.worker.stop import StopSignal
-from aletheia_hpc.worker.training import PROGRESS_FILE, StopForRequeue
+from aletheia_hpc.worker.training import StopForRequeue
 
 FAST = ["train.steps=8", "train.warmup_steps=1", "train.checkpoint_every=4", "data.builtin_size=240",
         "data.eval_size=32", "progress=false"]

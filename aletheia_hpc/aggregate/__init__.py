@@ -33,7 +33,8 @@ stats.json layout (definitions in ``stats.CONVENTIONS``, also written under ``co
     per_family         {family: {variant: timing block + models, quality}}
     compute_matched    {n_pairs, standard_variant, overall, per_model, note}
     failed_cells, unreadable_rows, cells_without_row, duplicate_runs_superseded, conventions
-  timing block: n_pairs, n_pairs_mixed_hardware (left out: see conventions), std_time_s_mean/sd, ale_time_s_mean/sd, time_saved_s_mean/sd,
+  timing block: n_pairs, n_pairs_mixed_hardware (left out: see conventions), std_time_s_mean/sd,
+    ale_time_s_mean/sd, time_saved_s_mean/sd,
     ratio_mean/sd, speedup_pct_mean/sd, speedup_pct_ci95 [lo, hi], speedup_pct_min/max,
     speedup_pct_from_mean_ratio, t_stat, df, p_value, cohens_dz (d_z of paired differences),
     win_rate, note

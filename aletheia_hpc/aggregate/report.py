@@ -460,8 +460,8 @@ def render_report(result: "AggregateResult", rows: list[dict], ref: PaperReferen
         "RESULTS_CAMPAIGN2.csv, stats.json",
         "",
     ]
-    sections = [_headline(stats, ref), _mixed_hardware(result.pairs), _per_model_timing(stats), _per_family(stats), _quality(stats),
-                _compute_matched(stats), _layer_selection(rows), _paper_vs_run(stats, ref),
+    sections = [_headline(stats, ref), _mixed_hardware(result.pairs), _per_model_timing(stats),
+                _per_family(stats), _quality(stats), _compute_matched(stats), _layer_selection(rows), _paper_vs_run(stats, ref),
                 _setting_differences(rows), _figures(result, figures_requested),
                 _failures(result), _provenance(result)]
     for section in sections:

@@ -154,8 +154,9 @@ def placement_problem(cell: CellConfig, cluster: ClusterConfig) -> str | None:
     (campaign.local.with_local_gpus). CPUs and memory are checked against SLURM nodes only: a local
     cell runs on whatever this machine has."""
     r = cell.model.resources
-    if cluster.kind == "local" and r.gpus > max(cluster.gpus_per_node, 0) and not cluster.cpu_fallback:
-        return (f"asks for {r.gpus} GPU(s) but this machine shows {max(cluster.gpus_per_node, 0)}; launch it "
+    shown = max(cluster.gpus_per_node, 0)
+    if cluster.kind == "local" and r.gpus > shown and not cluster.cpu_fallback:
+        return (f"asks for {r.gpus} GPU(s) but this machine shows {shown}; launch it "
                 "on a SLURM cluster (cluster=<profile>), or run it on the CPU with model.resources.gpus=0 "
                 "model.precision=fp32")
     if cluster.kind != "slurm":

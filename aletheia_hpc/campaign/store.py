@@ -17,7 +17,12 @@ from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
-PROGRESS_FILES = ("checkpoints", "progress.json", "attempts.json")  # what a rerun from scratch sets aside
+# What a cell's attempts leave for the next one (the worker writes them; a rerun from scratch sets
+# them aside): Trainer checkpoints, the times of the steps they hold, one record per attempt.
+CHECKPOINT_DIR = "checkpoints"
+PROGRESS_FILE = "progress.json"
+ATTEMPTS_FILE = "attempts.json"
+PROGRESS_FILES = (CHECKPOINT_DIR, PROGRESS_FILE, ATTEMPTS_FILE)
 
 
 def unique_stamp() -> str:

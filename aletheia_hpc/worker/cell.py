@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 
 from aletheia_hpc import provenance
-from aletheia_hpc.campaign.store import cell_path, prepare_cell_dir
+from aletheia_hpc.campaign.store import ATTEMPTS_FILE, cell_path, prepare_cell_dir
 from aletheia_hpc.config import CellConfig
 from aletheia_hpc.row import ROW_FILENAME, write_row
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS_FILE = "attempts.json"
 
 
 class InjectedFault(RuntimeError):

@@ -15,10 +15,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from aletheia_hpc.campaign.store import CHECKPOINT_DIR, PROGRESS_FILE
 from aletheia_hpc.config import FaultConfig, TrainConfig
 from aletheia_hpc.worker.stop import StopSignal
-
-PROGRESS_FILE = "progress.json"  # step times of the steps a checkpoint holds, across attempts
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -148,7 +147,7 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
                stop: StopSignal, faults: FaultConfig, progress: bool) -> TrainOutcome:
     """Train ``model`` (a peft model) for train_cfg.steps optimizer steps, resuming from the newest
     checkpoint in work_dir. Raises NonFiniteLoss, or StopForRequeue after checkpointing on request."""
-    checkpoints = work_dir / "checkpoints"
+    checkpoints = work_dir / CHECKPOINT_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     progress_path = work_dir / PROGRESS_FILE
     resume = get_last_checkpoint(str(checkpoints))
