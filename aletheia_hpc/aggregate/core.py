@@ -337,8 +337,8 @@ def _num(x, fmt: str) -> str:
 
 def summary_table(result: AggregateResult) -> str:
     """A compact plain-text table per model and variant (what the CLI prints after a campaign)."""
-    header = ("model", "variant", "n", "std time s", "ale time s", "speedup %", "eval loss std/ale",
-              "MMLU d pp")
+    header = ("model", "variant", "n", "std time s", "ale time s", "speedup %", "incl. probe %",
+              "eval loss std/ale", "MMLU d pp")
     lines = []
     for model, by_variant in result.stats["per_model"].items():
         for v, b in by_variant.items():
@@ -350,13 +350,14 @@ def summary_table(result: AggregateResult) -> str:
                 speed += f" +/- {b['speedup_pct_sd']:.1f}"
             lines.append((
                 str(model), str(v), str(b["n_pairs"]), _num(b["std_time_s_mean"], ".1f"),
-                _num(b["arm_time_s_mean"], ".1f"), speed,
+                _num(b["arm_time_s_mean"], ".1f"), speed, _num(b["speedup_incl_probe_pct_mean"], ".1f"),
                 f"{loss['std_mean']:.3f}/{loss['arm_mean']:.3f}" if loss else "-",
                 _num(mmlu.get("extra_pp_mean", mmlu["diff_mean"]), "+.2f") if mmlu else "-",
             ))
     o = result.stats["overall"]
     lines.append(("ALL", str(o["variant"]), str(o["n_pairs"]), _num(o["std_time_s_mean"], ".1f"),
-                  _num(o["arm_time_s_mean"], ".1f"), _num(o["speedup_pct_mean"], ".1f"), "", ""))
+                  _num(o["arm_time_s_mean"], ".1f"), _num(o["speedup_pct_mean"], ".1f"),
+                  _num(o["speedup_incl_probe_pct_mean"], ".1f"), "", ""))
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
     fmt_row = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     rule = "  ".join("-" * w for w in widths)

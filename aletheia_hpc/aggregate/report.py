@@ -139,13 +139,13 @@ def _per_family(stats: dict) -> list[str]:
         for v, b in sorted(by_variant.items(), key=lambda kv: _variant_rank(kv[0])):
             rows.append([family, v, ", ".join(b["models"]), b["n_pairs"],
                          _msd(b["speedup_pct_mean"], b["speedup_pct_sd"], 1), _ci(b["speedup_pct_ci95"], 1),
-                         _f(b["ratio_mean"], 3), _p(b["p_value"]), _f(b["cohens_dz"], 2),
-                         _f(b["win_rate"], 2), b.get("note")])
+                         _f(b["speedup_incl_probe_pct_mean"], 1), _f(b["ratio_mean"], 3), _p(b["p_value"]),
+                         _f(b["cohens_dz"], 2), _f(b["win_rate"], 2), b.get("note")])
     if not rows:
         return ["## Speedup by family", "", "No pairs."]
     return ["## Speedup by family", "",
-            _table(["family", "variant", "models", "n", "speedup %", "95% CI", "ratio", "p", "d_z",
-                    "win rate", "note"], rows)]
+            _table(["family", "variant", "models", "n", "speedup %", "95% CI", "speedup % incl. probe", "ratio",
+                    "p", "d_z", "win rate", "note"], rows)]
 
 
 def _quality(stats: dict) -> list[str]:
@@ -195,12 +195,14 @@ def _compute_matched(stats: dict) -> list[str]:
         rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("arm_mean"), 4),
                      _f(e.get("diff_mean"), 4, True), _ci(e.get("diff_ci95"), 4),
                      *[_f((q.get(bn) or {}).get("diff_mean"), 2, True) for bn in BENCH_FIELDS],
-                     _f(b["ratio_mean"], 3)])
+                     _f(b["ratio_mean"], 3), _f(b["speedup_pct_mean"], 1, True),
+                     _f(b["speedup_incl_probe_pct_mean"], 1, True)])
     return out + [
         "Aletheia trained for 250 steps against the matched-variant Standard run (200 steps) of the "
         "same model and seed; differences are compute-matched Aletheia - Standard.", "",
         _table(["model", "n", "std eval loss", "CM eval loss", "diff", "95% CI",
-                *[f"{BENCH_LABELS[b]} diff pp" for b in BENCH_FIELDS], "time ratio std/CM"], rows)]
+                *[f"{BENCH_LABELS[b]} diff pp" for b in BENCH_FIELDS], "time ratio std/CM", "speedup %",
+                "speedup % incl. probe"], rows)]
 
 
 def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
