@@ -154,6 +154,27 @@ class CampaignConfig:
     faults: dict[str, FaultConfig] = field(default_factory=dict)
 
 
+# sbatch --mail-type values (several may be joined with commas)
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+# options the SLURM dispatcher sets itself: an extra line must not set them again
+DISPATCH_OWNED_OPTIONS = ("array", "output", "error", "job-name", "signal", "nodes", "ntasks-per-node",
+                          "cpus-per-task", "mem", "time", "gres", "partition", "account", "qos", "requeue",
+                          "open-mode", "wckey")
+
+
+@dataclass
+class SbatchConfig:
+    """Site options for every job of a SLURM cluster, checked at plan time."""
+    constraint: Optional[str] = None  # --constraint, e.g. "a100" or "gpu80g&ib"
+    gres_type: Optional[str] = None  # GPU type in --gres=gpu:<type>:<n>, e.g. "a100"
+    exclusive: bool = False  # --exclusive: whole nodes (no other job shares the GPUs' host)
+    reservation: Optional[str] = None
+    mail_type: Optional[str] = None  # e.g. "END,FAIL"
+    mail_user: Optional[str] = None
+    extra: list[str] = field(default_factory=list)  # further lines, each "--option" or "--option=value"
+
+
 @dataclass
 class ClusterConfig:
     name: str = "local"
@@ -177,6 +198,7 @@ class ClusterConfig:
     # for clusters whose GPUs are declared but not real (the dev cluster): elsewhere such a cell's
     # timings would not compare with its pair's, so it is refused.
     cpu_fallback: bool = False
+    sbatch: SbatchConfig = field(default_factory=SbatchConfig)
 
 
 @dataclass
@@ -310,6 +332,51 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"eval: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def validate_cluster(cluster: ClusterConfig) -> None:
+    """Raise ConfigError listing every problem of the cluster profile's sbatch options."""
+    import re
+
+    sb, problems = cluster.sbatch, []
+    token = re.compile(r"^[A-Za-z0-9_.:,&|\[\]*+-]+$")
+    for name in ("constraint", "gres_type", "reservation"):
+        value = getattr(sb, name)
+        if value is not None and not token.match(value):
+            problems.append(f"cluster.sbatch.{name}={value!r}: no spaces, quotes or newlines")
+    if sb.gres_type is not None and ":" in sb.gres_type:
+        problems.append(f"cluster.sbatch.gres_type={sb.gres_type!r}: the type only (e.g. a100); the count comes "
+                        "from model.resources.gpus")
+    if sb.mail_type is not None:
+        bad = [t for t in sb.mail_type.split(",") if t.strip().upper() not in MAIL_TYPES]
+        if bad:
+            problems.append(f"cluster.sbatch.mail_type={sb.mail_type!r}: {', '.join(bad)} not one of {MAIL_TYPES}")
+        if not sb.mail_user:
+            problems.append("cluster.sbatch.mail_type is set but cluster.sbatch.mail_user is not: where to send it?")
+    if sb.mail_user is not None and not re.match(r"^[^\s@]+(@[^\s@]+)?$", sb.mail_user):
+        problems.append(f"cluster.sbatch.mail_user={sb.mail_user!r}: one user name or address")
+    for line in sb.extra:
+        option = line.removeprefix("#SBATCH").strip()
+        name = option[2:].split("=", 1)[0]
+        if not option.startswith("--") or not name or "\n" in line or " " in option.split("=", 1)[0]:
+            problems.append(f"cluster.sbatch.extra: {line!r}: write one long option, '--name' or '--name=value'")
+        elif name in DISPATCH_OWNED_OPTIONS:
+            problems.append(f"cluster.sbatch.extra: {line!r}: --{name} is set by the dispatcher "
+                            "(use model.resources or the cluster profile's own field)")
+    if cluster.kind != "slurm" and (sb != SbatchConfig()):
+        problems.append(f"cluster.sbatch is set on cluster {cluster.name!r} of kind {cluster.kind}: only SLURM "
+                        "jobs take sbatch options")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def sbatch_extra_parameters(sbatch: SbatchConfig) -> dict[str, Any]:
+    """cluster.sbatch.extra as submitit additional_parameters ('--hint=nomultithread' -> hint)."""
+    out: dict[str, Any] = {}
+    for line in sbatch.extra:
+        name, sep, value = line.removeprefix("#SBATCH").strip()[2:].partition("=")
+        out[name.replace("-", "_")] = value if sep else True
+    return out
 
 
 def to_yaml(obj: Any) -> str:
