@@ -29,7 +29,9 @@ def _service(overrides):
 
 
 def _cell_label(cell) -> str:
-    return f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
+    from aletheia_hpc.campaign.matrix import cell_label
+
+    return cell_label(cell)
 
 
 def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
@@ -52,6 +54,10 @@ def cmd_plan(overrides, args) -> int:
     from aletheia_hpc.campaign.slurm import resource_class
 
     plan = _plan(overrides)
+    if args.json:
+        print(json.dumps(plan_json(plan), indent=1))
+        require_placement(plan.cells, plan.root.cluster)  # stderr and exit 2, after the plan
+        return 0
     classes = Counter(resource_class(c, plan.root.cluster) for c in plan.cells)
     print(f"campaign {plan.name}: {len(plan.cells)} cells on cluster {plan.root.cluster.name} "
           f"({plan.root.cluster.kind}), results in {plan.root.results_dir}")
@@ -60,8 +66,8 @@ def cmd_plan(overrides, args) -> int:
               + (f" partition={cls.partition}" if cls.partition else "") + f": {n} cells")
     estimates, warnings = _memory_lines(plan)
     for cell in plan.cells:
-        print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.recipe.name:9s} "
-              f"seed={cell.seed:<4d} {cell.variant:16s} steps={cell.train.steps}  {estimates[cell.cell_id]}")
+        print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.arm:24s} "
+              f"seed={cell.seed:<4d} steps={cell.train.steps}  {estimates[cell.cell_id]}")
     for line in warnings:
         print(line, file=sys.stderr)
     if args.sbatch:
@@ -70,6 +76,17 @@ def cmd_plan(overrides, args) -> int:
                                              if warnings else ""))
     require_placement(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
     return 0
+
+
+def plan_json(plan) -> dict:
+    """The plan as data: the campaign and, per cell, what it is and what it asks for."""
+    from dataclasses import asdict
+
+    return {"campaign": plan.name, "cluster": plan.root.cluster.name, "results_dir": str(plan.root.results_dir),
+            "n_cells": len(plan.cells),
+            "cells": [{"cell_id": c.cell_id, "campaign": c.campaign, "model": c.model.name,
+                       "recipe": c.recipe.name, "arm": c.arm, "variant": c.variant, "seed": c.seed,
+                       "steps": c.train.steps, "resources": asdict(c.model.resources)} for c in plan.cells]}
 
 
 def _print_sbatch(plan) -> None:
@@ -281,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__ + "\n".join(f"  {verb:10s} {text}" for verb, (_, text) in VERBS.items()))
     parser.add_argument("verb", choices=VERBS)
     parser.add_argument("words", nargs="*", help="Hydra overrides (key=value), e.g. campaign=smoke train.steps=5")
-    parser.add_argument("--json", action="store_true", help="status: machine-readable output")
+    parser.add_argument("--json", action="store_true", help="plan, status: machine-readable output")
     parser.add_argument("--force", action="append", metavar="CELL_ID",
                         help="launch/resubmit: rerun this cell from scratch even if done (repeatable)")
     parser.add_argument("--retry-nan", action="store_true",

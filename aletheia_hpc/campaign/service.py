@@ -33,10 +33,10 @@ def require_placement(cells: list[CellConfig], cluster: ClusterConfig) -> None:
     """Refuse, before anything runs, every cell whose GPUs, CPUs or memory the cluster can never give
     (a local cluster counts this machine's GPUs)."""
     from aletheia_hpc.campaign.local import with_local_gpus
-    from aletheia_hpc.campaign.matrix import placement_problem
+    from aletheia_hpc.campaign.matrix import cell_label, placement_problem
 
     cluster = with_local_gpus(cluster)
-    problems = [f"cell {c.cell_id} ({c.model.name}/{c.recipe.name}/seed={c.seed}/{c.variant}) {problem}"
+    problems = [f"cell {c.cell_id} ({cell_label(c)}) {problem}"
                 for c in cells if (problem := placement_problem(c, cluster))]
     if problems:
         raise ConfigError(f"{len(problems)} cell(s) cannot run as asked on cluster {cluster.name}:\n  "
@@ -58,7 +58,7 @@ def dispatcher_for(plan: Plan, results_dir: Path) -> Dispatcher:
 
 @dataclass
 class Status:
-    cells: list[dict]  # one per cell: cell_id, campaign, model, recipe, variant, seed, state, reason, job_id
+    cells: list[dict]  # per cell: cell_id, campaign, model, recipe, arm, variant, seed, state, reason, job_id
     view: SchedulerView
 
     @property
@@ -123,7 +123,7 @@ class CampaignService:
                 tail = _log_tail(cell_path(self.results_dir, cell))
                 reason = (reason or "") + (f"\n{tail}" if tail else "")
             out.append({"cell_id": cell.cell_id, "campaign": cell.campaign, "model": cell.model.name,
-                        "recipe": cell.recipe.name, "variant": cell.variant, "seed": cell.seed,
+                        "recipe": cell.recipe.name, "arm": cell.arm, "variant": cell.variant, "seed": cell.seed,
                         "state": st.state, "reason": reason, "job_id": job["job_id"] if job else None})
         return Status(out, view)
 
