@@ -78,7 +78,6 @@ class Status:
 class Launch:
     before: Status
     todo: list[CellConfig]
-    moved_rows: list[tuple[str, Path]] = field(default_factory=list)
     submission: Submission | None = None
     snapshots: dict[str, Path] = field(default_factory=dict)
 
@@ -167,6 +166,7 @@ class CampaignService:
         todo = [c for c in self.plan.cells if c.cell_id in force or state[c.cell_id] in wanted]
         require_placement(todo, self.cluster)
         result = Launch(before, todo)
+        self._report_launch(result)
         if not todo:
             result.submission = Submission(cells=0)
             return result
@@ -175,9 +175,8 @@ class CampaignService:
                 move_progress_aside(self.results_dir, cell)  # a forced rerun starts from scratch
             moved = move_row_aside(self.results_dir, cell)
             if moved:
-                result.moved_rows.append((cell.cell_id, moved))
+                self.say(f"cell {cell.cell_id}: old row kept as {moved}")
         result.snapshots = take_snapshot(self.results_dir, list(dict.fromkeys(c.campaign for c in todo)))
-        self._report_launch(result)
         result.submission = self.dispatcher.submit(todo, self.results_dir, result.snapshots)
         return result
 
@@ -188,8 +187,8 @@ class CampaignService:
                  f"{sum(counts.get(s, 0) for s in BUSY)} queued or running, "
                  + (f"{left_nan} nan_abort left alone (--retry-nan runs them again), " if left_nan else "")
                  + f"{len(launch.todo)} to run on {self.cluster.name}")
-        for cid, moved in launch.moved_rows:
-            self.say(f"cell {cid}: old row kept as {moved}")
+        if launch.before.note:
+            self.say(launch.before.note)
 
     def _locked(self, action):
         """Run ``action`` holding every part's launch lock: a second local launch of the same cells
