@@ -8,6 +8,7 @@ and is run on every cell before anything is submitted.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from aletheia_hpc.row import arm_name
 
 MODEL_KINDS = ("hub", "local", "gguf", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# train.report_to -> the package the Trainer's callback needs
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 QUANTIZATIONS = ("none", "nf4", "int8")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle")
 PROBE_NORMS = ("layer", "tensor_sum")
@@ -121,6 +124,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     scheduler: str = "cosine"
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only on preemption)
+    # experiment tracking of the Trainer's logs, run name = cell id, files in the cell's tracking/
+    # directory (wandb offline): none | tensorboard | wandb | mlflow. Not part of the cell's identity.
+    report_to: str = "none"
 
 
 @dataclass
@@ -264,6 +270,7 @@ class CellConfig:
     def identity(self) -> dict[str, Any]:
         ident = asdict(self)
         ident.pop("faults")
+        ident["train"].pop("report_to")
         ident["model"].pop("resources")
         ident["model"].pop("shape")
         return ident
@@ -345,6 +352,11 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append("train.lr (or model.lr): must be > 0")
     if t.scheduler not in SCHEDULERS:
         problems.append(f"train.scheduler={t.scheduler!r}: use one of {SCHEDULERS}")
+    if t.report_to not in REPORT_TO:
+        problems.append(f"train.report_to={t.report_to!r}: use one of {tuple(REPORT_TO)}")
+    elif REPORT_TO[t.report_to] and importlib.util.find_spec(REPORT_TO[t.report_to]) is None:
+        problems.append(f"train.report_to={t.report_to}: the {REPORT_TO[t.report_to]} package is not installed; "
+                        f"pip install {REPORT_TO[t.report_to]}")
     if t.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every={t.checkpoint_every}: use 0 (only on preemption) or a "
                         "positive number of optimizer steps")

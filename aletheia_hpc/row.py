@@ -79,6 +79,8 @@ class Row:
     final_train_loss: Optional[float] = _f(None, group="training", required=True)
     eval_loss: Optional[float] = _f(None, group="training", required=True)  # held-out loss
     attempts: Optional[int] = _f(None, group="training")
+    # what went wrong and was recovered from (e.g. a damaged checkpoint set aside), one text each
+    warnings: list = _f([], group="training", csv=None)
     # --------------------------------------------------------- evaluation (when benchmarks run)
     benchmarks: Optional[list] = _f([], group="evaluation", csv="json")  # names that ran
     mmlu_acc: Optional[float] = _f(None, group="evaluation")

@@ -230,3 +230,12 @@ def test_the_worker_survives_a_flood_of_stop_signals():
         assert child.returncode == 0 and "requested True" in out, (child.returncode, out, sent)
     finally:
         child.kill()
+
+
+def test_report_to_tensorboard_writes_event_files_in_the_cell_directory(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=standard", "train.steps=2", "train.report_to=tensorboard")
+    assert cell.cell_id == make_cell("model=tiny-llama", "recipe=standard", "train.steps=2").cell_id
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok"
+    events = list((cell_path(tmp_path, cell) / "tracking" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events), events

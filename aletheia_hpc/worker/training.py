@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -198,6 +199,24 @@ def _resume_point(checkpoints: Path, progress_path: Path, warnings: list[str]) -
     return None, _Progress([], [])
 
 
+TRACKING_DIR = "tracking"
+
+
+def _tracking(report_to: str, work_dir: Path) -> str:
+    """Point the tracker's files into the cell's directory (wandb offline: compute nodes often have
+    no network; ``wandb sync`` uploads later) and return the Trainer's report_to."""
+    if report_to == "none":
+        return "none"
+    out = (work_dir / TRACKING_DIR).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"tensorboard": {"TENSORBOARD_LOGGING_DIR": str(out / "tensorboard")},
+           "wandb": {"WANDB_MODE": "offline", "WANDB_DIR": str(out)},
+           "mlflow": {"MLFLOW_TRACKING_URI": (out / "mlruns").as_uri()}}[report_to]
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return report_to
+
+
 def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
                batch_size: int, precision: str, seed: int, work_dir: Path, device: torch.device,
                stop: StopSignal, faults: FaultConfig, progress: bool) -> TrainOutcome:
@@ -235,7 +254,8 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         save_strategy="steps" if train_cfg.checkpoint_every else "no",
         save_steps=train_cfg.checkpoint_every or 1,
         save_total_limit=2,  # the previous checkpoint stays until the next one is saved whole
-        report_to="none",
+        report_to=_tracking(train_cfg.report_to, work_dir),
+        run_name=work_dir.name,  # the cell id
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
