@@ -133,6 +133,11 @@ def _print_status(status, as_json: bool) -> None:
         print(f"{c['cell_id']}  " + (f"{c['campaign']:12s} " if parts else "")
               + f"{c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} {c['state']:9s} {reason}")
     print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(status.counts.items())))
+    cost = status.cost
+    if cost["per_arm"]:
+        print("GPU-hours (scheduler accounting): " + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells']} cells)"
+                                                              for arm, a in sorted(cost["per_arm"].items()))
+              + f"; Aletheia saved {cost['saved_gpu_hours']:.3f} over {cost['pairs']} pair(s), probe included")
     if status.note:
         print(status.note)
 
@@ -271,9 +276,17 @@ def cmd_aggregate(overrides, args) -> int:
 
     plan = _plan(overrides)
     names = plan.root.campaign.parts or [plan.name]
+    results_dir = Path(plan.root.results_dir)
     for name in names:
-        expected = sum(1 for c in plan.cells if c.campaign == name)
-        result = aggregate_campaign(Path(plan.root.results_dir), name, expected_cells=expected)
+        ids = {c.cell_id for c in plan.cells if c.campaign == name}
+        found = {p.name for p in (results_dir / name / "cells").glob("*") if p.is_dir()}
+        expected = len(ids)
+        if found - ids:  # e.g. a results dir copied from a cluster, aggregated under another config
+            expected = None
+            print(f"{name}: {len(found - ids)} of the {len(found)} cell directories under {results_dir / name} are "
+                  "not cells of this campaign config: aggregating every row found, without a completeness "
+                  "check (give the campaign's own config, e.g. campaign=<name>, to check it)", file=sys.stderr)
+        result = aggregate_campaign(results_dir, name, expected_cells=expected)
         print(summary_table(result))
         print(f"report: {result.report_md}")
     return 0

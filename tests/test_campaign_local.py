@@ -166,3 +166,15 @@ def test_a_nan_abort_cell_exits_non_zero_and_is_left_alone_unless_asked(tmp_path
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert retry.returncode == 1 and "1 to run" in retry.stderr, retry.stderr[-2000:]
     assert len(list((cell_dir / "logs").glob("local-*.log"))) == 2 and list(cell_dir.glob("row.json.replaced-*"))
+
+
+def test_aggregating_rows_without_their_campaign_config_counts_the_rows_found(tmp_path):
+    made = ["campaign=default", "campaign.name=made", "campaign.seeds=[1,2]", "train.steps=1", "train.warmup_steps=0",
+            "train.checkpoint_every=0", "data.builtin_size=120", "data.eval_size=16", f"results_dir={tmp_path}",
+            "progress=false"]
+    cli("launch", *made)
+    shutil.copytree(tmp_path / "made", tmp_path / "copied")  # as copied from a cluster
+    out = cli("aggregate", "campaign.name=copied", f"results_dir={tmp_path}")  # the default config: 2 other cells
+    assert "4 of the 4 cell directories" in out.stderr and "not cells of this campaign config" in out.stderr
+    report = (tmp_path / "copied" / "REPORT.md").read_text()
+    assert "4 cells have rows" in report and "of 2 cells" not in report + out.stdout, report[:1500]
