@@ -55,9 +55,12 @@ def wait_for(predicate, timeout: float, what: str):
 def test_two_part_campaign_launch_status_cancel_resubmit(dev_cluster, tmp_path):
     env = {**dev_cluster.env, "ALETHEIA_CONF": str(two_part_conf(tmp_path))}
     # one quick cell; the three others sleep per step so that they are still queued when cancelled
-    slow = ",".join(f"{key}:{{sleep_per_step_s:6}}" for key in
+    slow = ",".join(f"{key}:{{sleep_per_step_s:30}}" for key in
                     ("tiny-llama/aletheia/42", "tiny-qwen2/standard/42", "tiny-qwen2/aletheia/42"))
+    # one declared GPU per cell (the dev node's GPUs are not real: cells train on the CPU), so that
+    # the scheduler's accounting has GPU-hours to give
     ov = ["campaign=duo", "cluster=dev", f"results_dir={tmp_path / 'results'}", "train.steps=4",
+          "model.resources.gpus=1",
           "train.checkpoint_every=2", "train.warmup_steps=1", "data.builtin_size=300", "data.eval_size=40",
           f"+campaign.faults={{{slow}}}"]
     results = tmp_path / "results"
@@ -73,7 +76,7 @@ def test_two_part_campaign_launch_status_cancel_resubmit(dev_cluster, tmp_path):
     assert "submitted 0 cells" in run(env, "launch", *ov).stderr  # nothing runs twice
 
     quick = next(c["cell_id"] for c in st["cells"] if c["model"] == "tiny-llama" and c["recipe"] == "standard")
-    wait_for(lambda: {c["cell_id"]: c["state"] for c in status(env, ov)["cells"]}[quick] == "done", 150,
+    wait_for(lambda: {c["cell_id"]: c["state"] for c in status(env, ov)["cells"]}[quick] == "done", 400,
              "the quick cell to finish")
     done_row = rows(results, "duo_a")[quick].stat()
     cancelled = run(env, "cancel", *ov)
@@ -85,7 +88,7 @@ def test_two_part_campaign_launch_status_cancel_resubmit(dev_cluster, tmp_path):
 
     again = run(env, "resubmit", *ov)
     assert "submitted 3 cells as 2 job array(s)" in again.stderr, again.stderr
-    wait_for(lambda: status(env, ov)["counts"] == {"done": 4}, 240, "every cell to be done")
+    wait_for(lambda: status(env, ov)["counts"] == {"done": 4}, 900, "every cell to be done")
     for part in PARTS:
         for cell_dir in (results / part / "cells").iterdir():
             assert len(list(cell_dir.glob("row.json"))) == 1, cell_dir
@@ -94,3 +97,18 @@ def test_two_part_campaign_launch_status_cancel_resubmit(dev_cluster, tmp_path):
     after = rows(results, "duo_a")[quick].stat()
     assert (after.st_ino, after.st_mtime_ns) == (done_row.st_ino, done_row.st_mtime_ns)  # not run again
     assert len(job_records(results, "duo_a")) + len(job_records(results, "duo_b")) == 7  # 4 + 3 resubmitted
+
+    # the scheduler's accounting of every job, kept beside the row, from the one sacct call of status
+    st = status(env, ov)
+    for c in st["cells"]:
+        acct = json.loads((results / c["campaign"] / "cells" / c["cell_id"] / "accounting.json").read_text())
+        usage = acct["jobs"][c["job_id"]]
+        assert usage["alloc_gpus"] == 1 and usage["alloc_cpus"] == 1 and usage["elapsed_s"] > 0, acct
+        # a resubmitted cell's cancelled job counts too: those hours were spent
+        assert len(acct["jobs"]) == (1 if c["cell_id"] == quick else 2), acct
+        assert acct["gpu_hours"] == pytest.approx(sum(u["elapsed_s"] for u in acct["jobs"].values()) / 3600)
+        assert c["gpu_hours"] == pytest.approx(acct["gpu_hours"])
+    cost = st["cost"]
+    assert cost["pairs"] == 2 and {a: v["cells"] for a, v in cost["per_arm"].items()} == {"standard": 2, "aletheia": 2}
+    assert cost["saved_gpu_hours"] == pytest.approx(cost["standard_gpu_hours"] - cost["aletheia_gpu_hours"])
+    assert "GPU-hours (scheduler accounting): aletheia=" in run(env, "status", *ov).stdout

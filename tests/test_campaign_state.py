@@ -80,3 +80,32 @@ def test_cell_state(name, row_, problem, job_, sched, source, state, reason, sho
     else:
         assert got.reason and got.reason.startswith(reason), got
     assert got.show_log == show_log, got
+
+
+# sacct -n -P -D -o JobID,State,ElapsedRaw,AllocTRES,MaxRSS as the dev cluster (SLURM 22.05) prints it:
+# a task requeued once (two allocation lines), a cancelled one, and a pending rest of the array
+SACCT = """\
+105_0|REQUEUED|120|billing=4,cpu=4,gres/gpu=2,mem=16G,node=1|
+105_0.batch|CANCELLED|120|cpu=4,gres/gpu=2,mem=16G,node=1|12336K
+105_0.0|CANCELLED|121|cpu=4,gres/gpu=2,mem=16G,node=1|1.5G
+105_0|COMPLETED|60|billing=4,cpu=4,gres/gpu=2,mem=16G,node=1|
+105_0.batch|COMPLETED|60|cpu=4,gres/gpu=2,mem=16G,node=1|12000K
+105_0.0|COMPLETED|59|cpu=4,gres/gpu=2,mem=16G,node=1|548060K
+105_1|CANCELLED|293|billing=1,cpu=1,mem=4G,node=1|
+105_1.0|CANCELLED|297|cpu=1,mem=4G,node=1|540896K
+105_[2-3%2]|PENDING|0||
+"""
+
+
+def test_one_sacct_answer_gives_states_and_each_jobs_usage():
+    from aletheia_hpc.campaign.slurm import parse_sacct
+    from aletheia_hpc.campaign.store import gpu_hours
+
+    states, usage = parse_sacct(SACCT)
+    assert {k: v for k, v in states.items() if "." not in k} == {
+        "105_0": "COMPLETED", "105_1": "CANCELLED", "105_2": "PENDING", "105_3": "PENDING"}
+    assert usage["105_0"] == {"elapsed_s": 180, "alloc_cpus": 4, "alloc_gpus": 2, "max_rss_mib": 1536.0}
+    assert usage["105_1"] == {"elapsed_s": 293, "alloc_cpus": 1, "alloc_gpus": 0,
+                              "max_rss_mib": pytest.approx(540896 / 1024)}
+    assert "105_2" not in usage  # never started
+    assert gpu_hours(usage["105_0"]) == pytest.approx(0.1)  # 180 s on 2 GPUs, both runs counted

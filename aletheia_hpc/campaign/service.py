@@ -23,7 +23,8 @@ from aletheia_hpc.campaign.dispatch import Dispatcher, SchedulerView, Submission
 from aletheia_hpc.campaign.matrix import Plan
 from aletheia_hpc.campaign.state import BUSY, cell_state
 from aletheia_hpc.campaign.store import (cell_logs, cell_path, latest_job, launch_lock_path, move_progress_aside,
-                                         move_row_aside, read_progress, row_state, take_snapshot)
+                                         move_row_aside, read_progress, record_accounting, row_state,
+                                         take_snapshot)
 from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError
 from aletheia_hpc.files import LockHeld, file_lock
 from aletheia_hpc.provenance import host_name, utc_now
@@ -70,8 +71,27 @@ class Status:
         """One line when the states rest on less than the scheduler's accounting."""
         return f"note: {self.view.problem}" if self.view.problem else None
 
+    @property
+    def cost(self) -> dict:
+        """GPU-hours per arm from the scheduler's accounting of the cells' jobs, and what Aletheia saved:
+        over every (model, seed, variant) with both a standard and an aletheia cell accounted, the
+        standard cell's GPU-hours minus the aletheia cell's (whose job includes the probe)."""
+        per_arm: dict[str, dict] = {}
+        for c in self.cells:
+            if c["gpu_hours"] is not None:
+                arm = per_arm.setdefault(c["arm"], {"cells": 0, "gpu_hours": 0.0})
+                arm["cells"] += 1
+                arm["gpu_hours"] += c["gpu_hours"]
+        by_key = {(c["model"], c["seed"], c["variant"], c["recipe"]): c["gpu_hours"] for c in self.cells}
+        pairs = [(std, ale) for (m, seed, v, r), std in by_key.items() if r == "standard"
+                 if std is not None and (ale := by_key.get((m, seed, v, "aletheia"))) is not None]
+        return {"per_arm": per_arm, "pairs": len(pairs),
+                "standard_gpu_hours": sum(s for s, _ in pairs), "aletheia_gpu_hours": sum(a for _, a in pairs),
+                "saved_gpu_hours": sum(s - a for s, a in pairs)}
+
     def to_json(self) -> dict:
-        return {"counts": self.counts, "source": self.view.source, "note": self.view.problem, "cells": self.cells}
+        return {"counts": self.counts, "source": self.view.source, "note": self.view.problem, "cost": self.cost,
+                "cells": self.cells}
 
 
 @dataclass
@@ -118,12 +138,17 @@ class CampaignService:
             sched = (view.states.get(job["job_id"]) or view.states.get(job.get("array_job_id", ""))) if job else None
             st = cell_state(cell.cell_id, rs.row, rs.problem, job, sched, view.source, now, self.cluster.name)
             reason = st.reason
+            usage = None
+            if job and job["job_id"] in view.accounting and st.state not in BUSY:
+                usage = record_accounting(self.results_dir, cell, job["job_id"], view.accounting[job["job_id"]])
             if st.show_log:
                 tail = _log_tail(cell_path(self.results_dir, cell))
                 reason = (reason or "") + (f"\n{tail}" if tail else "")
             out.append({"cell_id": cell.cell_id, "campaign": cell.campaign, "model": cell.model.name,
                         "recipe": cell.recipe.name, "arm": cell.arm, "variant": cell.variant, "seed": cell.seed,
-                        "state": st.state, "reason": reason, "job_id": job["job_id"] if job else None})
+                        "state": st.state, "reason": reason, "job_id": job["job_id"] if job else None,
+                        "gpu_hours": usage["gpu_hours"] if usage else None,
+                        "elapsed_s": usage["elapsed_s"] if usage else None})
         return Status(out, view)
 
     def progress(self, status: Status) -> list[dict]:

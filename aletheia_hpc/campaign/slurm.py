@@ -222,7 +222,7 @@ def _job_lines(out: str) -> dict[str, str]:
     for line in out.splitlines():
         if "|" not in line:
             continue
-        jid, state = line.split("|", 1)
+        jid, state = line.split("|")[:2]
         state = state.split()[0] if state.strip() else "UNKNOWN"
         base, sep, task = jid.partition("_")
         if sep and task.startswith("["):
@@ -233,13 +233,54 @@ def _job_lines(out: str) -> dict[str, str]:
     return states
 
 
-def sacct_states(array_ids: Iterable[str]) -> dict[str, str]:
-    """ONE sacct call for all ``array_ids``: job id ('A_T' or 'A') -> state (e.g. 'CANCELLED')."""
+def _mebibytes(value: str) -> float | None:
+    """sacct's MaxRSS ('123456K', '1.5G', '0') in MiB."""
+    value = value.strip()
+    if not value:
+        return None
+    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 ** 2}
+    if value[-1] in scale:
+        return float(value[:-1]) * scale[value[-1]]
+    return float(value) / 2 ** 20  # bytes
+
+
+def _tres(value: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in value.split(",") if "=" in item)
+
+
+SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS"
+
+
+def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """``sacct -n -P -D -o SACCT_FIELDS`` output -> (job id -> state, job id -> usage of a job that
+    started: elapsed_s summed over its runs (requeues), alloc_cpus, alloc_gpus, max_rss_mib over its
+    steps)."""
+    states = _job_lines(out)
+    usage: dict[str, dict] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5 or "[" in parts[0]:
+            continue
+        jid, _state, elapsed, tres, rss = parts[:5]
+        job, _, step = jid.partition(".")
+        rec = usage.setdefault(job, {"elapsed_s": 0, "alloc_cpus": 0, "alloc_gpus": 0, "max_rss_mib": None})
+        if not step:  # the allocation: one line per run of the job
+            alloc = _tres(tres)
+            rec["elapsed_s"] += int(elapsed or 0)
+            rec["alloc_cpus"] = int(alloc.get("cpu", rec["alloc_cpus"]))
+            rec["alloc_gpus"] = int(alloc.get("gres/gpu", rec["alloc_gpus"]))
+        elif (mib := _mebibytes(rss)) is not None:
+            rec["max_rss_mib"] = max(rec["max_rss_mib"] or 0.0, mib)
+    return states, {jid: rec for jid, rec in usage.items() if rec["elapsed_s"] > 0}
+
+
+def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task."""
     ids = sorted(set(array_ids), key=lambda s: (len(s), s))
     if not ids:
-        return {}
-    return _job_lines(_query(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
-                             "accounting (sacct)"))
+        return {}, {}
+    return parse_sacct(_query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS],
+                              "accounting (sacct)"))
 
 
 def squeue_states() -> dict[str, str]:
@@ -258,7 +299,8 @@ class SlurmDispatcher:
         if not jobs:
             return SchedulerView("sacct")
         try:
-            return SchedulerView("sacct", sacct_states(r["array_job_id"] for r in jobs.values()))
+            states, usage = sacct_states(r["array_job_id"] for r in jobs.values())
+            return SchedulerView("sacct", states, accounting=usage)
         except SchedulerDown as accounting:
             try:
                 return SchedulerView("squeue", squeue_states(),

@@ -22,6 +22,9 @@ CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
 # One line per job that ran or runs the cell (SLURM array task or local launch); the last is current.
 JOBS_FILE = "jobs.jsonl"
+# Beside the row: the scheduler's accounting of each job that ran the cell (elapsed_s, alloc_cpus,
+# alloc_gpus, max_rss_mib) and the GPU-hours they add up to; status keeps it up to date.
+ACCOUNTING_FILE = "accounting.json"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
 NAN_EXIT_CODE = 4  # a cell that stopped on a non-finite loss (its nan_abort row is written)
 SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
@@ -170,3 +173,23 @@ def read_progress(results_dir: Path, cell: CellConfig) -> Progress | None:
 def cell_logs(work_dir: Path) -> list[Path]:
     """The cell's attempt logs (local and SLURM), oldest first."""
     return sorted((Path(work_dir) / LOG_DIR).glob("*.log"), key=lambda p: p.stat().st_mtime)
+
+
+def gpu_hours(usage: dict) -> float:
+    return usage["elapsed_s"] * usage["alloc_gpus"] / 3600
+
+
+def record_accounting(results_dir: Path, cell: CellConfig, job_id: str, usage: dict) -> dict:
+    """Keep ``usage`` of job ``job_id`` in the cell's accounting.json (written only when it changed);
+    returns the file's content: {"jobs": {job_id: usage}, "gpu_hours", "elapsed_s"}."""
+    path = cell_path(results_dir, cell) / ACCOUNTING_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {"jobs": {}}
+    if known["jobs"].get(job_id) != usage:
+        known["jobs"][job_id] = usage
+        known["gpu_hours"] = sum(gpu_hours(u) for u in known["jobs"].values())
+        known["elapsed_s"] = sum(u["elapsed_s"] for u in known["jobs"].values())
+        atomic_write(path, json.dumps(known, indent=1), fsync=False)
+    return known
