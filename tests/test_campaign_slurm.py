@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,17 @@ def write_jobs(cells_dir: Path, records: list[dict]) -> None:
     for rec in records:
         (cells_dir / rec["cell_id"]).mkdir(parents=True, exist_ok=True)
         (cells_dir / rec["cell_id"] / "jobs.jsonl").write_text(json.dumps(rec) + "\n")
+
+
+@pytest.mark.slurm
+def test_arrays_are_split_at_max_array_size(dev_cluster, tmp_path):
+    name = "split"
+    ov = ["campaign=default", "cluster=dev", f"results_dir={tmp_path}", f"campaign.name={name}",
+          "campaign.seeds=[1,2,3]", "campaign.noop=true", "cluster.max_array_size=4"]
+    out = cli(dev_cluster, "launch", *ov)
+    assert "submitted 6 cells as 2 job array(s) in 1 resource class(es)" in out.stderr, out.stderr
+    jobs = job_records(tmp_path, name)
+    sizes = sorted(Counter(j["array_job_id"] for j in jobs).values())
+    assert sizes == [2, 4], jobs
+    wait_idle(dev_cluster, f"aletheia-{name}", 300)
+    assert status(dev_cluster, ov)["counts"] == {"done": 6}
