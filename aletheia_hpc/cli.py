@@ -133,13 +133,16 @@ def _print_status(status, as_json: bool) -> None:
         print(f"{c['cell_id']}  " + (f"{c['campaign']:12s} " if parts else "")
               + f"{c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} {c['state']:9s} {reason}")
     print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(status.counts.items())))
-    cost = status.cost
+    _print_cost(status.cost)
+    if status.note:
+        print(status.note)
+
+
+def _print_cost(cost: dict) -> None:
     if cost["per_arm"]:
         print("GPU-hours (scheduler accounting): " + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells']} cells)"
                                                               for arm, a in sorted(cost["per_arm"].items()))
               + f"; Aletheia saved {cost['saved_gpu_hours']:.3f} over {cost['pairs']} pair(s), probe included")
-    if status.note:
-        print(status.note)
 
 
 def cmd_status(overrides, args) -> int:
@@ -273,6 +276,7 @@ def cmd_run_cell(overrides, args) -> int:
 
 def cmd_aggregate(overrides, args) -> int:
     from aletheia_hpc.aggregate import aggregate_campaign, summary_table
+    from aletheia_hpc.campaign.service import recorded_cost
 
     plan = _plan(overrides)
     names = plan.root.campaign.parts or [plan.name]
@@ -289,6 +293,7 @@ def cmd_aggregate(overrides, args) -> int:
         result = aggregate_campaign(results_dir, name, expected_cells=expected)
         print(summary_table(result))
         print(f"report: {result.report_md}")
+    _print_cost(recorded_cost(plan))  # from the accounting.json files status keeps beside the rows
     return 0
 
 

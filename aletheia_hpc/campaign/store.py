@@ -179,14 +179,19 @@ def gpu_hours(usage: dict) -> float:
     return usage["elapsed_s"] * usage["alloc_gpus"] / 3600
 
 
+def read_accounting(results_dir: Path, cell: CellConfig) -> dict:
+    """The cell's accounting.json ({} when absent or unreadable)."""
+    try:
+        return json.loads((cell_path(results_dir, cell) / ACCOUNTING_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def record_accounting(results_dir: Path, cell: CellConfig, job_id: str, usage: dict) -> dict:
     """Keep ``usage`` of job ``job_id`` in the cell's accounting.json (written only when it changed);
     returns the file's content: {"jobs": {job_id: usage}, "gpu_hours", "elapsed_s"}."""
     path = cell_path(results_dir, cell) / ACCOUNTING_FILE
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {"jobs": {}}
+    known = read_accounting(results_dir, cell) or {"jobs": {}}
     if known["jobs"].get(job_id) != usage:
         known["jobs"][job_id] = usage
         known["gpu_hours"] = sum(gpu_hours(u) for u in known["jobs"].values())
