@@ -1,7 +1,8 @@
 """``aletheia-hpc VERB [hydra overrides] [--flags]``: the one entry point.
 
-Verbs: plan, launch, status, resubmit, cancel, run-cell, aggregate. Overrides use Hydra syntax
-(``campaign=smoke model=tiny-qwen2 train.steps=10``); flags start with ``--``.
+Overrides use Hydra syntax (``campaign=smoke model=tiny-qwen2 train.steps=10``); flags start with
+``--`` and may stand anywhere on the line. The CLI parses and prints; the campaign service
+(aletheia_hpc/campaign/service.py) decides. Verbs:
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 
 from aletheia_hpc.config import ConfigError
 
-VERBS = ("plan", "launch", "status", "resubmit", "cancel", "run-cell", "aggregate")
-
 
 def _plan(overrides):
     from aletheia_hpc.campaign.matrix import expand
@@ -23,24 +22,16 @@ def _plan(overrides):
     return expand(overrides)
 
 
+def _service(overrides):
+    from aletheia_hpc.campaign.service import CampaignService
+
+    return CampaignService(_plan(overrides))
+
+
 def _cell_label(cell) -> str:
     from aletheia_hpc.campaign.matrix import cell_label
 
     return cell_label(cell)
-
-
-def _require_placement(cells, cluster) -> None:
-    """Refuse, before anything runs, every cell whose GPUs, CPUs or memory the cluster can never give
-    (a local cluster counts this machine's GPUs)."""
-    from aletheia_hpc.campaign.local import with_local_gpus
-    from aletheia_hpc.campaign.matrix import placement_problem
-
-    cluster = with_local_gpus(cluster)
-    problems = [f"cell {c.cell_id} ({_cell_label(c)}) {problem}" for c in cells
-                if (problem := placement_problem(c, cluster))]
-    if problems:
-        raise ConfigError(f"{len(problems)} cell(s) cannot run as asked on cluster {cluster.name}:\n  "
-                          + "\n  ".join(problems))
 
 
 def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
@@ -59,12 +50,13 @@ def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
 
 
 def cmd_plan(overrides, args) -> int:
+    from aletheia_hpc.campaign.service import require_placement
     from aletheia_hpc.campaign.slurm import resource_class
 
     plan = _plan(overrides)
     if args.json:
         print(json.dumps(plan_json(plan), indent=1))
-        _require_placement(plan.cells, plan.root.cluster)  # stderr and exit 2, after the plan
+        require_placement(plan.cells, plan.root.cluster)  # stderr and exit 2, after the plan
         return 0
     classes = Counter(resource_class(c, plan.root.cluster) for c in plan.cells)
     print(f"campaign {plan.name}: {len(plan.cells)} cells on cluster {plan.root.cluster.name} "
@@ -78,9 +70,11 @@ def cmd_plan(overrides, args) -> int:
               f"seed={cell.seed:<4d} steps={cell.train.steps}  {estimates[cell.cell_id]}")
     for line in warnings:
         print(line, file=sys.stderr)
+    if args.sbatch:
+        _print_sbatch(plan)
     print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
                                              if warnings else ""))
-    _require_placement(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
+    require_placement(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
     return 0
 
 
@@ -95,127 +89,176 @@ def plan_json(plan) -> dict:
                        "steps": c.train.steps, "resources": asdict(c.model.resources)} for c in plan.cells]}
 
 
-def _states(plan) -> list[dict]:
-    from aletheia_hpc.campaign.slurm import cell_states
+def _print_sbatch(plan) -> None:
+    """The sbatch script of every (campaign part, resource class) array, as launch would submit it
+    (the snapshot directory is named when launch takes it)."""
+    from aletheia_hpc.campaign.slurm import resource_class, sbatch_script
 
-    return cell_states(plan.cells, Path(plan.root.results_dir), plan.root.cluster.name)
-
-
-def _submit(plan, cells) -> int:
-    from aletheia_hpc.campaign.slurm import submit_cells
-
-    sub = submit_cells(cells, Path(plan.root.results_dir), plan.root.cluster, plan.name)
-    print(f"submitted {sub.cells} cells as {sub.arrays} job array(s) in {sub.classes} resource class(es)"
-          + (f"; code snapshot {sub.snapshot}" if sub.snapshot else ""), file=sys.stderr)
-    return 0
-
-
-def _set_old_rows_aside(results_dir: Path, cells) -> None:
-    """Keep the row of every cell about to run again as row.json.replaced-*, so that its status
-    never mixes the old row with the new attempt."""
-    from aletheia_hpc.campaign.store import move_row_aside
-
-    for cell in cells:
-        moved = move_row_aside(results_dir, cell)
-        if moved:
-            print(f"cell {cell.cell_id}: old row kept as {moved}", file=sys.stderr)
+    cluster = plan.root.cluster
+    if cluster.kind != "slurm":
+        raise ConfigError(f"plan --sbatch needs a SLURM cluster (cluster=<profile>); {cluster.name!r} is {cluster.kind}")
+    groups = Counter((c.campaign, resource_class(c, cluster)) for c in plan.cells)
+    results = Path(plan.root.results_dir).resolve()
+    for (part, cls), n in sorted(groups.items()):
+        print(f"\n# ---- {part}: {n} cell(s), gpus={cls.gpus} cpus={cls.cpus} mem={cls.mem_gb}G "
+              f"time={cls.time_min}min")
+        print(sbatch_script(cls, cluster, results / part / "snapshots" / "<launch time>",
+                            results / part / "submitit" / "%j", n_tasks=n, job_name=f"aletheia-{part}"))
 
 
 def cmd_launch(overrides, args) -> int:
-    """Run (local) or submit (SLURM) every cell that is not done and not queued: cells without a row,
-    and failed or nan_abort cells, whose old row is kept aside."""
-    from aletheia_hpc.campaign.store import is_done
-
-    plan = _plan(overrides)
-    results_dir = Path(plan.root.results_dir)
-    _require_placement(plan.cells, plan.root.cluster)
-    for line in _memory_lines(plan)[1]:  # a warning, not a refusal: the estimate is approximate
+    """Run (local) or submit (SLURM) every cell that is not done and not queued; see
+    CampaignService.launch. A local launch exits 1 when a cell failed or stopped on nan_abort."""
+    service = _service(overrides)
+    for line in _memory_lines(service.plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
-    if plan.root.cluster.kind == "slurm":
-        states = {s["cell_id"]: s["state"] for s in _states(plan)}
-        todo = [c for c in plan.cells if states[c.cell_id] not in ("done", "pending", "running")]
-        print(f"campaign {plan.name}: {len(plan.cells)} cells, "
-              f"{sum(v == 'done' for v in states.values())} already done, "
-              f"{sum(v in ('pending', 'running') for v in states.values())} queued or running, "
-              f"{len(todo)} to submit to {plan.root.cluster.name}", file=sys.stderr)
-        _set_old_rows_aside(results_dir, todo)
-        return _submit(plan, todo)
-    if plan.root.cluster.kind != "local":
-        raise ConfigError(f"cluster.kind={plan.root.cluster.kind!r}: use local or slurm")
-    from aletheia_hpc.campaign.local import run_local
-
-    todo = [c for c in plan.cells if not is_done(results_dir, c)]
-    print(f"campaign {plan.name}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
-          f"{len(todo)} to run on {plan.root.cluster.name}", file=sys.stderr)
-    _set_old_rows_aside(results_dir, todo)
-    codes = run_local(todo, results_dir, plan.root.cluster.local_workers, plan.root.cluster.cpu_fallback)
-    failed = [cid for cid, code in codes.items() if code != 0]
-    _print_status(plan, as_json=False)
-    return 1 if failed else 0
+    launch = service.launch(force=args.force or [], retry_nan=args.retry_nan)
+    sub = launch.submission
+    if service.dispatcher.kind == "slurm" or not launch.todo:
+        print(f"submitted {sub.cells} cells as {sub.arrays} job array(s) in {sub.classes} resource class(es)"
+              + (f"; code snapshot {next(iter(launch.snapshots.values()))}" if launch.snapshots else ""),
+              file=sys.stderr)
+        return 0
+    _print_status(service.status(), as_json=False)
+    return 1 if launch.failed_cells else 0
 
 
-def _print_status(plan, as_json: bool) -> None:
-    cells = _states(plan)
-    counts = dict(Counter(c["state"] for c in cells))
+def _print_status(status, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"counts": counts, "cells": cells}, indent=1))
+        print(json.dumps(status.to_json(), indent=1))
         return
-    for c in cells:
+    parts = len({c["campaign"] for c in status.cells}) > 1
+    for c in status.cells:
         reason = (c["reason"] or "").replace("\n", "\n" + " " * 8)
-        print(f"{c['cell_id']}  {c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} "
-              f"{c['state']:8s} {reason}")
-    print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        print(f"{c['cell_id']}  " + (f"{c['campaign']:12s} " if parts else "")
+              + f"{c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} {c['state']:9s} {reason}")
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(status.counts.items())))
+    _print_cost(status.cost)
+    if status.note:
+        print(status.note)
+
+
+def _print_cost(cost: dict) -> None:
+    if cost["per_arm"]:
+        print("GPU-hours (scheduler accounting): " + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells']} cells)"
+                                                              for arm, a in sorted(cost["per_arm"].items()))
+              + f"; Aletheia saved {cost['saved_gpu_hours']:.3f} over {cost['pairs']} pair(s), probe included")
 
 
 def cmd_status(overrides, args) -> int:
-    _print_status(_plan(overrides), as_json=args.json)
+    service = _service(overrides)
+    if args.watch:
+        return _watch(service, args.interval)
+    _print_status(service.status(), as_json=args.json)
     return 0
 
 
-def _require_slurm(plan, verb: str) -> None:
-    if plan.root.cluster.kind != "slurm":
-        raise ConfigError(f"{verb} needs a SLURM cluster (cluster=<name> of kind slurm); "
-                          f"cluster {plan.root.cluster.name!r} is {plan.root.cluster.kind}")
+def _duration(seconds) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def cmd_resubmit(overrides, args) -> int:
-    """Submit the failed and missing cells (none that is queued or running); --force reruns named cells."""
-    from aletheia_hpc.campaign.store import move_progress_aside
+def _watch_table(service, status):
+    from rich.table import Table
 
-    plan = _plan(overrides)
-    _require_slurm(plan, "resubmit")
-    results_dir = Path(plan.root.results_dir)
-    states = {s["cell_id"]: s for s in _states(plan)}
-    by_id = {c.cell_id: c for c in plan.cells}
-    force = list(dict.fromkeys(args.force or []))
-    unknown = [cid for cid in force if cid not in by_id]
-    if unknown:
-        raise ConfigError(f"--force: no such cell in campaign {plan.name}: {', '.join(unknown)}")
-    busy = [cid for cid in force if states[cid]["state"] in ("pending", "running")]
-    if busy:
-        raise ConfigError(f"--force: cells queued or running (cancel them first): {', '.join(busy)}")
-    todo = [c for c in plan.cells if c.cell_id in force or states[c.cell_id]["state"] in ("failed", "missing")]
-    _require_placement(todo, plan.root.cluster)
-    for cell in todo:
-        if cell.cell_id in force:
-            move_progress_aside(results_dir, cell)  # a forced rerun starts from scratch
-    _set_old_rows_aside(results_dir, todo)
-    print(f"campaign {plan.name}: resubmitting {len(todo)} cell(s)", file=sys.stderr)
-    return _submit(plan, todo)
+    cells = service.progress(status)
+    busy = [c for c in cells if c["state"] in ("pending", "running", "unknown")]
+    steps_done, steps_all = sum(min(c["step"], c["steps"]) for c in cells), sum(c["steps"] for c in cells)
+    table = Table(title=f"campaign {service.plan.name} on {service.cluster.name}: "
+                        + ", ".join(f"{k}={v}" for k, v in sorted(status.counts.items())),
+                  caption=(f"steps {steps_done}/{steps_all}; training time so far "
+                           f"{_duration(sum(c['elapsed_s'] for c in cells))}; longest ETA of a busy cell "
+                           f"{_duration(max((c['eta_s'] or 0 for c in busy), default=0))}"
+                           + (f"\n{status.note}" if status.note else "")), caption_justify="left")
+    for name in ("cell", "part", "model", "recipe", "seed", "variant", "state", "step", "elapsed", "ETA", "job"):
+        table.add_column(name, justify="right" if name in ("seed", "step", "elapsed", "ETA") else "left")
+    style = {"done": "green", "running": "cyan", "pending": "blue", "failed": "red", "nan_abort": "magenta",
+             "missing": "yellow", "unknown": "yellow"}
+    for c in cells:
+        table.add_row(c["cell_id"], c["campaign"], c["model"], c["recipe"], str(c["seed"]), c["variant"],
+                      f"[{style.get(c['state'], '')}]{c['state']}[/]", f"{c['step']}/{c['steps']}",
+                      _duration(c["elapsed_s"]), _duration(c["eta_s"]), c["job_id"] or "")
+    return table, not busy
+
+
+def _watch(service, interval: float) -> int:
+    """A live table, refreshed every ``interval`` s (one scheduler query each), until no cell is
+    queued or running, or Ctrl-C."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    table, idle = _watch_table(service, service.status())
+    try:
+        with Live(table, console=console, auto_refresh=False) as live:
+            while not idle:
+                time.sleep(interval)
+                table, idle = _watch_table(service, service.status())
+                live.update(table, refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_logs(overrides, args) -> int:
+    """Print a cell's newest attempt log (local or SLURM); --follow keeps printing what is appended,
+    also across requeued attempts, until the cell has a row (or Ctrl-C)."""
+    import time
+
+    from aletheia_hpc.campaign.matrix import compose_root
+    from aletheia_hpc.campaign.store import cell_logs
+    from aletheia_hpc.row import ROW_FILENAME
+
+    if len(args.cell_ids) != 1:
+        raise ConfigError("logs needs one CELL_ID (`aletheia-hpc status` lists them), e.g. "
+                          "aletheia-hpc logs 1a2b3c campaign=smoke")
+    results_dir = Path(compose_root(overrides).results_dir)
+    found = sorted(results_dir.glob(f"*/cells/{args.cell_ids[0]}*"))
+    if len(found) != 1:
+        raise ConfigError(f"logs: {len(found)} cells under {results_dir} match {args.cell_ids[0]!r}"
+                          + (f": {', '.join(p.name for p in found)}" if found else "; check results_dir="))
+    work = found[0]
+    logs = cell_logs(work)
+    if not logs and not args.follow:
+        print(f"cell {work.name} has no logs yet ({work})", file=sys.stderr)
+        return 0
+    current, offset = (logs[-1], 0) if logs else (None, 0)
+    while True:
+        if current is not None:
+            with open(current, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            offset += len(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        if not args.follow:
+            return 0
+        newest = cell_logs(work)
+        if newest and newest[-1] != current:
+            current, offset = newest[-1], 0
+            print(f"\n==> {current.name} <==", flush=True)
+            continue
+        if (work / ROW_FILENAME).exists():
+            return 0
+        try:
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_cancel(overrides, args) -> int:
-    from aletheia_hpc.campaign.slurm import cancel
-
-    plan = _plan(overrides)
-    _require_slurm(plan, "cancel")
-    ids = cancel(plan.cells, Path(plan.root.results_dir), plan.root.cluster.name)
+    ids = _service(overrides).cancel()
     print(f"cancelled {len(ids)} job(s)" + (f": {' '.join(ids)}" if ids else ""), file=sys.stderr)
     return 0
 
 
 def cmd_run_cell(overrides, args) -> int:
     from aletheia_hpc.campaign.matrix import check_cells, compose_root
+    from aletheia_hpc.campaign.service import require_placement
     from aletheia_hpc.config import CellConfig
     from aletheia_hpc.worker.cell import run_cell
 
@@ -223,7 +266,7 @@ def cmd_run_cell(overrides, args) -> int:
     cell = CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
     check_cells([cell])
-    _require_placement([cell], root.cluster)
+    require_placement([cell], root.cluster)
     row = run_cell(cell, Path(root.results_dir), progress=root.progress, cpu_fallback=root.cluster.cpu_fallback)
     # one line, last: scripts read it with `tail -1`
     print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",
@@ -233,30 +276,70 @@ def cmd_run_cell(overrides, args) -> int:
 
 def cmd_aggregate(overrides, args) -> int:
     from aletheia_hpc.aggregate import aggregate_campaign, summary_table
+    from aletheia_hpc.campaign.service import recorded_cost
 
     plan = _plan(overrides)
     names = plan.root.campaign.parts or [plan.name]
+    results_dir = Path(plan.root.results_dir)
     for name in names:
-        expected = sum(1 for c in plan.cells if c.campaign == name)
-        result = aggregate_campaign(Path(plan.root.results_dir), name, expected_cells=expected)
+        ids = {c.cell_id for c in plan.cells if c.campaign == name}
+        found = {p.name for p in (results_dir / name / "cells").glob("*") if p.is_dir()}
+        expected = len(ids)
+        if found - ids:  # e.g. a results dir copied from a cluster, aggregated under another config
+            expected = None
+            print(f"{name}: {len(found - ids)} of the {len(found)} cell directories under {results_dir / name} are "
+                  "not cells of this campaign config: aggregating every row found, without a completeness "
+                  "check (give the campaign's own config, e.g. campaign=<name>, to check it)", file=sys.stderr)
+        result = aggregate_campaign(results_dir, name, expected_cells=expected)
         print(summary_table(result))
         print(f"report: {result.report_md}")
+    _print_cost(recorded_cost(plan))  # from the accounting.json files status keeps beside the rows
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aletheia-hpc", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+# verb -> (handler, what it does); `resubmit` is `launch` under the name operators use for a rerun
+VERBS = {
+    "plan": (cmd_plan, "expand and validate the campaign, submit nothing"),
+    "launch": (cmd_launch, "run or submit every cell that is not done and not queued"),
+    "status": (cmd_status, "where every cell stands (cell files + one scheduler query)"),
+    "resubmit": (cmd_launch, "the same as launch: failed and missing cells (--force, --retry-nan)"),
+    "cancel": (cmd_cancel, "cancel every queued or running job of the campaign (SLURM)"),
+    "logs": (cmd_logs, "a cell's newest attempt log: logs CELL_ID [--follow]"),
+    "run-cell": (cmd_run_cell, "run one cell here, in this process"),
+    "aggregate": (cmd_aggregate, "tables, statistics, figures and the report"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aletheia-hpc", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__ + "\n".join(f"  {verb:10s} {text}" for verb, (_, text) in VERBS.items()))
     parser.add_argument("verb", choices=VERBS)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. campaign=smoke train.steps=5")
+    parser.add_argument("words", nargs="*", help="Hydra overrides (key=value), e.g. campaign=smoke train.steps=5")
     parser.add_argument("--json", action="store_true", help="plan, status: machine-readable output")
-    parser.add_argument("--force", nargs="+", metavar="CELL_ID",
-                        help="resubmit: rerun these cells even if done (their old row is kept aside)")
-    args = parser.parse_args(argv)
-    handler = {"plan": cmd_plan, "launch": cmd_launch, "status": cmd_status, "resubmit": cmd_resubmit,
-               "cancel": cmd_cancel, "run-cell": cmd_run_cell, "aggregate": cmd_aggregate}[args.verb]
+    parser.add_argument("--force", action="append", metavar="CELL_ID",
+                        help="launch/resubmit: rerun this cell from scratch even if done (repeatable)")
+    parser.add_argument("--retry-nan", action="store_true",
+                        help="launch/resubmit: run nan_abort cells again too (left alone by default)")
+    parser.add_argument("--watch", action="store_true",
+                        help="status: a live table (step N/total, elapsed, ETA) until no cell is busy")
+    parser.add_argument("--interval", type=float, default=10.0, help="status --watch: seconds between refreshes")
+    parser.add_argument("--follow", action="store_true", help="logs: keep printing what the cell writes")
+    parser.add_argument("--sbatch", action="store_true",
+                        help="plan: print the sbatch script of every resource class (submits nothing)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)  # flags anywhere on the line
+    overrides = [w for w in args.words if "=" in w]
+    args.cell_ids = [w for w in args.words if "=" not in w]
+    if args.cell_ids and args.verb != "logs":
+        parser.error(f"{args.verb}: {' '.join(args.cell_ids)!r} is not a Hydra override (key=value)")
+    handler = VERBS[args.verb][0]
     try:
-        return handler(args.overrides, args)
+        return handler(overrides, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ and is run on every cell before anything is submitted.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from aletheia_hpc.row import arm_name
 
 MODEL_KINDS = ("hub", "local", "gguf", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# train.report_to -> the package the Trainer's callback needs
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 QUANTIZATIONS = ("none", "nf4", "int8")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle")
 PROBE_NORMS = ("layer", "tensor_sum")
@@ -121,6 +124,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     scheduler: str = "cosine"
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only on preemption)
+    # experiment tracking of the Trainer's logs, run name = cell id, files in the cell's tracking/
+    # directory (wandb offline): none | tensorboard | wandb | mlflow. Not part of the cell's identity.
+    report_to: str = "none"
 
 
 @dataclass
@@ -168,6 +174,27 @@ class CampaignConfig:
     faults: dict[str, FaultConfig] = field(default_factory=dict)
 
 
+# sbatch --mail-type values (several may be joined with commas)
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+# options the SLURM dispatcher sets itself: an extra line must not set them again
+DISPATCH_OWNED_OPTIONS = ("array", "output", "error", "job-name", "signal", "nodes", "ntasks-per-node",
+                          "cpus-per-task", "mem", "time", "gres", "partition", "account", "qos", "requeue",
+                          "open-mode", "wckey")
+
+
+@dataclass
+class SbatchConfig:
+    """Site options for every job of a SLURM cluster, checked at plan time."""
+    constraint: Optional[str] = None  # --constraint, e.g. "a100" or "gpu80g&ib"
+    gres_type: Optional[str] = None  # GPU type in --gres=gpu:<type>:<n>, e.g. "a100"
+    exclusive: bool = False  # --exclusive: whole nodes (no other job shares the GPUs' host)
+    reservation: Optional[str] = None
+    mail_type: Optional[str] = None  # e.g. "END,FAIL"
+    mail_user: Optional[str] = None
+    extra: list[str] = field(default_factory=list)  # further lines, each "--option" or "--option=value"
+
+
 @dataclass
 class ClusterConfig:
     name: str = "local"
@@ -191,6 +218,7 @@ class ClusterConfig:
     # for clusters whose GPUs are declared but not real (the dev cluster): elsewhere such a cell's
     # timings would not compare with its pair's, so it is refused.
     cpu_fallback: bool = False
+    sbatch: SbatchConfig = field(default_factory=SbatchConfig)
 
 
 @dataclass
@@ -242,6 +270,7 @@ class CellConfig:
     def identity(self) -> dict[str, Any]:
         ident = asdict(self)
         ident.pop("faults")
+        ident["train"].pop("report_to")
         ident["model"].pop("resources")
         ident["model"].pop("shape")
         return ident
@@ -323,6 +352,11 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append("train.lr (or model.lr): must be > 0")
     if t.scheduler not in SCHEDULERS:
         problems.append(f"train.scheduler={t.scheduler!r}: use one of {SCHEDULERS}")
+    if t.report_to not in REPORT_TO:
+        problems.append(f"train.report_to={t.report_to!r}: use one of {tuple(REPORT_TO)}")
+    elif REPORT_TO[t.report_to] and importlib.util.find_spec(REPORT_TO[t.report_to]) is None:
+        problems.append(f"train.report_to={t.report_to}: the {REPORT_TO[t.report_to]} package is not installed; "
+                        f"pip install {REPORT_TO[t.report_to]}")
     if t.checkpoint_every < 0:
         problems.append(f"train.checkpoint_every={t.checkpoint_every}: use 0 (only on preemption) or a "
                         "positive number of optimizer steps")
@@ -343,6 +377,51 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"eval: {exc}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def validate_cluster(cluster: ClusterConfig) -> None:
+    """Raise ConfigError listing every problem of the cluster profile's sbatch options."""
+    import re
+
+    sb, problems = cluster.sbatch, []
+    token = re.compile(r"^[A-Za-z0-9_.:,&|\[\]*+-]+$")
+    for name in ("constraint", "gres_type", "reservation"):
+        value = getattr(sb, name)
+        if value is not None and not token.match(value):
+            problems.append(f"cluster.sbatch.{name}={value!r}: no spaces, quotes or newlines")
+    if sb.gres_type is not None and ":" in sb.gres_type:
+        problems.append(f"cluster.sbatch.gres_type={sb.gres_type!r}: the type only (e.g. a100); the count comes "
+                        "from model.resources.gpus")
+    if sb.mail_type is not None:
+        bad = [t for t in sb.mail_type.split(",") if t.strip().upper() not in MAIL_TYPES]
+        if bad:
+            problems.append(f"cluster.sbatch.mail_type={sb.mail_type!r}: {', '.join(bad)} not one of {MAIL_TYPES}")
+        if not sb.mail_user:
+            problems.append("cluster.sbatch.mail_type is set but cluster.sbatch.mail_user is not: where to send it?")
+    if sb.mail_user is not None and not re.match(r"^[^\s@]+(@[^\s@]+)?$", sb.mail_user):
+        problems.append(f"cluster.sbatch.mail_user={sb.mail_user!r}: one user name or address")
+    for line in sb.extra:
+        option = line.removeprefix("#SBATCH").strip()
+        name = option[2:].split("=", 1)[0]
+        if not option.startswith("--") or not name or "\n" in line or " " in option.split("=", 1)[0]:
+            problems.append(f"cluster.sbatch.extra: {line!r}: write one long option, '--name' or '--name=value'")
+        elif name in DISPATCH_OWNED_OPTIONS:
+            problems.append(f"cluster.sbatch.extra: {line!r}: --{name} is set by the dispatcher "
+                            "(use model.resources or the cluster profile's own field)")
+    if cluster.kind != "slurm" and (sb != SbatchConfig()):
+        problems.append(f"cluster.sbatch is set on cluster {cluster.name!r} of kind {cluster.kind}: only SLURM "
+                        "jobs take sbatch options")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def sbatch_extra_parameters(sbatch: SbatchConfig) -> dict[str, Any]:
+    """cluster.sbatch.extra as submitit additional_parameters ('--hint=nomultithread' -> hint)."""
+    out: dict[str, Any] = {}
+    for line in sbatch.extra:
+        name, sep, value = line.removeprefix("#SBATCH").strip()[2:].partition("=")
+        out[name.replace("-", "_")] = value if sep else True
+    return out
 
 
 def to_yaml(obj: Any) -> str:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
+
+from aletheia_hpc.files import atomic_write
 
 ROW_FILENAME = "row.json"
 STATUSES = ("ok", "failed", "nan_abort")
@@ -79,6 +79,8 @@ class Row:
     final_train_loss: Optional[float] = _f(None, group="training", required=True)
     eval_loss: Optional[float] = _f(None, group="training", required=True)  # held-out loss
     attempts: Optional[int] = _f(None, group="training")
+    # what went wrong and was recovered from (e.g. a damaged checkpoint set aside), one text each
+    warnings: list = _f([], group="training", csv=None)
     # --------------------------------------------------------- evaluation (when benchmarks run)
     benchmarks: Optional[list] = _f([], group="evaluation", csv="json")  # names that ran
     mmlu_acc: Optional[float] = _f(None, group="evaluation")
@@ -168,18 +170,7 @@ def write_row(path: Path, row: Row | dict) -> None:
     """Validate and write ``row`` atomically: readers see the old file, the new one, or none."""
     row = row.to_dict() if isinstance(row, Row) else dict(row)
     validate_row(row)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".row-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(row, handle, indent=1, sort_keys=True, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), json.dumps(row, indent=1, sort_keys=True, allow_nan=False))
 
 
 def read_row(path: Path) -> dict:

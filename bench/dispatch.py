@@ -1,4 +1,5 @@
-"""Dispatch benchmark: the full ``campaign=paper`` matrix (128 cells) as no-op cells on SLURM.
+"""Dispatch benchmark: the full ``campaign=paper`` matrix (128 cells) as no-op cells on SLURM, launched
+as ONE campaign through the campaign service (as ``aletheia-hpc launch campaign=paper`` does).
 
     eval "$(slurm/dev-cluster env)"   # after slurm/dev-cluster up
     .venv/bin/python bench/dispatch.py [--results DIR] [--timeout S] [--plan-only] [extra hydra overrides]
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aletheia_hpc.campaign import slurm as dispatch  # noqa: E402
 from aletheia_hpc.campaign.matrix import expand  # noqa: E402
+from aletheia_hpc.campaign.service import CampaignService  # noqa: E402
 from aletheia_hpc.campaign.store import cell_path  # noqa: E402
 from aletheia_hpc.row import ROW_FILENAME  # noqa: E402
 
@@ -64,17 +66,16 @@ def main() -> int:
     log = work / "calls.log"
     install_shims(work / "bin", log)
     cluster = plan.root.cluster
-    by_campaign: dict[str, list] = {}
-    for cell in plan.cells:
-        by_campaign.setdefault(cell.campaign, []).append(cell)
-    classes = {dispatch.resource_class(c, cluster) for c in plan.cells}
+    parts = {c.campaign for c in plan.cells}
+    groups = {(c.campaign, dispatch.resource_class(c, cluster)) for c in plan.cells}
+    classes = {cls for _, cls in groups}
     limit = dispatch.max_array_size(cluster)
+    # the floor: one array per (part, class) and chunk of MaxArraySize (each part keeps its job name)
+    arrays_needed = sum(-(-sum((c.campaign, dispatch.resource_class(c, cluster)) == g for c in plan.cells) // limit)
+                        for g in groups)
+    service = CampaignService(plan, say=lambda text: None)
     t1 = time.perf_counter()
-    arrays_needed = 0
-    for name, cells in by_campaign.items():
-        dispatch.submit_cells(cells, results, cluster, name)
-        arrays_needed += sum(-(-sum(dispatch.resource_class(c, cluster) == k for c in cells) // limit)
-                             for k in {dispatch.resource_class(c, cluster) for c in cells})
+    launch = service.launch()
     t_queued = time.perf_counter() - t1
     sbatch_calls = calls(log, "sbatch")
 
@@ -87,12 +88,12 @@ def main() -> int:
     t_rows = time.perf_counter() - t1
 
     before = calls(log, "sacct")
-    states = dispatch.cell_states(plan.cells, results, cluster.name)
+    status = service.status()
     sacct_calls = calls(log, "sacct") - before
-    done = sum(s["state"] == "done" for s in states)
+    done = status.counts.get("done", 0)
 
-    print(f"cells: {len(plan.cells)} ({len(by_campaign)} campaign parts, {len(classes)} resource classes, "
-          f"MaxArraySize {limit})")
+    print(f"cells: {len(plan.cells)} ({len(parts)} campaign parts launched as one campaign, {len(classes)} "
+          f"resource classes, MaxArraySize {limit}); submitted {launch.submission.cells}")
     print(f"sbatch calls: {sbatch_calls} (floor: {arrays_needed} = arrays needed per class and part)")
     print(f"expand (hydra compose + validation): {t_expand:.2f} s")
     print(f"launch -> all cells queued (snapshot + sbatch): {t_queued:.2f} s")

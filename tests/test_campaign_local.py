@@ -4,8 +4,10 @@ real cells (tiny models, real training and benchmark runs) -> rows -> every aggr
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -98,3 +100,81 @@ def test_launch_reruns_a_failed_cell_and_keeps_its_old_row(tmp_path):
     (kept,) = failed_dir.glob("row.json.replaced-*")
     assert json.loads(kept.read_text())["status"] == "failed"
     assert (cells["aletheia"] / "row.json").stat().st_mtime_ns == done_row  # a done cell is not touched
+
+
+def test_a_second_local_launch_refuses_and_foreign_rows_do_not_count(tmp_path):
+    """Two launches of one campaign at once would run every cell twice: the second one refuses,
+    naming the first. A row copied into another cell's directory is not that cell's result."""
+    ov = ["campaign=default", f"results_dir={tmp_path}", "train.steps=3", "progress=false",
+          "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:3}}"]
+    first = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "default" / "launch.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text().strip()):
+            assert time.monotonic() < deadline and first.poll() is None, "the first launch never took its lock"
+            time.sleep(0.2)
+        holder = json.loads(lock.read_text())
+        second = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert (f"being launched already by pid {first.pid} on host {holder['host']}, started "
+                f"{holder['started_at']}") in second.stderr, second.stderr
+        during = json.loads(cli("status", "--json", *ov).stdout)  # flags before the overrides
+        assert set(during["counts"]) <= {"pending", "running", "done"}, during
+    finally:
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    cells = {json.loads(p.read_text())["recipe"]: p.parent for p in (tmp_path / "default" / "cells").glob("*/row.json")}
+    for cell_dir in cells.values():  # each cell ran once, by the first launch
+        assert len(json.loads((cell_dir / "attempts.json").read_text())) == 1
+        row = json.loads((cell_dir / "row.json").read_text())
+        snapshot = Path(json.loads((cell_dir / "jobs.jsonl").read_text().splitlines()[-1])["snapshot"])
+        # a local launch runs its cells in a code snapshot, as a SLURM launch does
+        assert snapshot.parent == tmp_path / "default" / "snapshots"
+        assert (snapshot / "aletheia_hpc" / "worker" / "__main__.py").exists()
+        assert row["git_sha"] == (snapshot / ".snapshot-git-sha").read_text().split()[0]
+
+    # the standard cell's row, copied over the aletheia cell's: reported, not counted as done
+    shutil.copy(cells["standard"] / "row.json", cells["aletheia"] / "row.json")
+    st = {c["recipe"]: c for c in json.loads(cli("status", *ov, "--json").stdout)["cells"]}
+    assert st["aletheia"]["state"] == "missing", st
+    assert f"row.json is not this cell's (cell_id={cells['standard'].name}" in st["aletheia"]["reason"]
+    assert st["standard"]["state"] == "done"
+    again = cli("launch", *ov)
+    assert "1 already done" in again.stderr and "1 to run" in again.stderr, again.stderr
+    assert json.loads((cells["aletheia"] / "row.json").read_text())["cell_id"] == cells["aletheia"].name
+    assert json.loads(next(cells["aletheia"].glob("row.json.replaced-*")).read_text())["recipe"] == "standard"
+
+
+def test_a_nan_abort_cell_exits_non_zero_and_is_left_alone_unless_asked(tmp_path):
+    ov = ["campaign=default", f"results_dir={tmp_path}", "train.steps=3", "progress=false",
+          "campaign.recipes=[standard]", "+campaign.faults={tiny-llama/standard/42:{nan_at_step:2}}"]
+    first = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1, first.stderr[-2000:]
+    (cell_dir,) = (tmp_path / "default" / "cells").iterdir()
+    (log,) = (cell_dir / "logs").glob("local-*.log")
+    assert "exited with code 4" in first.stderr, first.stderr[-2000:]
+    st = json.loads(cli("status", "--json", *ov).stdout)
+    assert st["counts"] == {"nan_abort": 1} and st["cells"][0]["reason"].startswith("nan_abort"), st
+    again = cli("launch", *ov)  # nothing to run: the overflow would come back
+    assert "1 nan_abort left alone (--retry-nan runs them again), 0 to run" in again.stderr, again.stderr
+    assert len(list((cell_dir / "logs").glob("local-*.log"))) == 1
+    retry = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "resubmit", "--retry-nan", *ov],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert retry.returncode == 1 and "1 to run" in retry.stderr, retry.stderr[-2000:]
+    assert len(list((cell_dir / "logs").glob("local-*.log"))) == 2 and list(cell_dir.glob("row.json.replaced-*"))
+
+
+def test_aggregating_rows_without_their_campaign_config_counts_the_rows_found(tmp_path):
+    made = ["campaign=default", "campaign.name=made", "campaign.seeds=[1,2]", "train.steps=1", "train.warmup_steps=0",
+            "train.checkpoint_every=0", "data.builtin_size=120", "data.eval_size=16", f"results_dir={tmp_path}",
+            "progress=false"]
+    cli("launch", *made)
+    shutil.copytree(tmp_path / "made", tmp_path / "copied")  # as copied from a cluster
+    out = cli("aggregate", "campaign.name=copied", f"results_dir={tmp_path}")  # the default config: 2 other cells
+    assert "4 of the 4 cell directories" in out.stderr and "not cells of this campaign config" in out.stderr
+    report = (tmp_path / "copied" / "REPORT.md").read_text()
+    assert "4 cells have rows" in report and "of 2 cells" not in report + out.stdout, report[:1500]

@@ -2,12 +2,11 @@
 declares 4 GPUs: one node, 4 GPUs allocated, and the job sees 4 devices. (The dev cluster's GPUs are
 declared, not real, so the cell itself trains on the CPU.)"""
 
-import json
 import time
 
 import pytest
 
-from tests.test_campaign_slurm import cli, status, wait_idle
+from tests.test_campaign_slurm import cli, job_records, status, wait_idle
 
 pytestmark = pytest.mark.slurm
 
@@ -21,7 +20,7 @@ def test_a_four_gpu_cell_runs_on_one_node_and_sees_four_devices(dev_cluster, tmp
     wait_idle(dev_cluster, f"aletheia-{name}", 240)
     assert status(dev_cluster, ov)["counts"] == {"done": 1}
 
-    job = json.loads((tmp_path / name / "jobs.jsonl").read_text().splitlines()[-1])
+    job = job_records(tmp_path, name)[-1]
     deadline = time.monotonic() + 30
     while True:  # accounting lags the controller by a moment
         alloc = dev_cluster.run(["sacct", "-n", "-X", "-P", "-j", job["array_job_id"],

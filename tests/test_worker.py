@@ -140,11 +140,43 @@ def test_a_stop_during_evaluation_keeps_the_training_and_the_next_attempt_only_e
     assert abs(row["eval_loss"] - _base_eval_loss(tmp_path / "base", "tiny-llama")) > 1e-4
 
 
-def test_step_times_missing_for_a_checkpoint_fail_the_cell_instead_of_undercounting(tmp_path):
+def test_step_times_missing_for_a_checkpoint_restart_the_cell_instead_of_undercounting(tmp_path):
     cell = make_cell("model=tiny-llama", "recipe=standard")
     (_stopped_attempt(tmp_path, cell) / PROGRESS_FILE).unlink()
-    with pytest.raises(RuntimeError, match="train time cannot be accounted"):
-        run_cell(cell, tmp_path, progress=False)
+    row = run_cell(cell, tmp_path, progress=False)
+    # the checkpoint's step time is lost: it is set aside and every step is trained (and timed) again
+    assert row["status"] == "ok" and row["train_steps"] == 8 and len(row["step_times_s"]) == 8
+    assert "checkpoint-1 not resumed (progress.json has the times of 0 steps" in row["warnings"][0]
+    assert row["warnings"][-1] == "no usable checkpoint left: trained from scratch"
+
+
+def _damage(checkpoint: Path) -> None:
+    weights = checkpoint / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=standard", "train.checkpoint_every=2")  # 8 steps
+    first = run_cell(cell, tmp_path, progress=False)
+    work = cell_path(tmp_path, cell)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["checkpoint-6", "checkpoint-8"]
+    (work / "row.json").unlink()  # as when the node died while the row was being evaluated
+    _damage(work / "checkpoints" / "checkpoint-8")
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["attempts"] == 2 and row["train_steps"] == 8
+    assert row["step_times_s"][:6] == first["step_times_s"][:6] and len(row["step_times_s"]) == 8
+    assert row["step_times_s"][6:] != first["step_times_s"][6:]  # steps 7 and 8 trained again
+    (warning,) = row["warnings"]
+    assert warning.startswith("checkpoint checkpoint-8 not resumed (adapter_model.safetensors has ")
+    assert len(list((work / "checkpoints").glob("damaged-checkpoint-8-*"))) == 1  # kept, not deleted
+
+    # both damaged: a fresh start, said in the row, never a cell that fails forever
+    (work / "row.json").unlink()
+    for checkpoint in (work / "checkpoints").glob("checkpoint-*"):
+        _damage(checkpoint)
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["attempts"] == 3 and len(row["step_times_s"]) == 8
+    assert row["warnings"][-1] == "no usable checkpoint left: trained from scratch" and len(row["warnings"]) == 3
 
 
 def test_cell_id_is_a_stable_hash_of_the_resolved_config():
@@ -213,3 +245,12 @@ def test_the_worker_survives_a_flood_of_stop_signals():
         assert child.returncode == 0 and "requested True" in out, (child.returncode, out, sent)
     finally:
         child.kill()
+
+
+def test_report_to_tensorboard_writes_event_files_in_the_cell_directory(tmp_path):
+    cell = make_cell("model=tiny-llama", "recipe=standard", "train.steps=2", "train.report_to=tensorboard")
+    assert cell.cell_id == make_cell("model=tiny-llama", "recipe=standard", "train.steps=2").cell_id
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok"
+    events = list((cell_path(tmp_path, cell) / "tracking" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events), events

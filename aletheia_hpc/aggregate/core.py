@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,6 +11,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from aletheia_hpc.files import atomic_write
 
 from .paper import PaperReference, load_paper_reference, model_sort_key, paper_name
 from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
@@ -220,14 +220,7 @@ def _completeness(n_rows: int, expected: int | None, n_bad: int, n_missing: int)
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text, fsync=False)
 
 
 def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir: Path | None = None,

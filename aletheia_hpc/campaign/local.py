@@ -1,18 +1,26 @@
-"""Run a campaign's cells on this machine, no scheduler: each cell in its own worker process,
-``local_workers`` at a time, output copied to the terminal and to the cell's attempt log."""
+"""The local dispatcher: a campaign's cells on this machine, no scheduler. Each cell runs in its own
+worker process (in the launch's code snapshot), ``local_workers`` at a time, its output copied to
+the terminal and to the cell's attempt log. The launch holds each part's ``launch.lock`` while it
+runs (campaign.service); job records name the launch, so status can tell its cells apart."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from aletheia_hpc.campaign.store import LOG_DIR, REQUEUE_EXIT_CODE, prepare_cell_dir, unique_stamp, worker_command
-from aletheia_hpc.config import CellConfig, ClusterConfig
+from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
+from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, launch_lock_path,
+                                         prepare_cell_dir, unique_stamp, worker_command)
+from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError
+from aletheia_hpc.files import lock_holder
+from aletheia_hpc.provenance import host_name
 
 _print_lock = threading.Lock()
 
@@ -79,59 +87,94 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _run_one(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
-             cpu_fallback: bool, gpus: GpuPool) -> int:
-    devices = gpus.acquire(cell.model.resources.gpus)
-    try:
-        if devices:
-            env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(devices)}
-        return _run_until_done(cell, results_dir, label, echo, env, cpu_fallback)
-    finally:
-        gpus.release(devices)
+class LocalDispatcher:
+    """Runs cells at once, in this process's launch; its view of jobs is the launch locks."""
+    kind = "local"
 
+    def __init__(self, cluster: ClusterConfig, results_dir: Path):
+        self.cluster, self.results_dir = cluster, Path(results_dir)
+        self.launch_id = f"{host_name()}:{os.getpid()}:{unique_stamp()}"
 
-def _run_until_done(cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
-                    cpu_fallback: bool) -> int:
-    work_dir = prepare_cell_dir(results_dir, cell)
-    while True:
-        log_path = work_dir / LOG_DIR / f"local-{unique_stamp()}.log"
-        _say(f"{label} {cell.model.name} / {cell.recipe.name} / seed {cell.seed} / {cell.variant} "
-             f"-> {work_dir}")
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(worker_command(work_dir, progress=True, cpu_fallback=cpu_fallback),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-            # Raw chunks, not lines: progress bars redraw with carriage returns.
-            while chunk := proc.stdout.read1(4096):
-                log.write(chunk)
-                if echo:
-                    with _print_lock:
-                        sys.stderr.buffer.write(chunk)
-                        sys.stderr.flush()
-            code = proc.wait()
-        if code != REQUEUE_EXIT_CODE:
+    def observe(self, jobs: dict[str, dict]) -> SchedulerView:
+        """A recorded local job is queued or running while the launch that recorded it still holds
+        its part's lock; otherwise it has ended."""
+        live: dict[str, str | None] = {}
+        states = {}
+        for rec in jobs.values():
+            part = rec.get("part", "")
+            if part not in live:
+                holder = lock_holder(launch_lock_path(self.results_dir, part))
+                live[part] = json.loads(holder).get("launch") if holder else None
+            if rec.get("launch") == live[part] and rec.get("phase") != "ended":
+                states[rec["job_id"]] = "RUNNING" if rec.get("phase") == "running" else "PENDING"
+        return SchedulerView("local", states)
+
+    def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
+        """Run ``cells`` to the end; a failed cell never stops the others. A cell that asks for GPUs
+        gets its own (CUDA_VISIBLE_DEVICES), and waits while they are in use."""
+        workers = self.cluster.local_workers
+        for cell in cells:
+            prepare_cell_dir(results_dir, cell)
+            self._record(cell, "queued", snapshots[cell.campaign])
+        echo = workers == 1  # interleaved progress bars from parallel cells would be unreadable
+        # Share the cores: parallel cells that each spawn one thread per core slow each other down
+        # many times over (a user's own OMP_NUM_THREADS wins).
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        gpus = GpuPool(visible_gpu_ids() if any(c.model.resources.gpus for c in cells) else [])
+        codes: dict[str, int] = {}
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(self._run_one, cell, Path(results_dir), f"[{i + 1}/{len(cells)}]", echo, env,
+                                   gpus, snapshots[cell.campaign]): cell
+                       for i, cell in enumerate(cells)}
+            for future, cell in futures.items():
+                codes[cell.cell_id] = future.result()
+                if codes[cell.cell_id] != 0:
+                    _say(f"cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/seed {cell.seed}) "
+                         f"exited with code {codes[cell.cell_id]}; logs: aletheia-hpc logs {cell.cell_id}")
+        return Submission(cells=len(cells), exit_codes=codes)
+
+    def cancel(self, job_ids: list[str]) -> list[str]:
+        raise ConfigError("cancel needs a SLURM cluster: stop a local launch with Ctrl-C "
+                          "(its finished cells keep their rows)")
+
+    def _record(self, cell: CellConfig, phase: str, snapshot: Path, **extra) -> None:
+        append_job(self.results_dir, cell, {"job_id": f"local-{self.launch_id}", "launch": self.launch_id,
+                                            "part": cell.campaign, "phase": phase, "snapshot": str(snapshot),
+                                            "submitted_at": time.time(), "cluster": self.cluster.name,
+                                            **extra})
+
+    def _run_one(self, cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
+                 gpus: GpuPool, snapshot: Path) -> int:
+        devices = gpus.acquire(cell.model.resources.gpus)
+        try:
+            self._record(cell, "running", snapshot)
+            env = {**env, "PYTHONPATH": str(snapshot) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")}
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            code = self._run_until_done(cell, results_dir, label, echo, env, snapshot)
+            self._record(cell, "ended", snapshot, exit_code=code)
             return code
+        finally:
+            gpus.release(devices)
 
-
-def run_local(cells: list[CellConfig], results_dir: Path, workers: int = 1,
-              cpu_fallback: bool = False) -> dict[str, int]:
-    """Run ``cells``; returns cell_id -> worker exit code. A failed cell never stops the others. A cell
-    that asks for GPUs gets its own (CUDA_VISIBLE_DEVICES), and waits while they are in use."""
-    if not cells:
-        return {}
-    echo = workers == 1  # interleaved progress bars from parallel cells would be unreadable
-    # Share the cores: parallel cells that each spawn one thread per core slow each other down
-    # many times over (a user's own OMP_NUM_THREADS wins).
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    gpus = GpuPool(visible_gpu_ids() if any(c.model.resources.gpus for c in cells) else [])
-    codes: dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_run_one, cell, results_dir, f"[{i + 1}/{len(cells)}]", echo, env,
-                               cpu_fallback, gpus): cell
-                   for i, cell in enumerate(cells)}
-        for future, cell in futures.items():
-            codes[cell.cell_id] = future.result()
-            if codes[cell.cell_id] != 0:
-                _say(f"cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/seed {cell.seed}) "
-                     f"exited with code {codes[cell.cell_id]}; logs under {Path(results_dir) / cell.campaign / 'cells' / cell.cell_id / LOG_DIR}")
-    return codes
+    def _run_until_done(self, cell: CellConfig, results_dir: Path, label: str, echo: bool,
+                        env: dict[str, str], snapshot: Path) -> int:
+        work_dir = prepare_cell_dir(results_dir, cell)
+        while True:
+            log_path = work_dir / LOG_DIR / f"local-{unique_stamp()}.log"
+            _say(f"{label} {cell.model.name} / {cell.recipe.name} / seed {cell.seed} / {cell.variant} "
+                 f"-> {work_dir}")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(worker_command(work_dir, progress=True, cpu_fallback=self.cluster.cpu_fallback),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=snapshot)
+                # Raw chunks, not lines: progress bars redraw with carriage returns.
+                while chunk := proc.stdout.read1(4096):
+                    log.write(chunk)
+                    if echo:
+                        with _print_lock:
+                            sys.stderr.buffer.write(chunk)
+                            sys.stderr.flush()
+                code = proc.wait()
+            if code != REQUEUE_EXIT_CODE:
+                return code

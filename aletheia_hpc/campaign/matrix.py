@@ -19,7 +19,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig, validate_cell
+from aletheia_hpc.config import (CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig, validate_cell,
+                                 validate_cluster)
 from aletheia_hpc.data.builtin import BUILTIN_NAME
 from aletheia_hpc.provenance import REPO_ROOT
 
@@ -124,6 +125,7 @@ def expand(overrides: list[str]) -> Plan:
     """Every cell of the campaign selected by ``overrides``; ConfigError lists every bad cell."""
     _refuse_cell_axes(overrides)
     root = compose_root(overrides)
+    validate_cluster(root.cluster)
     campaign = root.campaign
     if campaign.parts:
         cells = []

@@ -1,30 +1,28 @@
-"""Run a campaign on SLURM: job arrays per resource class, one sacct per status, requeue on USR2.
+"""The SLURM dispatcher: job arrays per (campaign part, resource class), one sacct per status,
+requeue on USR2.
 
-Orchestration only: nothing here imports torch or the worker. Layout under
-``<results_dir>/<campaign>/``:
+Orchestration only: nothing here imports torch or the worker. Under ``<results_dir>/<part>/``:
 
-``cells/<cell_id>/``  the cell's files (store.py); the worker's output of each attempt goes to
-                      ``logs/slurm-<job>-r<restart>.log`` there.
-``snapshots/<ts>/``   the code a launch runs (aletheia_hpc/, conf/, campaigns/ and
-                      ``.snapshot-git-sha``); jobs run with PYTHONPATH and cwd there, so editing
-                      the checkout never changes a running or requeued job.
+``cells/<cell_id>/``  the cell's files (store.py), its job records (``jobs.jsonl``: job_id ``A_T``,
+                      array_job_id, task, snapshot, submitted_at, cluster) and the worker's output
+                      of each attempt (``logs/slurm-<job>-r<restart>.log``).
+``snapshots/<ts>/``   the code a launch runs (store.take_snapshot); jobs run with PYTHONPATH and
+                      cwd there, so editing the checkout never changes a running or requeued job.
 ``submitit/``         submitit's pickles and the per-task scheduler logs.
-``jobs.jsonl``        one line per submitted cell: cell_id, job_id (``A_T``), array_job_id, task,
-                      snapshot, submitted_at, cluster. The last line of a cell is its current job.
 
 Requeue: the job function runs ``python -m aletheia_hpc.worker CELL_DIR`` as a child process
 and forwards SIGUSR2 (SLURM's ``--signal=USR2@signal_delay_s`` pre-timeout warning) and SIGTERM to
 it. The worker checkpoints and exits with REQUEUE_EXIT_CODE; if the warning was USR2 the job
 function then runs ``scontrol requeue`` on its own job, and the next attempt resumes from the
-checkpoint in the cell directory. A SIGTERM alone (scancel) is not requeued.
+checkpoint in the cell directory. A SIGTERM alone (scancel) is not requeued. Any other non-zero
+exit (an exception, a nan_abort) fails the job, so SLURM records FAILED.
 """
 
 from __future__ import annotations
 
-import json
+import getpass
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,22 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, campaign_dir, cell_path,
-                                         prepare_cell_dir, row_state, unique_stamp, worker_command)
-from aletheia_hpc.config import CellConfig, ClusterConfig
-from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
+from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
+from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, campaign_dir,
+                                         prepare_cell_dir, worker_command)
+from aletheia_hpc.config import CellConfig, ClusterConfig, sbatch_extra_parameters
 
-JOBS_FILE = "jobs.jsonl"
-SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
 MAX_REQUEUES = 20  # a cell that asks for more is failed (its time limit is far too short)
-# A job that sacct does not know counts as just submitted for this long; after that it is lost
-# (accounting purged, another cluster's or a wiped cluster's job id) and its cell is missing.
-ACCOUNTING_GRACE_S = 300
-
-ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
-          "REQUEUE_FED": "pending", "RESIZING": "pending", "SUSPENDED": "pending",
-          "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
-          "SIGNALING": "running", "STAGE_OUT": "running", "STOPPED": "running"}
+SCHEDULER_TIMEOUT_S = 30  # an accounting or controller query that takes longer counts as down
 
 
 # ------------------------------------------------------------------ what runs inside the job
@@ -134,10 +123,19 @@ def executor_parameters(cls: ResourceClass, cluster: ClusterConfig, snapshot: Pa
         "array_parallelism": cluster.array_parallelism, "stderr_to_stdout": True,
         "setup": [*cluster.setup, f"export PYTHONPATH={shlex.quote(str(snapshot))}",
                   f"cd {shlex.quote(str(snapshot))}"],
-        "additional_parameters": {"requeue": True},
+        "additional_parameters": {"requeue": True, **sbatch_extra_parameters(cluster.sbatch)},
     }
+    sb = cluster.sbatch
     if cls.gpus:
-        params["gres"] = f"gpu:{cls.gpus}"
+        params["gres"] = f"gpu:{sb.gres_type}:{cls.gpus}" if sb.gres_type else f"gpu:{cls.gpus}"
+    if sb.constraint:
+        params["constraint"] = sb.constraint
+    if sb.exclusive:
+        params["exclusive"] = True
+    if sb.reservation:
+        params["additional_parameters"]["reservation"] = sb.reservation
+    if sb.mail_type:
+        params["mail_type"], params["mail_user"] = sb.mail_type, sb.mail_user
     if cls.partition:
         params["partition"] = cls.partition
     if cluster.account:
@@ -185,85 +183,25 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-# ------------------------------------------------------------------ snapshot and job records
 
-def take_snapshot(camp_dir: Path, source: Path = REPO_ROOT) -> Path:
-    """Copy the code a launch runs into ``snapshots/<timestamp>``; record the git sha there."""
-    dest = (camp_dir / "snapshots" / unique_stamp()).resolve()
-    dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in SNAPSHOT_DIRS:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, dest / name, ignore=ignore)
-    sha, dirty = git_state(source)
-    (dest / SNAPSHOT_SHA_FILE).write_text(f"{sha or 'unknown'}{' dirty' if dirty else ''}\n")
-    return dest
+# ------------------------------------------------------------------ the dispatcher
+
+class SchedulerDown(RuntimeError):
+    """An accounting or controller query that failed or did not answer in time."""
 
 
-def read_jobs(camp_dir: Path) -> dict[str, dict]:
-    """cell_id -> its latest job record."""
-    path = camp_dir / JOBS_FILE
-    jobs: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                jobs[rec["cell_id"]] = rec
-    return jobs
+def _query(args: list[str], what: str) -> str:
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=SCHEDULER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SchedulerDown(f"{what} did not answer within {SCHEDULER_TIMEOUT_S} s") from None
+    except OSError as exc:
+        raise SchedulerDown(f"{what}: {exc}") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise SchedulerDown(f"{what} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return proc.stdout
 
-
-def _append_jobs(camp_dir: Path, records: Iterable[dict]) -> None:
-    with open(camp_dir / JOBS_FILE, "a") as handle:
-        for rec in records:
-            handle.write(json.dumps(rec) + "\n")
-
-
-# ------------------------------------------------------------------ submission
-
-@dataclass
-class Submission:
-    arrays: int  # sbatch calls
-    cells: int
-    classes: int
-    snapshot: Path | None
-
-
-def submit_cells(cells: list[CellConfig], results_dir: Path, cluster: ClusterConfig,
-                 campaign: str) -> Submission:
-    """Submit ``cells`` as job arrays, one sbatch per (resource class, chunk of MaxArraySize)."""
-    import submitit
-
-    results_dir = Path(results_dir).resolve()
-    camp_dir = campaign_dir(results_dir, campaign)
-    camp_dir.mkdir(parents=True, exist_ok=True)
-    if not cells:
-        return Submission(0, 0, 0, None)
-    snapshot = take_snapshot(camp_dir)
-    folder = camp_dir / "submitit" / "%j"
-    classes: dict[ResourceClass, list[CellConfig]] = defaultdict(list)
-    for cell in cells:
-        classes[resource_class(cell, cluster)].append(cell)
-    limit = max_array_size(cluster)
-    arrays = 0
-    for cls, members in sorted(classes.items()):
-        dirs = [str(prepare_cell_dir(results_dir, c)) for c in members]
-        for part_cells, part_dirs in zip(chunks(members, limit), chunks(dirs, limit)):
-            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
-            executor.update_parameters(**executor_parameters(cls, cluster, snapshot, f"aletheia-{campaign}"))
-            jobs = executor.map_array(CellJob(str(snapshot), cluster.cpu_fallback), list(part_dirs))
-            arrays += 1
-            now = time.time()
-            records = []
-            for cell, job in zip(part_cells, jobs):
-                array_id, _, task = job.job_id.partition("_")
-                records.append({"cell_id": cell.cell_id, "job_id": job.job_id, "array_job_id": array_id,
-                                "task": int(task) if task else None, "snapshot": str(snapshot),
-                                "submitted_at": now, "cluster": cluster.name})
-            _append_jobs(camp_dir, records)
-    return Submission(arrays, len(cells), len(classes), snapshot)
-
-
-# ------------------------------------------------------------------ accounting and status
 
 def _expand_tasks(spec: str) -> list[int]:
     """'[3-5,7%2]' or '4' -> task indices."""
@@ -278,25 +216,13 @@ def _expand_tasks(spec: str) -> list[int]:
     return out
 
 
-SACCT_CALLS = 0
-
-
-def sacct_states(array_ids: Iterable[str]) -> dict[str, str]:
-    """ONE sacct call for all ``array_ids``: job id ('A_T' or 'A') -> state (e.g. 'CANCELLED')."""
-    global SACCT_CALLS
-    ids = sorted(set(array_ids), key=lambda s: (len(s), s))
-    if not ids:
-        return {}
-    SACCT_CALLS += 1
-    proc = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
-                          capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"sacct failed: {proc.stderr.strip()}")
+def _job_lines(out: str) -> dict[str, str]:
+    """'JOBID|STATE' lines (array ranges expanded) -> job id -> state."""
     states: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in out.splitlines():
         if "|" not in line:
             continue
-        jid, state = line.split("|", 1)
+        jid, state = line.split("|")[:2]
         state = state.split()[0] if state.strip() else "UNKNOWN"
         base, sep, task = jid.partition("_")
         if sep and task.startswith("["):
@@ -307,84 +233,113 @@ def sacct_states(array_ids: Iterable[str]) -> dict[str, str]:
     return states
 
 
-def _log_tail(work: Path, lines: int = 5) -> str:
-    logs = sorted((work / LOG_DIR).glob("slurm-*.log"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return ""
-    text = logs[-1].read_text(errors="replace").strip().splitlines()
-    return "\n".join(text[-lines:])
+def _mebibytes(value: str) -> float | None:
+    """sacct's MaxRSS ('123456K', '1.5G', '0') in MiB."""
+    value = value.strip()
+    if not value:
+        return None
+    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 ** 2}
+    if value[-1] in scale:
+        return float(value[:-1]) * scale[value[-1]]
+    return float(value) / 2 ** 20  # bytes
 
 
-def cell_states(cells: list[CellConfig], results_dir: Path, cluster: str | None = None) -> list[dict]:
-    """State of every cell from its files plus one sacct call for the whole campaign. Job records of
-    another cluster than ``cluster`` (a results directory moved between clusters) are not asked
-    about: their ids mean nothing, or another job, here."""
-    results_dir = Path(results_dir)
-    jobs: dict[str, dict] = {}
-    for name in {c.campaign for c in cells}:
-        jobs.update(read_jobs(campaign_dir(results_dir, name)))
-    jobs = {c.cell_id: jobs[c.cell_id] for c in cells if c.cell_id in jobs}
-    foreign = {cid for cid, r in jobs.items() if cluster and r.get("cluster", cluster) != cluster}
-    sacct = sacct_states(r["array_job_id"] for cid, r in jobs.items() if cid not in foreign)
-    now = time.time()
-    out = []
-    for cell in cells:
-        rs = row_state(results_dir, cell)
-        rec = jobs.get(cell.cell_id)
-        if cell.cell_id in foreign:
-            if rs.row is None:
-                out.append(_state(cell, "missing", f"job {rec['job_id']} ran on cluster {rec['cluster']}, not "
-                                                    f"{cluster}; resubmit runs the cell here"))
-                continue
-            rec = None  # its row speaks for it
-        sched = (sacct.get(rec["job_id"]) or sacct.get(rec["array_job_id"])) if rec else None
-        work = cell_path(results_dir, cell)
-        lost = rec is not None and sched is None and now - rec["submitted_at"] > ACCOUNTING_GRACE_S
-        if rs.row is not None and rs.row["status"] == "ok":
-            state, reason = "done", None
-        elif rec and not lost and (sched is None or sched in ACTIVE):
-            state = ACTIVE.get(sched or "PENDING", "pending")
-            reason = f"job {rec['job_id']} {sched or 'submitted (not yet in accounting)'}"
-        elif lost and rs.row is None:
-            state = "missing"
-            reason = (f"job {rec['job_id']} is unknown to this cluster's accounting "
-                      f"{(now - rec['submitted_at']) / 60:.0f} min after submission; resubmit runs the cell again")
-        elif rs.row is not None:
-            state, reason = "failed", rs.row["failure_reason"]
-            if rs.row["status"] == "failed":
-                tail = _log_tail(work)
-                reason = f"{reason.splitlines()[0]}" + (f"\n{tail}" if tail else "")
-        elif rec:
-            state = "failed"
-            if sched == "FAILED":
-                tail = _log_tail(work)
-                reason = f"FAILED: job {rec['job_id']}" + (f"\n{tail}" if tail else "")
-            elif sched == "COMPLETED":
-                reason = f"COMPLETED without a row: job {rec['job_id']}"
-            else:
-                reason = f"{sched}: job {rec['job_id']}"
-        else:
-            state, reason = "missing", rs.problem
-        out.append(_state(cell, state, reason))
-    return out
+def _tres(value: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in value.split(",") if "=" in item)
 
 
-def _state(cell: CellConfig, state: str, reason: str | None) -> dict:
-    return {"cell_id": cell.cell_id, "model": cell.model.name, "recipe": cell.recipe.name,
-            "variant": cell.variant, "seed": cell.seed, "state": state, "reason": reason}
+SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS"
 
 
-def cancel(cells: list[CellConfig], results_dir: Path, cluster: str | None = None) -> list[str]:
-    """scancel the campaign's queued and running jobs on ``cluster``, in one call; returns the ids."""
-    states = cell_states(cells, results_dir, cluster)
-    jobs: dict[str, dict] = {}
-    for name in {c.campaign for c in cells}:
-        jobs.update(read_jobs(campaign_dir(Path(results_dir), name)))
-    ids = sorted({jobs[s["cell_id"]]["job_id"] for s in states
-                  if s["state"] in ("pending", "running") and s["cell_id"] in jobs})
-    if ids:
-        # a job that ended since the status query is no error: scancel still cancels the others
-        proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-            raise RuntimeError(f"scancel failed: {proc.stderr.strip()}")
-    return ids
+def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """``sacct -n -P -D -o SACCT_FIELDS`` output -> (job id -> state, job id -> usage of a job that
+    started: elapsed_s summed over its runs (requeues), alloc_cpus, alloc_gpus, max_rss_mib over its
+    steps)."""
+    states = _job_lines(out)
+    usage: dict[str, dict] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 5 or "[" in parts[0]:
+            continue
+        jid, _state, elapsed, tres, rss = parts[:5]
+        job, _, step = jid.partition(".")
+        rec = usage.setdefault(job, {"elapsed_s": 0, "alloc_cpus": 0, "alloc_gpus": 0, "max_rss_mib": None})
+        if not step:  # the allocation: one line per run of the job
+            alloc = _tres(tres)
+            rec["elapsed_s"] += int(elapsed or 0)
+            rec["alloc_cpus"] = int(alloc.get("cpu", rec["alloc_cpus"]))
+            rec["alloc_gpus"] = int(alloc.get("gres/gpu", rec["alloc_gpus"]))
+        elif (mib := _mebibytes(rss)) is not None:
+            rec["max_rss_mib"] = max(rec["max_rss_mib"] or 0.0, mib)
+    return states, {jid: rec for jid, rec in usage.items() if rec["elapsed_s"] > 0}
+
+
+def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task."""
+    ids = sorted(set(array_ids), key=lambda s: (len(s), s))
+    if not ids:
+        return {}, {}
+    return parse_sacct(_query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS],
+                              "accounting (sacct)"))
+
+
+def squeue_states() -> dict[str, str]:
+    """The controller's queue (this user's jobs, one line per array task): job id -> state."""
+    return _job_lines(_query(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
+                             "the controller (squeue)"))
+
+
+class SlurmDispatcher:
+    kind = "slurm"
+
+    def __init__(self, cluster: ClusterConfig):
+        self.cluster = cluster
+
+    def observe(self, jobs: dict[str, dict]) -> SchedulerView:
+        if not jobs:
+            return SchedulerView("sacct")
+        try:
+            states, usage = sacct_states(r["array_job_id"] for r in jobs.values())
+            return SchedulerView("sacct", states, accounting=usage)
+        except SchedulerDown as accounting:
+            try:
+                return SchedulerView("squeue", squeue_states(),
+                                     f"{accounting}: states from the controller's queue and the cells' files")
+            except SchedulerDown as controller:
+                return SchedulerView("none", {}, f"{accounting}; {controller}: states from the cells' files only")
+
+    def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
+        """One sbatch per (campaign part, resource class, chunk of MaxArraySize): each part keeps its
+        job name (``aletheia-<part>``), submitit folder and snapshot."""
+        import submitit
+
+        results_dir = Path(results_dir).resolve()
+        groups: dict[tuple[str, ResourceClass], list[CellConfig]] = defaultdict(list)
+        for cell in cells:
+            groups[cell.campaign, resource_class(cell, self.cluster)].append(cell)
+        limit = max_array_size(self.cluster) if cells else 0
+        arrays = 0
+        for (part, cls), members in sorted(groups.items()):
+            snapshot = snapshots[part]
+            folder = campaign_dir(results_dir, part) / "submitit" / "%j"
+            for chunk in chunks(members, limit):
+                dirs = [str(prepare_cell_dir(results_dir, c)) for c in chunk]
+                executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
+                executor.update_parameters(**executor_parameters(cls, self.cluster, snapshot, f"aletheia-{part}"))
+                jobs = executor.map_array(CellJob(str(snapshot), self.cluster.cpu_fallback), dirs)
+                arrays += 1
+                now = time.time()
+                for cell, job in zip(chunk, jobs):
+                    array_id, _, task = job.job_id.partition("_")
+                    append_job(results_dir, cell, {"job_id": job.job_id, "array_job_id": array_id,
+                                                   "task": int(task) if task else None, "snapshot": str(snapshot),
+                                                   "submitted_at": now, "cluster": self.cluster.name})
+        return Submission(cells=len(cells), arrays=arrays, classes=len({cls for _, cls in groups}))
+
+    def cancel(self, job_ids: list[str]) -> list[str]:
+        if job_ids:
+            # a job that ended since the status query is no error: scancel still cancels the others
+            proc = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+                raise SchedulerDown(f"scancel failed: {proc.stderr.strip()}")
+        return job_ids

@@ -6,17 +6,28 @@ State comes from these files first: a valid ok row means done, whatever the sche
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from aletheia_hpc.config import CellConfig
+from aletheia_hpc.files import atomic_write
+from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
 from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
 
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
+# One line per job that ran or runs the cell (SLURM array task or local launch); the last is current.
+JOBS_FILE = "jobs.jsonl"
+# Beside the row: the scheduler's accounting of each job that ran the cell (elapsed_s, alloc_cpus,
+# alloc_gpus, max_rss_mib) and the GPU-hours they add up to; status keeps it up to date.
+ACCOUNTING_FILE = "accounting.json"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
+NAN_EXIT_CODE = 4  # a cell that stopped on a non-finite loss (its nan_abort row is written)
+SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
 # What a cell's attempts leave for the next one (the worker writes them; a rerun from scratch sets
 # them aside): Trainer checkpoints, the times of the steps they hold, one record per attempt.
 CHECKPOINT_DIR = "checkpoints"
@@ -48,10 +59,63 @@ def prepare_cell_dir(results_dir: Path, cell: CellConfig) -> Path:
     """Create the cell's directory and write its resolved config (what the worker will run)."""
     path = cell_path(results_dir, cell)
     (path / LOG_DIR).mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{CELL_CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(cell.to_dict(), indent=1))
-    tmp.replace(path / CELL_CONFIG_FILE)
+    atomic_write(path / CELL_CONFIG_FILE, json.dumps(cell.to_dict(), indent=1), fsync=False)
     return path
+
+
+def append_job(results_dir: Path, cell: CellConfig, record: dict) -> None:
+    """Record a job of ``cell`` in its own directory (so every part of a campaign keeps its own)."""
+    with open(cell_path(results_dir, cell) / JOBS_FILE, "a") as handle:
+        handle.write(json.dumps({"cell_id": cell.cell_id, **record}) + "\n")
+
+
+def latest_job(results_dir: Path, cell: CellConfig) -> dict | None:
+    """The cell's current job record (its last line), or None. A torn last line (a writer killed
+    mid-line) is skipped."""
+    path = cell_path(results_dir, cell) / JOBS_FILE
+    if not path.exists():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def take_snapshot(results_dir: Path, parts: list[str], source: Path = REPO_ROOT) -> dict[str, Path]:
+    """Copy the code a launch runs (aletheia_hpc/, conf/, campaigns/ and the git sha) into
+    ``<part>/snapshots/<timestamp>`` of every campaign part; the first part gets a copy, the others
+    hard links to it, so that each part's directory holds the code its jobs run."""
+    stamp, out = unique_stamp(), {}
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in parts:
+        dest = (campaign_dir(results_dir, part) / "snapshots" / stamp).resolve()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if out:
+            first = next(iter(out.values()))
+            shutil.copytree(first, dest, copy_function=_link_or_copy)
+        else:
+            dest.mkdir()
+            for name in SNAPSHOT_DIRS:
+                if (source / name).is_dir():
+                    shutil.copytree(source / name, dest / name, ignore=ignore)
+            sha, dirty = git_state(source)
+            (dest / SNAPSHOT_SHA_FILE).write_text(f"{sha or 'unknown'}{' dirty' if dirty else ''}\n")
+        out[part] = dest
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+def launch_lock_path(results_dir: Path, part: str) -> Path:
+    """The file a local launch of campaign part ``part`` holds locked while it runs."""
+    return campaign_dir(results_dir, part) / "launch.lock"
 
 
 @dataclass
@@ -68,11 +132,6 @@ def row_state(results_dir: Path, cell: CellConfig) -> RowState:
         return RowState(read_row(path), None)
     except InvalidRow as exc:
         return RowState(None, str(exc))
-
-
-def is_done(results_dir: Path, cell: CellConfig) -> bool:
-    row = row_state(results_dir, cell).row
-    return row is not None and row["status"] == "ok"
 
 
 def move_row_aside(results_dir: Path, cell: CellConfig) -> Path | None:
@@ -94,3 +153,48 @@ def move_progress_aside(results_dir: Path, cell: CellConfig) -> list[Path]:
         if (work / name).exists():
             moved.append((work / name).rename(work / f"{name}.replaced-{stamp}"))
     return moved
+
+
+@dataclass
+class Progress:
+    step: int  # optimizer steps done so far (over all attempts)
+    step_times_s: list[float]
+
+
+def read_progress(results_dir: Path, cell: CellConfig) -> Progress | None:
+    """What the worker last wrote to progress.json (after every step), or None."""
+    try:
+        saved = json.loads((cell_path(results_dir, cell) / PROGRESS_FILE).read_text())
+        return Progress(int(saved["step"]), [float(t) for t in saved["step_times_s"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def cell_logs(work_dir: Path) -> list[Path]:
+    """The cell's attempt logs (local and SLURM), oldest first."""
+    return sorted((Path(work_dir) / LOG_DIR).glob("*.log"), key=lambda p: p.stat().st_mtime)
+
+
+def gpu_hours(usage: dict) -> float:
+    return usage["elapsed_s"] * usage["alloc_gpus"] / 3600
+
+
+def read_accounting(results_dir: Path, cell: CellConfig) -> dict:
+    """The cell's accounting.json ({} when absent or unreadable)."""
+    try:
+        return json.loads((cell_path(results_dir, cell) / ACCOUNTING_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_accounting(results_dir: Path, cell: CellConfig, job_id: str, usage: dict) -> dict:
+    """Keep ``usage`` of job ``job_id`` in the cell's accounting.json (written only when it changed);
+    returns the file's content: {"jobs": {job_id: usage}, "gpu_hours", "elapsed_s"}."""
+    path = cell_path(results_dir, cell) / ACCOUNTING_FILE
+    known = read_accounting(results_dir, cell) or {"jobs": {}}
+    if known["jobs"].get(job_id) != usage:
+        known["jobs"][job_id] = usage
+        known["gpu_hours"] = sum(gpu_hours(u) for u in known["jobs"].values())
+        known["elapsed_s"] = sum(u["elapsed_s"] for u in known["jobs"].values())
+        atomic_write(path, json.dumps(known, indent=1), fsync=False)
+    return known

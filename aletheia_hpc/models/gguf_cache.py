@@ -30,7 +30,7 @@ It misses only an in-place edit that keeps the size and restores the mtime.
 
 Atomicity and concurrency: a conversion writes into a temp directory next to the target and is moved
 into place with ``os.rename``, so a half-written cache is never at the target path (and a directory
-at the target path without a valid manifest is rebuilt anyway). An exclusive ``fcntl.flock`` on a
+at the target path without a valid manifest is rebuilt anyway). An exclusive flock (``aletheia_hpc.files.file_lock``) on a
 per-key lock file in the cache dir is held around check-and-convert, so N processes starting together
 convert once and all return the same valid directory. flock works on local filesystems and NFSv4;
 Lustre needs the ``flock`` mount option.
@@ -38,8 +38,6 @@ Lustre needs the ``flock`` mount option.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -56,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from aletheia_hpc.files import file_lock
 from aletheia_hpc.models.tokenizer import cache_root
 
 logger = logging.getLogger(__name__)
@@ -309,20 +308,9 @@ def conversions_in_this_process() -> int:
     return _conversions_in_process
 
 
-@contextlib.contextmanager
 def _exclusive_lock(lock_path: Path):
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for the lock %s (another process is checking or converting)", lock_path)
-            started = time.perf_counter()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            logger.info("got the lock %s after %.1f s", lock_path, time.perf_counter() - started)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(lock_path, on_wait=lambda _holder: logger.info(
+        "waiting for the lock %s (another process is checking or converting)", lock_path))
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:

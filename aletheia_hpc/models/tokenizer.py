@@ -8,13 +8,13 @@ a second, and the result is cached under the project cache so every later use is
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from aletheia_hpc.data.builtin import builtin_records
+from aletheia_hpc.files import atomic_write
 
 TINY_VOCAB_SIZE = 512
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
@@ -53,9 +53,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """The cached byte-level BPE tokenizer (vocabulary TINY_VOCAB_SIZE) with pad/eos/bos set."""
     path = cache_root() / "tokenizers" / _CACHE_NAME
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        _train().save(tmp)
-        os.replace(tmp, path)  # concurrent first uses each write a whole file; the last one wins
+        # concurrent first uses each write a whole file; the last one wins
+        atomic_write(path, _train().to_str(), fsync=False)
     return PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)

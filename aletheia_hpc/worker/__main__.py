@@ -1,5 +1,7 @@
 """``python -m aletheia_hpc.worker CELL_DIR [--progress] [--cpu-fallback]``: run the cell whose
 cell.json lies in CELL_DIR (``--cpu-fallback``: a cell that asked for GPUs may train on the CPU).
+Exit status: 0 for an ok row, NAN_EXIT_CODE for a nan_abort row, 1 for a failed one, REQUEUE_EXIT_CODE
+when it checkpointed on request and must run again.
 
 The dispatchers (local runner and SLURM job arrays) start cells this way; CELL_DIR is
 ``<results_dir>/<campaign>/cells/<cell_id>``.
@@ -18,7 +20,7 @@ from aletheia_hpc.worker.stop import StopSignal, install_stop_handlers
 def main(argv: list[str]) -> int:
     stop = StopSignal()
     install_stop_handlers(stop)  # first: a signal during the imports below must not kill the worker
-    from aletheia_hpc.campaign.store import CELL_CONFIG_FILE, REQUEUE_EXIT_CODE
+    from aletheia_hpc.campaign.store import CELL_CONFIG_FILE, NAN_EXIT_CODE, REQUEUE_EXIT_CODE
     from aletheia_hpc.config import CellConfig
     from aletheia_hpc.worker.cell import run_cell
     from aletheia_hpc.worker.training import StopForRequeue
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
     cell = CellConfig.from_dict(json.loads((work_dir / CELL_CONFIG_FILE).read_text()))
     results_dir = work_dir.parent.parent.parent
     try:
-        run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv,
+        row = run_cell(cell, results_dir, stop=stop, progress=sys.stderr.isatty() or "--progress" in argv,
                  cpu_fallback="--cpu-fallback" in argv)
     except StopForRequeue as exc:
         logging.info("%s", exc)
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     except Exception:
         logging.exception("cell %s failed", cell.cell_id)
         return 1
-    return 0
+    return NAN_EXIT_CODE if row["status"] == "nan_abort" else 0
 
 
 if __name__ == "__main__":

@@ -124,7 +124,9 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
                          progress=progress)
     row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
                step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
-               final_train_loss=outcome.final_train_loss)
+               final_train_loss=outcome.final_train_loss, warnings=row.warnings + outcome.warnings)
+    for warning in outcome.warnings:
+        log.warning("cell %s: %s", cell.cell_id, warning)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
         row.gpu_name = " + ".join(outcome.hardware)
     _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)

@@ -4,8 +4,10 @@ attempts, and a checkpoint on demand (preemption)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -13,9 +15,9 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from aletheia_hpc.campaign.store import CHECKPOINT_DIR, PROGRESS_FILE
+from aletheia_hpc.campaign.store import CHECKPOINT_DIR, PROGRESS_FILE, unique_stamp
+from aletheia_hpc.files import atomic_write
 from aletheia_hpc.config import FaultConfig, TrainConfig
 from aletheia_hpc.worker.stop import StopSignal
 
@@ -36,6 +38,7 @@ class TrainOutcome:
     step_times_s: list[float]
     final_train_loss: float | None
     step_hardware: list[str] = field(default_factory=list)  # what timed each step (GPU name or cpu)
+    warnings: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was set aside
 
     @property
     def hardware(self) -> list[str]:
@@ -111,13 +114,50 @@ class _Clock(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
     def _write_progress(self, step: int) -> None:
-        tmp = self.progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "step_times_s": self.step_times[:step],
-                                   "step_hardware": self.step_hardware[:step]}))
-        tmp.replace(self.progress_path)
+        atomic_write(self.progress_path, json.dumps({"step": step, "step_times_s": self.step_times[:step],
+                                                     "step_hardware": self.step_hardware[:step]}), fsync=False)
 
 
-def _checkpoint_step(checkpoint: str) -> int:
+# Written into a checkpoint once the Trainer has saved all of it: its files' sizes and sha256. A
+# checkpoint without it (killed mid-save) or whose files differ (truncated, damaged) is not resumed.
+CHECKPOINT_MANIFEST = "aletheia-manifest.json"
+
+
+def _file_digests(checkpoint: Path) -> dict[str, list]:
+    out = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        out[str(path.relative_to(checkpoint))] = [path.stat().st_size, digest.hexdigest()]
+    return out
+
+
+class _Manifest(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        atomic_write(checkpoint / CHECKPOINT_MANIFEST, json.dumps(_file_digests(checkpoint)))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None."""
+    try:
+        expected = json.loads((checkpoint / CHECKPOINT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest: it was not completely saved"
+    actual = _file_digests(checkpoint)
+    for name, (size, sha) in expected.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name][0] != size:
+            return f"{name} has {actual[name][0]} bytes, {size} were saved"
+        if actual[name][1] != sha:
+            return f"{name} differs from what was saved"
+    return None
+
+
+def _checkpoint_step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name.split("-")[-1])
 
 
@@ -127,19 +167,54 @@ class _Progress:
     step_hardware: list[str]
 
 
-def _prior_progress(checkpoint: str | None, progress_path: Path) -> _Progress:
-    """The times (and hardware) of the steps ``checkpoint`` holds, from progress.json; an error if
-    they are missing (the row's train time would silently undercount)."""
-    if checkpoint is None:
-        return _Progress([], [])
-    step = _checkpoint_step(checkpoint)
-    saved = json.loads(progress_path.read_text()) if progress_path.exists() else {"step_times_s": []}
-    if len(saved["step_times_s"]) < step:
-        raise RuntimeError(f"{progress_path} has the times of {len(saved['step_times_s'])} steps but "
-                           f"{Path(checkpoint).name} holds {step}: the train time cannot be accounted; "
-                           "rerun the cell from scratch (resubmit --force)")
-    hardware = saved.get("step_hardware", [])[:step]
-    return _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)))
+def _saved_progress(progress_path: Path) -> dict:
+    try:
+        saved = json.loads(progress_path.read_text())
+        return saved if isinstance(saved.get("step_times_s"), list) else {"step_times_s": []}
+    except (OSError, ValueError, AttributeError):
+        return {"step_times_s": []}
+
+
+def _resume_point(checkpoints: Path, progress_path: Path, warnings: list[str]) -> tuple[str | None, _Progress]:
+    """The newest checkpoint that is intact and whose steps' times progress.json holds (else the row's
+    train time would undercount), with those times. Every newer one is set aside (renamed
+    ``damaged-<name>-<time>``, never deleted) with a warning, so that a damaged checkpoint never
+    sticks the cell; with none left the cell trains from scratch."""
+    saved = _saved_progress(progress_path)
+    found = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=_checkpoint_step, reverse=True)
+    for checkpoint in found:
+        step = _checkpoint_step(checkpoint)
+        problem = checkpoint_problem(checkpoint)
+        if problem is None and len(saved["step_times_s"]) < step:
+            problem = f"{progress_path.name} has the times of {len(saved['step_times_s'])} steps, it holds {step}"
+        if problem is None:
+            hardware = saved.get("step_hardware", [])[:step]
+            return str(checkpoint), _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)))
+        aside = checkpoint.with_name(f"damaged-{checkpoint.name}-{unique_stamp()}")
+        checkpoint.rename(aside)
+        warnings.append(f"checkpoint {checkpoint.name} not resumed ({problem}); kept as {aside.name}")
+    if found:
+        warnings.append("no usable checkpoint left: trained from scratch")
+    return None, _Progress([], [])
+
+
+TRACKING_DIR = "tracking"
+
+
+def _tracking(report_to: str, work_dir: Path) -> str:
+    """Point the tracker's files into the cell's directory (wandb offline: compute nodes often have
+    no network; ``wandb sync`` uploads later) and return the Trainer's report_to."""
+    if report_to == "none":
+        return "none"
+    out = (work_dir / TRACKING_DIR).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"tensorboard": {"TENSORBOARD_LOGGING_DIR": str(out / "tensorboard")},
+           "wandb": {"WANDB_MODE": "offline", "WANDB_DIR": str(out)},
+           "mlflow": {"MLFLOW_TRACKING_URI": (out / "mlruns").as_uri()}}[report_to]
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return report_to
 
 
 def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
@@ -150,10 +225,13 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
     checkpoints = work_dir / CHECKPOINT_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     progress_path = work_dir / PROGRESS_FILE
-    resume = get_last_checkpoint(str(checkpoints))
-    clock = _Clock(device, progress_path, _prior_progress(resume, progress_path), stop, faults)
+    warnings: list[str] = []
+    resume, prior = _resume_point(checkpoints, progress_path, warnings)
+    clock = _Clock(device, progress_path, prior, stop, faults)
     if resume is not None and _checkpoint_step(resume) >= train_cfg.steps:
-        return _finished_outcome(model, resume, clock)
+        outcome = _finished_outcome(model, resume, clock)
+        outcome.warnings = warnings
+        return outcome
     args = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=train_cfg.steps,
@@ -175,8 +253,9 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         logging_nan_inf_filter=False,  # a NaN must be seen, not averaged away
         save_strategy="steps" if train_cfg.checkpoint_every else "no",
         save_steps=train_cfg.checkpoint_every or 1,
-        save_total_limit=1,
-        report_to="none",
+        save_total_limit=2,  # the previous checkpoint stays until the next one is saved whole
+        report_to=_tracking(train_cfg.report_to, work_dir),
+        run_name=work_dir.name,  # the cell id
         seed=seed,
         data_seed=seed,
         use_cpu=device.type == "cpu",
@@ -185,14 +264,15 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         dataloader_num_workers=0,
     )
     trainer = _CellTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
-                           callbacks=[clock], faults=faults)
+                           callbacks=[clock, _Manifest()], faults=faults)
     trainer.train(resume_from_checkpoint=resume)
     if clock.stopped_for_requeue and trainer.state.global_step < train_cfg.steps:
         raise StopForRequeue(f"checkpointed at step {trainer.state.global_step} for requeue")
     final = clock.losses[-1] if clock.losses else None
     return TrainOutcome(steps=trainer.state.global_step, step_times_s=clock.step_times,
                         step_hardware=clock.step_hardware,
-                        final_train_loss=final if final is None or math.isfinite(final) else None)
+                        final_train_loss=final if final is None or math.isfinite(final) else None,
+                        warnings=warnings)
 
 
 def _finished_outcome(model, checkpoint: str, clock: _Clock) -> TrainOutcome:
