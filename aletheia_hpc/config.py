@@ -218,6 +218,7 @@ class CellConfig:
         ident.pop("faults")
         ident["model"].pop("resources")
         ident["model"].pop("shape")
+        ident["eval"].pop("sandbox")  # what the node must give, like resources: not the result
         return ident
 
     @property

@@ -23,8 +23,10 @@ training
   optimizer step), final_train_loss, eval_loss, attempts
 evaluation (filled when benchmarks run)
   benchmarks (list of names that ran), mmlu_acc, mmlu_n, gsm8k_acc, gsm8k_n,
-  humaneval_pass1, humaneval_n, eval_time_s (object: benchmark -> seconds), eval_source
-  (object: benchmark -> where its data came from)
+  humaneval_pass1, humaneval_n, humaneval_sandbox (object: the isolation every HumanEval run
+  had: backend bwrap|unshare|none, namespaces, landlock_abi, seccomp, uid, rlimits,
+  memory_total_bytes, disk_total_bytes, features, runs), eval_time_s (object: benchmark ->
+  seconds), eval_source (object: benchmark -> where its data came from)
 provenance
   started_at, finished_at (ISO 8601 UTC), host, device, gpu_name (the GPU's name; when requeued
   attempts trained on different hardware, every kind joined by " + ", e.g. "NVIDIA A100 + cpu",
@@ -55,7 +57,7 @@ REQUIRED_FIELDS = (
 # Evaluation fields default to None for cells that ran no benchmark.
 EVAL_FIELDS = (
     "benchmarks", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n", "humaneval_pass1",
-    "humaneval_n", "eval_time_s", "eval_source",
+    "humaneval_n", "humaneval_sandbox", "eval_time_s", "eval_source",
 )
 
 

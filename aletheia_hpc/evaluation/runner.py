@@ -28,6 +28,19 @@ def load_eval_data(benchmark: str, settings: EvalSettings) -> tuple[list, list, 
     return [records[i] for i in subset], [records[i] for i in shot_indices], source
 
 
+def preflight(settings: EvalSettings | Any) -> dict | None:
+    """Fail now, before any model is loaded, when this node's sandbox cannot give what
+    ``eval.sandbox.require`` asks for (HumanEval only); returns the probe's isolation record."""
+    settings = coerce_settings(settings)
+    if "humaneval" not in settings.benchmarks or not settings.sandbox.require:
+        return None
+    from aletheia_hpc.evaluation.sandbox import SandboxLimits, check_requirements
+
+    return check_requirements(settings.sandbox.require,
+                              SandboxLimits(timeout_s=settings.humaneval_timeout_s,
+                                            memory_mb=settings.humaneval_memory_mb))
+
+
 def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | Any,
                    device: torch.device | str | None = None, progress: bool = True,
                    before_each: Callable[[str], None] | None = None) -> dict:
@@ -37,11 +50,13 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | A
     worker stops there when the scheduler asks it to).
 
     Returns ``benchmarks`` (names that ran), ``mmlu_acc``/``mmlu_n``, ``gsm8k_acc``/``gsm8k_n``,
-    ``humaneval_pass1``/``humaneval_n`` (None for benchmarks not run), ``eval_time_s`` and
+    ``humaneval_pass1``/``humaneval_n``/``humaneval_sandbox`` (the isolation every HumanEval run
+    had; None for benchmarks not run), ``eval_time_s`` and
     ``eval_source`` (benchmark -> seconds / data source). ``settings`` may also be a dict or an
     OmegaConf node. The model is put in eval mode for the duration and restored afterwards.
     """
     settings = coerce_settings(settings)
+    preflight(settings)
     if device is None:
         try:
             device = next(model.parameters()).device
@@ -72,7 +87,8 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | A
                     model, tokenizer, records, max_new_tokens=settings.humaneval_max_new_tokens,
                     timeout_s=settings.humaneval_timeout_s, memory_mb=settings.humaneval_memory_mb,
                     workers=settings.humaneval_workers, **common)
-                fields.update(humaneval_pass1=result["pass1"], humaneval_n=result["n"])
+                fields.update(humaneval_pass1=result["pass1"], humaneval_n=result["n"],
+                              humaneval_sandbox=result["isolation"])
             fields["benchmarks"].append(name)
             fields["eval_time_s"][name] = round(time.perf_counter() - started, 3)
             fields["eval_source"][name] = source

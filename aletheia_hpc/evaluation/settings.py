@@ -20,6 +20,11 @@ Data sources (``source``):
 ``hub``
     Hugging Face datasets ``cais/mmlu`` (all/test), ``openai/gsm8k`` (main/test),
     ``openai/openai_humaneval`` (test); needs the optional ``datasets`` package.
+
+HumanEval's sandbox: ``sandbox.require`` lists isolation features a node must give (names in
+:data:`aletheia_hpc.evaluation.sandbox.FEATURES`: bwrap, net, pid, mount, landlock, seccomp,
+unprivileged, memory_total, disk_total); a cell on a node that cannot give them fails before it
+loads its model. Where a cell runs is not part of its identity, so this is not either.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ from typing import Any, Optional
 
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
 SOURCES = ("auto", "hub", "local", "offline")
+
+
+SANDBOX_FEATURES = ("bwrap", "net", "pid", "mount", "landlock", "seccomp", "unprivileged",
+                    "memory_total", "disk_total")  # = sandbox.FEATURES (this module imports no code)
+
+
+@dataclass
+class SandboxSettings:
+    """What HumanEval's sandbox must provide on the node that runs the cell."""
+
+    require: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +68,7 @@ class EvalSettings:
     humaneval_timeout_s: float = 10.0
     humaneval_workers: int = 2
     humaneval_memory_mb: int = 1024
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
     # the subset (and few-shot examples) are a pure function of this seed
     subset_seed: int = 1234
     # prompts per forward pass / per generate call
@@ -86,6 +103,14 @@ def validate(settings: EvalSettings) -> EvalSettings:
     timeout = settings.humaneval_timeout_s
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"eval.humaneval_timeout_s={timeout!r}: use a positive number of seconds")
+    require = settings.sandbox.require
+    if not isinstance(require, (list, tuple)) or not all(isinstance(r, str) for r in require):
+        raise ValueError(f"eval.sandbox.require={require!r}: use a list of feature names from "
+                         f"{list(SANDBOX_FEATURES)}")
+    unknown = [r for r in require if r not in SANDBOX_FEATURES]
+    if unknown:
+        raise ValueError(f"eval.sandbox.require: unknown feature(s) {unknown}; use names from "
+                         f"{list(SANDBOX_FEATURES)}")
     if settings.source not in SOURCES:
         raise ValueError(f"eval.source={settings.source!r}: use one of {list(SOURCES)}")
     if settings.source == "local" and not settings.data_dir:
@@ -121,7 +146,17 @@ def coerce_settings(obj: Any) -> EvalSettings:
         unknown = sorted(set(obj) - names)
         if unknown:
             raise ValueError(f"eval: unknown setting(s) {unknown}; known: {sorted(names)}")
-        settings = EvalSettings(**obj)
+        obj = dict(obj)
+        sandbox = obj.pop("sandbox", None) or {}
+        if not isinstance(sandbox, (dict, SandboxSettings)):
+            raise ValueError(f"eval.sandbox must be a mapping such as {{require: [net, pid]}}, got {sandbox!r}")
+        if isinstance(sandbox, dict):
+            unknown = sorted(set(sandbox) - {"require"})
+            if unknown:
+                raise ValueError(f"eval.sandbox: unknown setting(s) {unknown}; known: ['require']")
+            require = sandbox.get("require")
+            sandbox = SandboxSettings(require=[] if require is None else require)
+        settings = EvalSettings(**obj, sandbox=sandbox)
     settings.benchmarks = list(settings.benchmarks or [])
     return validate(settings)
 

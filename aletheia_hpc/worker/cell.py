@@ -49,7 +49,8 @@ def _base_row(cell: CellConfig) -> dict:
         "model_load_time_s": None, "step_time_median_s": None, "step_times_s": [],
         "final_train_loss": None, "eval_loss": None, "attempts": None, "benchmarks": [],
         "mmlu_acc": None, "mmlu_n": None, "gsm8k_acc": None, "gsm8k_n": None,
-        "humaneval_pass1": None, "humaneval_n": None, "eval_time_s": {}, "eval_source": {},
+        "humaneval_pass1": None, "humaneval_n": None, "humaneval_sandbox": None,
+        "eval_time_s": {}, "eval_source": {},
         "started_at": provenance.utc_now(), "finished_at": None, "host": provenance.host_name(),
         "device": None, "gpu_name": None, "git_sha": sha, "git_dirty": dirty,
         "package_versions": provenance.package_versions(), "slurm": provenance.slurm_ids(),
@@ -74,6 +75,9 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     from aletheia_hpc.worker.training import train_cell
 
     m, r = cell.model, cell.recipe
+    if cell.eval.benchmarks:
+        from aletheia_hpc.evaluation.runner import preflight
+        preflight(cell.eval)  # a node whose sandbox cannot give eval.sandbox.require fails here
     device = resolve_device(m, cpu_fallback=cpu_fallback)
     # what the scheduler granted, beside what the cell asked for: the first thing to read when a
     # multi-GPU cell misbehaves
