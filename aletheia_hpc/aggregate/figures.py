@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY
+
 from .paper import PaperReference, reference_key
 from .tables import BENCH_FIELDS
 
@@ -27,7 +29,7 @@ FIGURE_TITLES = {
     "speed_quality": "Speed-quality trade-off: speedup vs extra MMLU forgetting",
     "layer_scores": "Per-layer probe scores (normalised) with selected layers marked",
 }
-BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
+BENCH_LABELS = {b.name: b.label for b in REGISTRY.values()}
 
 
 class SkipFigure(Exception):

@@ -23,21 +23,23 @@ import pandas as pd
 
 from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY, SCORE_FIELDS
+
 from .paper import model_sort_key, paper_name
 
 TRAIN_RECIPES = ("standard", "aletheia")
 DEFAULT_VARIANT = "matched"
 COMPUTE_MATCHED = "compute_matched"
-# benchmark short name -> row field
-BENCH_FIELDS = {"mmlu": "mmlu_acc", "gsm8k": "gsm8k_acc", "humaneval": "humaneval_pass1"}
+# benchmark short name -> row field (the evaluation registry names them)
+BENCH_FIELDS = dict(SCORE_FIELDS)
+_BENCH_SCALARS = tuple(f for b in REGISTRY.values() for f in (b.score_field, b.n_field))
 
 # runs.csv columns taken as they are from the row
 _SCALAR_FIELDS = (
     "cell_id", "campaign", "model", "family", "recipe", "variant", "seed", "status",
     "failure_reason", "nan_step", "attempts", "num_layers", "trainable_params", "train_steps",
     "planned_steps", "train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
-    "final_train_loss", "eval_loss", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n",
-    "humaneval_pass1", "humaneval_n", "started_at", "finished_at", "host", "device", "gpu_name",
+    "final_train_loss", "eval_loss", *_BENCH_SCALARS, "started_at", "finished_at", "host", "device", "gpu_name",
     "git_sha", "git_dirty",
 )
 # runs.csv columns written as JSON text
@@ -216,10 +218,10 @@ def _sorted(df: pd.DataFrame, then: list[str]) -> pd.DataFrame:
     return df.take(order).reset_index(drop=True)
 
 
-_INT_FIELDS = ("num_layers", "trainable_params", "train_steps", "planned_steps", "mmlu_n", "gsm8k_n",
-               "humaneval_n", "nan_step", "attempts", "n_selected_layers")
+_INT_FIELDS = ("num_layers", "trainable_params", "train_steps", "planned_steps",
+               *(b.n_field for b in REGISTRY.values()), "nan_step", "attempts", "n_selected_layers")
 _FLOAT_FIELDS = ("train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
-                 "final_train_loss", "eval_loss", "mmlu_acc", "gsm8k_acc", "humaneval_pass1")
+                 "final_train_loss", "eval_loss", *SCORE_FIELDS.values())
 
 
 def _as_int(values: pd.Series) -> pd.Series:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from aletheia_hpc.evaluation.data import MathProblem
+from aletheia_hpc.evaluation.benchmarks import BenchmarkContext, BenchmarkResult
+from aletheia_hpc.evaluation.data import MathProblem, load_eval_data, record_id
 from aletheia_hpc.evaluation.generation import generate_greedy
 from aletheia_hpc.evaluation.scoring import extract_number, gsm8k_target, numbers_match
 
@@ -60,3 +61,14 @@ def evaluate(model, tokenizer, problems: Sequence[MathProblem], shots: Sequence[
     correct = [numbers_match(pred, gsm8k_target(p.answer)) for pred, p in zip(predictions, problems)]
     return {"acc": sum(correct) / len(problems) if problems else None, "n": len(problems),
             "completions": completions, "predictions": predictions, "correct": correct}
+
+
+def run(context: BenchmarkContext) -> BenchmarkResult:
+    records, shots, source = load_eval_data("gsm8k", context.settings)
+    result = evaluate(context.model, context.tokenizer, records, shots,
+                      max_new_tokens=context.settings.gsm8k_max_new_tokens, **context.common)
+    samples = [{"id": record_id(p.key), "generation": g, "prediction": None if v is None else str(v),
+                "target": str(gsm8k_target(p.answer)), "correct": c}
+               for p, g, v, c in zip(records, result["completions"], result["predictions"],
+                                     result["correct"])]
+    return BenchmarkResult(result["acc"], result["n"], source, samples)

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from aletheia_hpc.evaluation.data import CodeProblem
+from aletheia_hpc.evaluation.benchmarks import BenchmarkContext, BenchmarkResult
+from aletheia_hpc.evaluation.data import CodeProblem, load_eval_data
 from aletheia_hpc.evaluation.generation import generate_greedy
 from aletheia_hpc.evaluation.sandbox import (SandboxLimits, SandboxResult, judge_function,
                                              map_guarded, setup_for)
@@ -100,3 +101,16 @@ def evaluate(model, tokenizer, problems: Sequence[CodeProblem], *, max_new_token
     return {"pass1": sum(passed) / len(problems) if problems else None, "n": len(problems),
             "completions": completions, "passed": passed, "results": results,
             "isolation": isolation_record(results)}
+
+
+def run(context: BenchmarkContext) -> BenchmarkResult:
+    settings = context.settings
+    records, _, source = load_eval_data("humaneval", settings)
+    result = evaluate(context.model, context.tokenizer, records,
+                      max_new_tokens=settings.humaneval_max_new_tokens,
+                      timeout_s=settings.humaneval_timeout_s, memory_mb=settings.humaneval_memory_mb,
+                      workers=settings.humaneval_workers, **context.common)
+    samples = [{"id": p.task_id, "generation": c, "status": r.status, "correct": r.passed}
+               for p, c, r in zip(records, result["completions"], result["results"])]
+    return BenchmarkResult(result["pass1"], result["n"], source, samples,
+                           fields={"humaneval_sandbox": result["isolation"]})

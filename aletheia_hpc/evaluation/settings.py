@@ -11,8 +11,9 @@ cell of a campaign sees the same questions (see :mod:`aletheia_hpc.evaluation.da
 Data sources (``source``):
 
 ``auto``
-    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``offline`` when the
-    PyPI data package is installed, else ``hub``.
+    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``hub`` when it can
+    be loaded, else ``offline`` as a stated fallback (the row's ``eval_source`` says
+    ``(auto fallback; ...)`` and why). Paper campaigns ask for ``hub`` explicitly.
 ``local``
     JSONL files in ``data_dir`` (formats in :mod:`aletheia_hpc.evaluation.data`).
 ``offline``
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
+from aletheia_hpc.evaluation.benchmarks import BENCHMARK_NAMES as BENCHMARKS
 SOURCES = ("auto", "hub", "local", "offline")
 
 
@@ -54,7 +55,7 @@ class EvalSettings:
     """What to evaluate and how; see the module docstring for the meaning of counts and sources."""
 
     # which benchmarks to run, in this order; an empty list runs none
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
     # MMLU: questions (0 = all) and in-context examples per prompt
     mmlu_n: int = 200
     mmlu_shots: int = 0
@@ -69,6 +70,10 @@ class EvalSettings:
     humaneval_workers: int = 2
     humaneval_memory_mb: int = 1024
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    # held-out task accuracy ("task"): the cell's held-out instruction records (0 = all of
+    # data.eval_size), exact match of the generated response; generation cap
+    task_n: int = 0
+    task_max_new_tokens: int = 64
     # the subset (and few-shot examples) are a pure function of this seed
     subset_seed: int = 1234
     # prompts per forward pass / per generate call
@@ -91,11 +96,12 @@ def validate(settings: EvalSettings) -> EvalSettings:
     duplicates = sorted({b for b in benchmarks if benchmarks.count(b) > 1})
     if duplicates:
         raise ValueError(f"eval.benchmarks: {duplicates} listed more than once; list each once")
-    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length"):
+    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length", "task_n"):
         _check_int(settings, name, minimum=0, hint="use 0 or a positive count")
     if settings.humaneval_n is not None:
         _check_int(settings, "humaneval_n", minimum=0, hint="use null/0 for all 164 or a positive count")
-    for name in ("gsm8k_max_new_tokens", "humaneval_max_new_tokens", "batch_size", "humaneval_workers"):
+    for name in ("gsm8k_max_new_tokens", "humaneval_max_new_tokens", "task_max_new_tokens",
+                 "batch_size", "humaneval_workers"):
         _check_int(settings, name, minimum=1, hint="use a positive integer")
     _check_int(settings, "humaneval_memory_mb", minimum=64,
                hint="give the sandbox at least 64 MiB (1024 is the default)")

@@ -20,6 +20,7 @@ import torch
 from aletheia_hpc import provenance
 from aletheia_hpc.campaign.store import ATTEMPTS_FILE, cell_path, prepare_cell_dir
 from aletheia_hpc.config import CellConfig
+from aletheia_hpc.evaluation.benchmarks import row_fields
 from aletheia_hpc.row import ROW_FILENAME, write_row
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ def _base_row(cell: CellConfig) -> dict:
         "planned_steps": cell.train.steps, "train_time_s": None, "probe_time_s": None,
         "model_load_time_s": None, "step_time_median_s": None, "step_times_s": [],
         "final_train_loss": None, "eval_loss": None, "attempts": None, "benchmarks": [],
-        "mmlu_acc": None, "mmlu_n": None, "gsm8k_acc": None, "gsm8k_n": None,
-        "humaneval_pass1": None, "humaneval_n": None, "humaneval_sandbox": None,
-        "eval_time_s": {}, "eval_source": {},
+        **{name: None for name in row_fields()}, "eval_time_s": {}, "eval_source": {},
         "started_at": provenance.utc_now(), "finished_at": None, "host": provenance.host_name(),
         "device": None, "gpu_name": None, "git_sha": sha, "git_dirty": dirty,
         "package_versions": provenance.package_versions(), "slurm": provenance.slurm_ids(),
@@ -100,7 +99,8 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     collator = PadCollator(tokenizer.pad_token_id)
 
     if r.evaluates_only:
-        _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
+        _evaluate(cell, model, tokenizer, eval_examples, held_out, collator, device, row, stop,
+                  progress, work_dir)
         return
 
     family = get_family(m.family)
@@ -130,11 +130,12 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
                final_train_loss=outcome.final_train_loss)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
         row["gpu_name"] = " + ".join(outcome.hardware)
-    _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
+    _evaluate(cell, model, tokenizer, eval_examples, held_out, collator, device, row, stop, progress,
+              work_dir)
 
 
-def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, device, row: dict, stop,
-              progress: bool) -> None:
+def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, held_out, collator, device, row: dict,
+              stop, progress: bool, work_dir: Path) -> None:
     """Held-out loss, then the benchmarks; a stop request between them ends the attempt (training
     is checkpointed at its last step, so the next attempt only evaluates)."""
     from aletheia_hpc.worker.training import StopForRequeue, held_out_loss
@@ -150,7 +151,8 @@ def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, devic
     from aletheia_hpc.evaluation import run_benchmarks
 
     row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress,
-                              before_each=stop_point))
+                              before_each=stop_point, held_out=held_out,
+                              template=cell.data.template, cell_dir=work_dir))
 
 
 def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True,
