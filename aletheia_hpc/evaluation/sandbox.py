@@ -50,6 +50,7 @@ import math
 import os
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -58,7 +59,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -211,12 +212,6 @@ def setup_for(limits: SandboxLimits) -> _Setup:
     return _setup_for(limits.namespaces, limits.bwrap, limits.drop_privileges)
 
 
-def sandbox_interpreter(drop_privileges: bool = True) -> tuple[str, bool]:
-    """(python executable, whether the program runs as nobody) for sandboxed runs."""
-    setup = setup_for(SandboxLimits(drop_privileges=drop_privileges))
-    return setup.interpreter, setup.as_nobody
-
-
 def isolation_summary(limits: SandboxLimits = SandboxLimits()) -> dict:
     """The isolation a sandboxed run gets on this machine (from one real run)."""
     return run_untrusted("pass", limits).isolation
@@ -304,7 +299,7 @@ class _Cgroup:
         """``command`` started by a shell that first moves itself into the cgroup."""
         if self.path is None:
             return command
-        procs = shlex_quote(str(self.path / "cgroup.procs"))
+        procs = shlex.quote(str(self.path / "cgroup.procs"))
         return ["/bin/sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *command]
 
     def remove(self) -> None:
@@ -319,10 +314,6 @@ class _Cgroup:
             except OSError:  # processes of the run still exiting
                 time.sleep(0.005)
         logger.warning("sandbox: could not remove cgroup %s", self.path)
-
-
-def shlex_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 @functools.lru_cache(maxsize=None)
@@ -768,6 +759,3 @@ def remove_tree(path: Path) -> None:
         if current is not None:
             os.close(current)
 
-
-def as_dict(result: SandboxResult) -> dict:
-    return asdict(result)
