@@ -8,9 +8,10 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from aletheia_hpc.aggregate import aggregate_rows
+from aletheia_hpc.aggregate import aggregate_campaign, aggregate_rows
 from aletheia_hpc.aggregate.stats import holm
-from tests.test_aggregate import make_row, scipy_ci
+from tests.test_aggregate import make_row, scipy_ci, write_campaign
+from tests.test_aggregate_report import PNG_SIGNATURE
 
 MODEL, L = "qwen2.5-0.5b", 8
 SEEDS = (42, 123, 999)
@@ -128,3 +129,34 @@ def test_arm_names_come_from_recipe_and_variant():
     # no Standard run in variant budget25: paired with the matched Standard of the same seed
     assert stats["arms"]["bottom_k@budget25"]["standard_variant"] == "matched"
     assert stats["arms"]["bottom_k@budget25"]["overall"]["n_pairs"] == 3
+
+
+def test_report_has_the_controls_table_stability_and_pareto_figure(tmp_path):
+    write_campaign(tmp_path, study_rows(), campaign="study")
+    result = aggregate_campaign(tmp_path, "study")
+    report = result.report_md.read_text()
+    controls = report.split("## Every arm against Standard LoRA")[1].split("\n## ")[0]
+    random_k = next(line for line in controls.splitlines() if line.startswith("| random_k | all "))
+    o = result.stats["arms"]["random_k"]["overall"]
+    assert f"{o['speedup_pct_mean']:+.1f}" in random_k and f"{o['speedup_incl_probe_pct_mean']:+.1f}" in random_k
+    vs = result.stats["arms"]["random_k"]["vs_aletheia"]["overall"]["quality"]["eval_loss"]
+    assert f"{vs['diff_mean']:+.4f}" in random_k
+    s = result.stats["stability"][MODEL]
+    assert "## Ranking stability across seeds" in report and f"{s['jaccard_mean']:.3f}" in report
+    assert result.figures["arms_pareto"].read_bytes().startswith(PNG_SIGNATURE)
+    assert "figures/arms_speed_quality.png" in report
+
+
+def test_compute_matched_figure_4_needs_base_and_benchmarks(tmp_path):
+    rows = [make_row(MODEL, "base", 0, mmlu=0.50, gsm8k=0.30)]
+    for k, seed in enumerate(SEEDS):
+        rows.append(make_row(MODEL, "standard", seed, time_s=130.0 + k, mmlu=0.48 + k / 100, gsm8k=0.31))
+        rows.append(make_row(MODEL, "aletheia", seed, time_s=100.0 - k, mmlu=0.49, gsm8k=0.29 + k / 100))
+        rows.append(make_row(MODEL, "aletheia", seed, variant="compute_matched", time_s=125.0 - k,
+                             mmlu=0.495 - k / 200, gsm8k=0.30))
+    write_campaign(tmp_path, rows, campaign="cm")
+    result = aggregate_campaign(tmp_path, "cm")
+    assert result.figures["compute_matched_deltas"].read_bytes().startswith(PNG_SIGNATURE)
+    assert "figures/compute_matched_deltas.png" in result.report_md.read_text()
+    cm = result.stats["compute_matched"]["per_model"][MODEL]["quality"]["mmlu"]
+    assert cm["arm_delta_pp_mean"] == pytest.approx(np.mean([(0.495 - k / 200 - 0.50) * 100 for k in range(3)]))

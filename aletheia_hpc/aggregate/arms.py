@@ -16,7 +16,8 @@ quality metric vs Aletheia) at one scope (the campaign, or one model), across it
 step-down adjustment (stats.holm) is applied within each family.
 
 ``stats.json["stability"][model]``
-    arm (whose runs are read: aletheia, else the first probing arm), n_seeds, jaccard_mean,
+    arm (whose runs are read: aletheia, else the first probing arm), n_seeds, n_seeds_compared
+    (at most MAX_STABILITY_SEEDS, the lowest), jaccard_mean,
     jaccard_min (of the selected layer sets), spearman_mean, spearman_min (of the probe scores),
     over every two seeds; each seed draws its own probe batches. ``pairs`` lists them when there
     are at most 10 seeds.
@@ -37,6 +38,9 @@ from .stats import QUALITY_METRICS, PairBlocks, finite_or_none, holm, metric_sta
 from .tables import ALETHEIA, BENCH_FIELDS, PAPER_RECIPES, STANDARD, latest_per_key, training_runs
 
 MAX_LISTED_SEED_PAIRS = 45  # 10 seeds
+# every two of this many seeds (the lowest, in seed order) at most: a study has a handful; a
+# synthetic or sweep campaign with thousands would otherwise cost a seeds x seeds matrix
+MAX_STABILITY_SEEDS = 50
 
 
 def _arm_order(arms) -> list[str]:
@@ -150,6 +154,8 @@ def ranking_stability(runs: pd.DataFrame) -> dict:
         arms = list(group["arm"].unique())
         arm = ALETHEIA if ALETHEIA in arms else _arm_order(arms)[0]
         runs_of_arm = group[group["arm"] == arm]
+        n_seeds = len(runs_of_arm)
+        runs_of_arm = runs_of_arm.iloc[:MAX_STABILITY_SEEDS]  # runs frames are sorted by seed
         seeds = runs_of_arm["seed"].tolist()
         scores = [_as_list(v) for v in runs_of_arm["layer_scores"]]
         chosen = [_as_list(v) for v in runs_of_arm["selected_layers"]]
@@ -172,7 +178,7 @@ def ranking_stability(runs: pd.DataFrame) -> dict:
             rho = np.corrcoef(ranks)
         iu = np.triu_indices(len(seeds), k=1)
         j_values, r_values = jaccard[iu], rho[iu]
-        entry = {"arm": arm, "n_seeds": len(seeds), "n_layers": n_layers,
+        entry = {"arm": arm, "n_seeds": n_seeds, "n_seeds_compared": len(seeds), "n_layers": n_layers,
                  "jaccard_mean": finite_or_none(j_values.mean()), "jaccard_min": finite_or_none(j_values.min()),
                  "spearman_mean": finite_or_none(np.nanmean(r_values)) if np.isfinite(r_values).any() else None,
                  "spearman_min": finite_or_none(np.nanmin(r_values)) if np.isfinite(r_values).any() else None}

@@ -329,7 +329,8 @@ def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir
     if report:
         from .report import render_report
 
-        result.report = render_report(result, rows, ref, figures_requested=figures)
+        made = (result.figures, result.skipped_figures) if result.out_dir is not None and figures else None
+        result.report = render_report(stats, runs, pairs, rows, ref, made)
         if result.out_dir is not None:
             _write_text(paths["report_md"], result.report)
             result.paths["report_md"] = paths["report_md"]
