@@ -273,6 +273,7 @@ class CellConfig:
         ident["train"].pop("report_to")
         ident["model"].pop("resources")
         ident["model"].pop("shape")
+        ident["eval"].pop("sandbox")  # what the node must give, like resources: not the result
         return ident
 
     @property

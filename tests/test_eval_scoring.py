@@ -47,7 +47,10 @@ def test_continuation_logprob_sums_the_right_entries():
     ("The answer is: $42", "42"),
     ("the answer is -0.5", "-0.5"),
     ("We get 12 + 30 = 42 cookies", "42"),
-    ("values 1,2,3", "3"),
+    ("values 1, 2, 3", "3"),
+    ("1,2345 or rather 7", "7"),  # the ambiguous token is skipped, the last clear number taken
+    ("It costs 12.5.", "12.5"),
+    ("#### 1,234,567", "1234567"),
     ("half is .5", "0.5"),
     ("x2 y3 and 7", "7"),
 ])
@@ -55,9 +58,20 @@ def test_extract_number(text, expected):
     assert extract_number(text) == Decimal(expected)
 
 
-@pytest.mark.parametrize("text", ["", "no number here", "The answer is unknown", "####"])
+@pytest.mark.parametrize("text", ["", "no number here", "The answer is unknown", "####",
+                                  # commas that do not group thousands state no number
+                                  "#### 1,2345", "#### 2,50", "The answer is 2,50", "1,2345",
+                                  "values 1,2,3", "#### 12,34,567", "abc12 x3y"])
 def test_extract_number_none(text):
     assert extract_number(text) is None
+
+
+def test_numbers_are_bounded_on_both_sides():
+    assert extract_number("#### 1,2345") != Decimal(1234)
+    assert extract_number("2,50") != Decimal(50)
+    assert extract_number("answer: 12km") is None  # no number glued to a word
+    assert extract_number("#### 7 apples") == Decimal(7)
+    assert extract_number("3-5 = -2") == Decimal(-2)
 
 
 def test_decimal_equality_and_no_number_never_matches():

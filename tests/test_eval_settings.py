@@ -74,4 +74,19 @@ def test_coerce_from_dict_rejects_unknown_keys():
         coerce_settings({"mmlu_count": 3})
     with pytest.raises(ValueError, match="eval.benchmarks"):
         coerce_settings({"benchmarks": ["MMLU"]})
-    assert set(BENCHMARKS) == {"mmlu", "gsm8k", "humaneval"}
+    assert set(BENCHMARKS) == {"mmlu", "gsm8k", "humaneval", "task"}
+
+
+def test_sandbox_requirements_are_typed_and_name_real_features():
+    from aletheia_hpc.evaluation import sandbox
+    from aletheia_hpc.evaluation.settings import SANDBOX_FEATURES
+
+    assert tuple(sandbox.FEATURES) == SANDBOX_FEATURES == tuple(sandbox.FIXES)
+    typed = OmegaConf.structured(EvalSettings)
+    merged = OmegaConf.merge(typed, OmegaConf.from_dotlist(["sandbox.require=[net,pid,landlock]"]))
+    assert coerce_settings(merged).sandbox.require == ["net", "pid", "landlock"]
+    for sandbox_setting, words in (({"require": ["net", "nett"]}, "eval.sandbox.require: unknown.*nett"),
+                                   ({"require": "net"}, "eval.sandbox.require='net'.*list"),
+                                   ({"needs": ["net"]}, "eval.sandbox: unknown.*needs")):
+        with pytest.raises(ValueError, match=words):
+            coerce_settings({"sandbox": sandbox_setting})

@@ -33,12 +33,17 @@ stats.json layout (definitions in ``stats.CONVENTIONS``, also written under ``co
     per_family         {family: {variant: timing block + models, quality}}
     compute_matched    {n_pairs, standard_variant, overall, per_model, note}
     failed_cells, unreadable_rows, cells_without_row, duplicate_runs_superseded, conventions
+    quality_flags      {flags: [{benchmark, model, recipe, n_cells, n_questions, accuracy_mean,
+                       n_cells_flagged, flagged, warnings}], paired: {model: {benchmark: {pooled,
+                       per_seed: {seed: ...}}}} (McNemar only_a/only_b/p_value and diff {diff, ci}),
+                       sources: {benchmark: {source: n_cells}}, conventions}
+                       (quality_flags.py; from the cells' samples/<benchmark>.jsonl)
   timing block: n_pairs, n_pairs_mixed_hardware (left out: see conventions), std_time_s_mean/sd,
     arm_time_s_mean/sd, time_saved_s_mean/sd,
     ratio_mean/sd, speedup_pct_mean/sd, speedup_pct_ci95 [lo, hi], speedup_pct_min/max,
     speedup_pct_from_mean_ratio, t_stat, df, p_value, cohens_dz (d_z of paired differences),
     win_rate, note
-  quality: {eval_loss | mmlu | gsm8k | humaneval: {unit, n, std_mean/sd, arm_mean/sd, diff_mean/sd,
+  quality: {eval_loss | mmlu | gsm8k | humaneval | task: {unit, n, std_mean/sd, arm_mean/sd, diff_mean/sd,
     diff_ci95, t_stat, df, p_value, note, and with a base row: n_with_base, base_mean,
     std_delta_pp_mean/sd, arm_delta_pp_mean/sd, extra_pp_mean/sd, extra_pp_ci95}}
   n < 2: t_stat/p_value/cohens_dz/CIs null, note "n too small: ..."; n = 0: note "no pairs: ...".

@@ -12,9 +12,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY, read_samples
 from aletheia_hpc.files import atomic_write
 
 from .paper import PaperReference, load_paper_reference, model_sort_key, paper_name
+from .quality_flags import campaign_quality
 from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
 from .arms import arm_stats, ranking_stability
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
@@ -198,6 +200,22 @@ def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     }
 
 
+def score_quality(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    """stats.json ``quality_flags``: degenerate scores, paired per-question tests and data sources,
+    from each ok cell's ``samples/<benchmark>.jsonl`` beside its row (see quality_flags)."""
+    cells, samples = [], {}
+    for r in runs[runs["status"] == "ok"].itertuples(index=False):
+        source = json.loads(r.eval_source) if isinstance(r.eval_source, str) else None  # JSON text in runs
+        cells.append({"cell_id": r.cell_id, "model": r.model, "arm": r.arm, "seed": r.seed,
+                      "eval_source": source if isinstance(source, dict) else {}})
+        if isinstance(r.row_path, str) and r.row_path:
+            found = {name: s for name in REGISTRY if (s := read_samples(Path(r.row_path).parent, name))}
+            if found:
+                samples[r.cell_id] = found
+    chance = {b.name: b.chance for b in REGISTRY.values()}
+    return campaign_quality(cells, samples, chance, list(zip(pairs["std_cell_id"], pairs["arm_cell_id"])))
+
+
 # ----------------------------------------------------------------------------------- aggregation
 
 def _completeness(n_rows: int, expected: int | None, n_bad: int, n_missing: int) -> tuple[bool, str]:
@@ -263,6 +281,7 @@ def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir
         "unreadable_rows": [{"path": b.path, "reason": b.reason} for b in bad_rows],
         "cells_without_row": [str(c) for c in cells_without_row],
         "duplicate_runs_superseded": superseded_runs(runs),
+        "quality_flags": score_quality(runs, pairs),
         "conventions": CONVENTIONS,
     }
     stats = clean_json(stats)

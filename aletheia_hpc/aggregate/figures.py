@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY
+
 from .paper import PaperReference, reference_key
 from .tables import BENCH_FIELDS
 
@@ -32,7 +34,7 @@ FIGURE_TITLES = {
     "compute_matched_deltas": "Benchmark change from base: Standard, Aletheia and compute-matched Aletheia "
                               "(paper Figure 4)",
 }
-BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
+BENCH_LABELS = {b.name: b.label for b in REGISTRY.values()}
 
 
 class SkipFigure(Exception):

@@ -7,13 +7,15 @@ from collections import Counter
 
 import pandas as pd
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY
+
 from .figures import FIGURE_FILES, FIGURE_TITLES, layer_score_summary
 from .paper import PAPER_TO_CONFIG, PaperReference, reference_key
 from .stats import CONVENTIONS
 from .tables import BENCH_FIELDS, COMPUTE_MATCHED
 
 MAX_LISTED = 200  # failed cells / unreadable files listed in full up to this many
-BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
+BENCH_LABELS = {b.name: b.label for b in REGISTRY.values()}
 DASH = "—"
 
 
@@ -166,7 +168,7 @@ def _quality(stats: dict) -> list[str]:
                 if bench in q:
                     m = q[bench]
                     bench_rows[bench].append([
-                        model, v, m["n"], _f(m.get("base_mean"), 1), _msd(m["std_mean"], m["std_sd"], 1),
+                        model + _flag_mark(stats, bench, model), v, m["n"], _f(m.get("base_mean"), 1), _msd(m["std_mean"], m["std_sd"], 1),
                         _msd(m["arm_mean"], m["arm_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
                         _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("arm_delta_pp_mean"), 2, True),
                         _f(m.get("extra_pp_mean"), 2, True), _ci(m.get("extra_pp_ci95"), 2)])
@@ -180,6 +182,58 @@ def _quality(stats: dict) -> list[str]:
                             "95% CI", "std delta pp", "ale delta pp", "extra pp", "extra 95% CI"], rows)]
     if not loss_rows and not any(bench_rows.values()):
         out += ["", "No quality metrics on paired runs."]
+    return out
+
+
+def _flagged(stats: dict) -> dict:
+    """(benchmark, model) -> the arms whose score is flagged as degenerate or at chance."""
+    out: dict = {}
+    for f in (stats.get("quality_flags") or {}).get("flags", []):
+        if f["flagged"]:
+            out.setdefault((f["benchmark"], f["model"]), []).append(f["arm"])
+    return out
+
+
+def _flag_mark(stats: dict, bench: str, model: str) -> str:
+    arms = _flagged(stats).get((bench, model))
+    return f" (at chance / degenerate: {', '.join(arms)})" if arms else ""
+
+
+def _score_quality(stats: dict) -> list[str]:
+    """Scores that say nothing (degenerate or at chance), paired per-question tests, data sources."""
+    q = stats.get("quality_flags") or {}
+    if not q.get("flags") and not q.get("sources"):
+        return []
+    out = ["## Are the scores meaningful?", "",
+           "Per benchmark, model and arm, from each cell's `samples/<benchmark>.jsonl`: a warning when "
+           "one answer takes >= 90 % of the answers, or when the accuracy lies inside the 95 % binomial "
+           "interval of chance (1/4 for MMLU, 0 for generated answers) or of always giving the most "
+           "common gold answer."]
+    rows = [[f["benchmark"], f["model"], f["arm"], f["n_cells"], f["n_questions"],
+             _f(None if f["accuracy_mean"] is None else 100 * f["accuracy_mean"], 1),
+             "**AT CHANCE / DEGENERATE**" if f["flagged"] else "ok",
+             "; ".join(f["warnings"][:2])] for f in q.get("flags", [])]
+    if rows:
+        out += ["", _table(["benchmark", "model", "arm", "cells", "questions", "accuracy %", "verdict",
+                            "why"], rows)]
+        at_chance = sorted({f"{f['benchmark']} ({f['model']})" for f in q["flags"] if f["flagged"]})
+        if at_chance:
+            out += ["", "At chance or degenerate, so their differences mean nothing: " + ", ".join(at_chance) + "."]
+    paired = [[model, arm, bench, e["pooled"]["n"], e["pooled"]["only_a"], e["pooled"]["only_b"],
+               _f(100 * e["pooled"]["diff"]["diff"], 2, True),
+               _ci([100 * x for x in e["pooled"]["diff"]["ci"]], 2), _p(e["pooled"]["p_value"])]
+              for model, arms in q.get("paired", {}).items() for arm, benches in arms.items()
+              for bench, e in benches.items() if e.get("pooled")]
+    if paired:
+        out += ["", "### Paired on questions: each arm vs Standard", "",
+                "All seed pairs' questions together; McNemar's exact test and a paired bootstrap 95 % CI "
+                "of the accuracy difference (pp).", "",
+                _table(["model", "arm", "benchmark", "question pairs", "only Standard right", "only arm right",
+                        "arm - std pp", "95% CI", "McNemar p"], paired)]
+    if q.get("sources"):
+        out += ["", "### Benchmark data sources", ""]
+        out += [f"- {bench}: " + "; ".join(f"`{src}` ({n} cells)" for src, n in counts.items())
+                for bench, counts in q["sources"].items()]
     return out
 
 
@@ -253,7 +307,7 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
     for key, p in ref.campaign2_abs.items():
         q = measured(key, primary).get("quality") or {}
         row = [p["paper_model"], ours(key)]
-        for bench in BENCH_FIELDS:
+        for bench in ("mmlu", "gsm8k", "humaneval"):  # the paper's Table 4
             d = (q.get(bench) or {}).get("diff_mean")
             row += [_f(p[f"{bench}_abs_pp"], 2), DASH if d is None else f"{abs(d):.2f} ({d:+.2f})"]
         rows.append(row)
@@ -515,7 +569,7 @@ def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: li
         "",
     ]
     sections = [_headline(stats, ref), _mixed_hardware(pairs), _per_model_timing(stats),
-                _per_family(stats), _quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
+                _per_family(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
                 _layer_selection(rows), _paper_vs_run(stats, ref), _setting_differences(rows), _figures(figures),
                 _failures(stats), _provenance(runs)]
     for section in sections:

@@ -39,8 +39,10 @@ import math
 import numpy as np
 from scipy import stats as sps
 
+from aletheia_hpc.evaluation.benchmarks import BENCHMARK_NAMES
+
 ZERO_VARIANCE_RTOL = 1e-9
-BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
+BENCHMARKS = BENCHMARK_NAMES
 
 CONVENTIONS = {
     "pair": "one Standard run and one run of another arm (status ok) of the same model and seed; "

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aletheia_hpc.evaluation.benchmarks import REGISTRY, SCORE_FIELDS
 from aletheia_hpc.row import BASE_RECIPE, CSV_JSON_FIELDS, arm_name, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, read_row
 
 from .paper import model_sort_key, paper_name
@@ -35,8 +36,8 @@ PAPER_RECIPES = ("standard", "aletheia")  # the two arms of the paper's tables
 STANDARD, ALETHEIA = PAPER_RECIPES
 DEFAULT_VARIANT = "matched"
 COMPUTE_MATCHED = "compute_matched"
-# benchmark short name -> row field
-BENCH_FIELDS = {"mmlu": "mmlu_acc", "gsm8k": "gsm8k_acc", "humaneval": "humaneval_pass1"}
+# benchmark short name -> row field (the evaluation registry names them)
+BENCH_FIELDS = dict(SCORE_FIELDS)
 
 _SLURM_KEYS = ("job_id", "array_job_id", "array_task_id", "node")
 
@@ -222,10 +223,10 @@ def _sorted(df: pd.DataFrame, then: list[str]) -> pd.DataFrame:
     return df.take(order).reset_index(drop=True)
 
 
-_INT_FIELDS = ("num_layers", "trainable_params", "train_steps", "planned_steps", "mmlu_n", "gsm8k_n",
-               "humaneval_n", "nan_step", "attempts", "n_selected_layers")
+_INT_FIELDS = ("num_layers", "trainable_params", "train_steps", "planned_steps",
+               *(b.n_field for b in REGISTRY.values()), "nan_step", "attempts", "n_selected_layers")
 _FLOAT_FIELDS = ("train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
-                 "final_train_loss", "eval_loss", "mmlu_acc", "gsm8k_acc", "humaneval_pass1")
+                 "final_train_loss", "eval_loss", *SCORE_FIELDS.values())
 
 
 def _as_int(values: pd.Series) -> pd.Series:

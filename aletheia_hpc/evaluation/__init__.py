@@ -1,13 +1,14 @@
-"""Benchmark evaluation of fine-tuned models: MMLU, GSM8K and HumanEval (issue #5).
+"""Benchmark evaluation of fine-tuned models: MMLU, GSM8K, HumanEval, held-out task accuracy.
 
 Public entry points::
 
     from aletheia_hpc.evaluation import EvalSettings, validate, run_benchmarks
     fields = run_benchmarks(model, tokenizer, EvalSettings(benchmarks=["mmlu"], mmlu_n=200))
 
-Submodules: ``settings`` (EvalSettings, validate), ``data`` (sources, subsets), ``scoring`` (pure
-scoring functions), ``generation`` (batched forwards and greedy generation), ``mmlu``, ``gsm8k``,
-``humaneval``, ``sandbox`` (contained execution of untrusted code), ``runner`` (run_benchmarks).
+Submodules: ``benchmarks`` (the registry: one entry per benchmark), ``settings`` (EvalSettings,
+validate), ``data`` (sources, subsets), ``scoring`` (pure scoring functions), ``generation``
+(batched forwards and greedy generation), ``mmlu``, ``gsm8k``, ``humaneval``, ``task``,
+``sandbox`` (contained execution of untrusted code), ``runner`` (run_benchmarks).
 
 Names are imported lazily, so ``aletheia_hpc.evaluation.sandbox`` and ``.settings`` can be used
 without importing torch or transformers.
@@ -20,7 +21,7 @@ import importlib
 _EXPORTS = {
     "EvalSettings": "settings", "validate": "settings", "coerce_settings": "settings",
     "BENCHMARKS": "settings", "SOURCES": "settings",
-    "run_benchmarks": "runner", "load_eval_data": "runner",
+    "run_benchmarks": "runner", "load_eval_data": "data", "REGISTRY": "benchmarks",
     "load_benchmark": "data", "select_subset": "data", "DataSourceError": "data",
     "extract_number": "scoring",
     "SandboxLimits": "sandbox", "SandboxResult": "sandbox", "run_untrusted": "sandbox",

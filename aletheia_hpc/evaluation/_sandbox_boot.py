@@ -1,20 +1,26 @@
-"""Trusted bootstrap of one sandboxed run (executed as ``python -I _sandbox_boot.py``).
+"""Trusted bootstrap of one sandboxed run (executed as ``python -I -S _sandbox_boot.py``).
 
 Standard library only: it may run under an interpreter other than the project's (see
 ``sandbox.py``). It reads a JSON request from stdin, then, before any untrusted code runs:
 
-1. moves into the throw-away working directory and points stdin at /dev/null;
+1. moves into the working directory and points stdin at /dev/null;
 2. applies a Landlock ruleset (when the kernel has Landlock): writes only beneath the working
    directory (and /dev/null), reads only beneath the interpreter's and the system's directories,
    no TCP bind/connect (ABI >= 4), no signals to processes outside the sandbox and no abstract
    unix sockets (ABI >= 6); sets no_new_privs;
-3. drops root to an unprivileged uid/gid when asked (so RLIMIT_NPROC applies and root-owned
-   files are out of reach);
-4. sets the resource limits (CPU seconds, address space, processes, file size, open files, no core);
-5. writes one header line describing what was applied, then executes the program in a fresh
-   ``__main__`` namespace. Success = the program ran to its end without an exception; only then
-   is the request's nonce written as the last line. A program that exits early (sys.exit,
-   os._exit, a signal) never prints it and so fails.
+3. installs a seccomp filter that refuses ``socket(AF_UNIX, ...)`` (no filesystem socket outside
+   the sandbox, e.g. munge, a database or a tmux server, can be reached), io_uring, and every
+   syscall of another ABI (32-bit and x32 entry points);
+4. drops root to an unprivileged uid/gid when asked;
+5. sets the resource limits (CPU seconds, address space, processes, file size, open files, no core).
+
+Then, in ``program`` mode, it writes one header line describing what was applied and executes the
+program (used by the containment tests; the pass marker is the program's own claim, not a
+verdict). In ``serve`` mode (HumanEval) it reports what was applied on the reply pipe, executes the
+program and then answers calls of its entry point: one JSON line ``{"args": [<call id>, <encoded arguments>]}`` in, one JSON line
+``{"ok": [<call id>, <encoded result>]}`` or ``{"raised": [<call id>, "<error>"]}`` out (the id
+is random per call, so no reply can be written before its call arrives). The tests, and so the verdict,
+live in the evaluator's process; nothing the program does here can change them.
 """
 
 import ctypes
@@ -70,7 +76,7 @@ def landlock_abi():
 
 def _read_roots():
     roots = {"/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev",
-             sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             sys.base_prefix, sys.base_exec_prefix,  # not a venv's prefix: its site-packages
              os.path.dirname(os.path.realpath(sys.executable))}
     for entry in sys.path:
         if entry and os.path.isabs(entry):
@@ -160,6 +166,142 @@ def drop_privileges(uid, gid):
         raise OSError("could not drop privileges")
 
 
+# seccomp (linux/seccomp.h, linux/filter.h, linux/audit.h)
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
+_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
+_AF_UNIX = 1
+# machine -> (audit arch, socket, io_uring_setup, io_uring_enter, io_uring_register)
+_SYSCALLS = {"x86_64": (0xC000003E, 41, 425, 426, 427), "aarch64": (0xC00000B7, 198, 425, 426, 427)}
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def apply_seccomp():
+    """Refuse socket(AF_UNIX), io_uring and foreign-ABI syscalls; False where not supported."""
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        return False
+    arch, sys_socket, *uring = _SYSCALLS[machine]
+    # offsets in struct seccomp_data: nr 0, arch 4, args[0] (low word, little endian) 16;
+    # a jump of k goes to the instruction k+1 further on
+    program = [
+        (_LD_W_ABS, 0, 0, 4),              # 0: arch
+        (_JEQ_K, 1, 0, arch),              # 1: native ABI -> 3
+        (_RET_K, 0, 0, _RET_EPERM),        # 2
+        (_LD_W_ABS, 0, 0, 0),              # 3: syscall number
+        (_JGE_K, 0, 1, 0x40000000),        # 4: x32 bit set -> 5, else -> 6
+        (_RET_K, 0, 0, _RET_EPERM),        # 5
+        (_JEQ_K, 0, 2, sys_socket),        # 6: socket -> 7, else -> 9
+        (_LD_W_ABS, 0, 0, 16),             # 7: its domain
+        (_JEQ_K, 4, 3, _AF_UNIX),          # 8: AF_UNIX -> 13, else -> 12
+        (_JEQ_K, 3, 0, uring[0]),          # 9..11: io_uring -> 13
+        (_JEQ_K, 2, 0, uring[1]),
+        (_JEQ_K, 1, 0, uring[2]),
+        (_RET_K, 0, 0, _RET_ALLOW),        # 12
+        (_RET_K, 0, 0, _RET_EPERM),        # 13
+    ]
+    filters = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
+    fprog = _SockFprog(len(program), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_no_new_privs()
+    if libc.prctl(ctypes.c_int(_PR_SET_SECCOMP), ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+                  ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+    return True
+
+
+# ----------------------------------------------------------------------------- values
+# Arguments and results cross the sandbox boundary as JSON: lists, str, int, float, bool and None
+# as themselves, other containers tagged ({"tuple": [...]}), so decoding yields plain built-in
+# values only (never pickle: decoding must not run code).
+_TAGS = {"tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def encode_value(value):
+    if value is None or isinstance(value, bool):
+        return None if value is None else bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, list):
+        return [encode_value(v) for v in value]
+    for tag, kind in _TAGS.items():
+        if isinstance(value, kind):
+            return {tag: [encode_value(v) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": [[encode_value(k), encode_value(v)] for k, v in value.items()]}
+    if isinstance(value, complex):
+        return {"complex": [value.real, value.imag]}
+    if isinstance(value, bytes):
+        return {"bytes": bytes(value).hex()}
+    raise TypeError(f"a {type(value).__name__} cannot cross the sandbox boundary")
+
+
+def _decode_object(obj):
+    if len(obj) != 1:
+        raise ValueError(f"malformed value {sorted(obj)!r}")
+    (tag, payload), = obj.items()
+    if tag in _TAGS and isinstance(payload, list):
+        return _TAGS[tag](payload)
+    if tag == "dict" and isinstance(payload, list):
+        return {k: v for k, v in payload}
+    if tag == "complex" and isinstance(payload, list) and len(payload) == 2:
+        return complex(*payload)
+    if tag == "bytes" and isinstance(payload, str):
+        return bytes.fromhex(payload)
+    if tag in ("ok", "raised", "ready", "hello", "load_error", "args"):
+        return {tag: payload}  # message envelopes
+    raise ValueError(f"unknown value tag {tag!r}")
+
+
+def decode_message(line):
+    """A JSON line -> plain Python values (ValueError/TypeError/RecursionError when malformed)."""
+    return json.loads(line, object_hook=_decode_object)
+
+
+def encode_message(tag, payload):
+    return (json.dumps({tag: payload}, allow_nan=True) + "\n").encode("utf-8")
+
+
+def _serve(namespace, entry_point, calls_in, calls_out):
+    """Answer calls of ``entry_point`` until the evaluator closes the pipe."""
+    function = namespace.get(entry_point)
+    if not callable(function):
+        os.write(calls_out, encode_message("load_error", f"{entry_point!r} is not defined"))
+        os._exit(1)
+    os.write(calls_out, encode_message("ready", True))
+    reader = os.fdopen(calls_in, "rb", buffering=1 << 16)
+    while True:
+        line = reader.readline()
+        if not line:
+            os._exit(0)
+        call, args = decode_message(line)["args"]
+        try:
+            reply = encode_message("ok", [call, encode_value(function(*args))])
+        except BaseException as exc:  # noqa: BLE001 - the candidate's failure, reported as such
+            reply = encode_message("raised", [call, f"{type(exc).__name__}: {exc}"[:2000]])
+        sys.stdout.flush()
+        _write_all(calls_out, reply)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def main():
     request = json.loads(sys.stdin.buffer.read().decode("utf-8"))
     null = os.open(os.devnull, os.O_RDONLY)
@@ -167,10 +309,12 @@ def main():
     os.close(null)
     workdir = request["workdir"]
     os.chdir(workdir)
-    report = {"pid": os.getpid(), "landlock_abi": 0, "uid": os.getuid()}
+    report = {"pid": os.getpid(), "landlock_abi": 0, "uid": os.getuid(), "seccomp": False}
     if request.get("landlock", True):
         report["landlock_abi"] = apply_landlock(workdir)
-    if not report["landlock_abi"]:
+    if request.get("seccomp", True):
+        report["seccomp"] = apply_seccomp()
+    if not report["landlock_abi"] and not report["seccomp"]:
         try:
             set_no_new_privs()
         except OSError:
@@ -180,22 +324,32 @@ def main():
         drop_privileges(uid, gid)
         report["uid"] = os.getuid()
     report["rlimits"] = set_limits(request["limits"])
-    os.write(1, (HEADER + json.dumps(report, sort_keys=True) + "\n").encode())
+    serve = request.get("mode") == "serve"
+    if serve:
+        calls_in, calls_out = request["calls_in"], request["calls_out"]
+        os.write(calls_out, encode_message("hello", encode_value(report)))
+    else:
+        os.write(1, (HEADER + json.dumps(report, sort_keys=True) + "\n").encode())
     program = request["program"]
-    nonce = request["nonce"]
+    nonce = request.get("nonce", "")
+    entry_point = request.get("entry_point")
     del request
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         exec(compile(program, "<candidate>", "exec"), namespace)  # noqa: S102 - the sandbox's job
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - any failure, SystemExit included, is a failed program
+    except BaseException as exc:  # noqa: BLE001 - any failure, SystemExit included, is a failed program
         import traceback
         try:
             traceback.print_exc()
             sys.stderr.flush()
+            if serve:
+                os.write(calls_out, encode_message("load_error", f"{type(exc).__name__}: {exc}"[:2000]))
         finally:
             os._exit(1)
+    if serve:
+        _serve(namespace, entry_point, calls_in, calls_out)
     os.write(1, ("\n" + PASS_MARKER + nonce + "\n").encode())
     os._exit(0)
 

@@ -235,7 +235,8 @@ def load_hub(benchmark: str) -> tuple[list, str]:
 def load_benchmark(benchmark: str, source: str = "auto", data_dir: str | None = None
                    ) -> tuple[list, str]:
     """All records of ``benchmark`` and the source they came from (``local:/path``,
-    ``offline:<package>`` or ``hub:<dataset>``). ``auto`` tries local, offline, hub in turn."""
+    ``offline:<package>`` or ``hub:<dataset>``). ``auto`` tries local, then the hub, then the
+    offline copy as a fallback, whose source then says ``(auto fallback; <why not the others>)``."""
     if benchmark not in _PARSERS:
         raise ValueError(f"unknown benchmark {benchmark!r}")
     if source == "local":
@@ -253,13 +254,14 @@ def load_benchmark(benchmark: str, source: str = "auto", data_dir: str | None = 
         return load_local(benchmark, data_dir)
     if data_dir:
         tried.append(f"local: no {' or '.join(LOCAL_FILES[benchmark])} in {data_dir}")
-    if offline_path(benchmark) is not None:
-        return load_offline(benchmark)
-    tried.append(f"offline: package {OFFLINE_FILES[benchmark][0]!r} not installed")
     try:
         return load_hub(benchmark)
     except DataSourceError as exc:
         tried.append(f"hub: {exc}")
+    if offline_path(benchmark) is not None:  # the stated fallback, and the row says so
+        records, source = load_offline(benchmark)
+        return records, f"{source} (auto fallback; {'; '.join(tried)})"
+    tried.append(f"offline: package {OFFLINE_FILES[benchmark][0]!r} not installed")
     raise DataSourceError(f"no source for {benchmark}; tried " + "; ".join(tried))
 
 
@@ -294,3 +296,18 @@ def select_shots(keys: Sequence[str], k: int, seed: int, subset: Iterable[int]) 
         raise ValueError(f"{k} shots requested but only {len(candidates)} records lie outside the "
                          f"evaluated subset; lower the shots or the subset size")
     return sorted(candidates, key=lambda i: (_rank(keys[i], seed, "shots"), i))[:k]
+
+
+def record_id(key: str) -> str:
+    """A short stable id of a record (its identity key hashed): per-question sample files use it."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def load_eval_data(benchmark: str, settings) -> tuple[list, list, str]:
+    """(evaluated records, few-shot records, source) for ``benchmark`` under ``settings``: the
+    subset of ``<benchmark>_n`` and the ``<benchmark>_shots`` examples (0 where it has none)."""
+    records, source = load_benchmark(benchmark, settings.source, settings.data_dir)
+    keys = [r.key for r in records]
+    subset = select_subset(keys, getattr(settings, f"{benchmark}_n"), settings.subset_seed)
+    shots = select_shots(keys, getattr(settings, f"{benchmark}_shots", 0), settings.subset_seed, subset)
+    return [records[i] for i in subset], [records[i] for i in shots], source

@@ -131,20 +131,24 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+def generate_greedy(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int,
                     stop_strings: Sequence[str] = (), batch_size: int = 8, device=None,
                     max_length: int = 0, progress: bool = True, desc: str = "generate"
                     ) -> list[str]:
     """Greedy completions of ``prompts`` (in order), each cut at its first stop string or eos.
 
-    Batched with left padding and the KV cache; at most ``max_new_tokens`` new tokens. Prompts
-    longer than the context limit minus ``max_new_tokens`` keep their last tokens.
+    ``prompts`` are strings, or token id lists used as they are (e.g. exactly the tokens a model
+    was trained on). Batched with left padding and the KV cache; at most ``max_new_tokens`` new
+    tokens. Prompts longer than the context limit minus ``max_new_tokens`` keep their last tokens.
     """
     device = device or model_device(model)
     pad_id = pad_token_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     limit = context_limit(model, max_length)
-    encoded = encode_prompts(tokenizer, prompts)
+    if prompts and not isinstance(prompts[0], str):
+        encoded = [list(p) for p in prompts]
+    else:
+        encoded = encode_prompts(tokenizer, prompts)
     if limit is not None:
         room = max(limit - max_new_tokens, 1)
         encoded = [ids[-room:] for ids in encoded]

@@ -10,14 +10,28 @@ Prompt (k-shot worked examples, then the question)::
 
 Generation stops at the next "Question:" (the model starting another example), three newlines,
 eos, or ``max_new_tokens``. The prediction is the number after the last ``####``, else after the
-last "The answer is", else the last number in the completion (see :mod:`.scoring`).
+last "The answer is", else the last number in the completion (see :mod:`.scoring`; numbers are
+bounded on both sides, and digits joined by commas count only when grouped in thousands).
+
+Few-shot (``eval.gsm8k_shots``, e.g. 5): the prompt layout is lm-evaluation-harness's ``gsm8k``
+task ("Question: ...\nAnswer: <worked solution>" examples joined by a blank line, 5-shot there).
+Unlike lm-evaluation-harness, whose examples come from the train split, ours are test records
+outside the evaluated subset (the offline copy has no train split), chosen by ``subset_seed``.
+
+What the paper's protocol leaves open, and what we chose: the number of shots (default 0; 5 is
+offered), the prompt template (above), whether a chat template is applied (no), greedy decoding
+(yes) and the generation cap (``eval.gsm8k_max_new_tokens``, 256), the answer extraction (above:
+lm-evaluation-harness's "strict" match reads only ``####``, its "flexible" one the last number;
+we take ``####``, then "The answer is", then the last number), which 200 questions form the
+subset (a hash of each question with ``eval.subset_seed``), and the split (test).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from aletheia_hpc.evaluation.data import MathProblem
+from aletheia_hpc.evaluation.benchmarks import BenchmarkContext, BenchmarkResult
+from aletheia_hpc.evaluation.data import MathProblem, load_eval_data, record_id
 from aletheia_hpc.evaluation.generation import generate_greedy
 from aletheia_hpc.evaluation.scoring import extract_number, gsm8k_target, numbers_match
 
@@ -47,3 +61,14 @@ def evaluate(model, tokenizer, problems: Sequence[MathProblem], shots: Sequence[
     correct = [numbers_match(pred, gsm8k_target(p.answer)) for pred, p in zip(predictions, problems)]
     return {"acc": sum(correct) / len(problems) if problems else None, "n": len(problems),
             "completions": completions, "predictions": predictions, "correct": correct}
+
+
+def run(context: BenchmarkContext) -> BenchmarkResult:
+    records, shots, source = load_eval_data("gsm8k", context.settings)
+    result = evaluate(context.model, context.tokenizer, records, shots,
+                      max_new_tokens=context.settings.gsm8k_max_new_tokens, **context.common)
+    samples = [{"id": record_id(p.key), "generation": g, "prediction": None if v is None else str(v),
+                "target": str(gsm8k_target(p.answer)), "correct": c}
+               for p, g, v, c in zip(records, result["completions"], result["predictions"],
+                                     result["correct"])]
+    return BenchmarkResult(result["acc"], result["n"], source, samples)

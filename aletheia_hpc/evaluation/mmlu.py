@@ -29,7 +29,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from aletheia_hpc.evaluation.data import LETTERS, MCQuestion
+from aletheia_hpc.evaluation.benchmarks import BenchmarkContext, BenchmarkResult
+from aletheia_hpc.evaluation.data import LETTERS, MCQuestion, load_eval_data, record_id
 from aletheia_hpc.evaluation.generation import (batches_longest_first, context_limit,
                                                 encode_prompts, forward_last_logprobs,
                                                 model_device, pad_token_id)
@@ -110,3 +111,11 @@ def evaluate(model, tokenizer, questions: Sequence[MCQuestion], shots: Sequence[
     correct = sum(c == q.answer for c, q in zip(choices, questions))
     return {"acc": correct / len(questions) if questions else None, "n": len(questions),
             "choices": choices, "scores": scores}
+
+
+def run(context: BenchmarkContext) -> BenchmarkResult:
+    records, shots, source = load_eval_data("mmlu", context.settings)
+    result = evaluate(context.model, context.tokenizer, records, shots, **context.common)
+    samples = [{"id": record_id(q.key), "choice": LETTERS[c], "answer": LETTERS[q.answer],
+                "correct": c == q.answer} for q, c in zip(records, result["choices"])]
+    return BenchmarkResult(result["acc"], result["n"], source, samples)

@@ -1,39 +1,44 @@
-"""Run untrusted, model-written Python in a contained process.
+"""Run untrusted, model-written Python in a contained process, and judge it from outside.
 
-Each program runs in its own fresh interpreter (``python -I``), started by
-:mod:`._sandbox_boot`, with these layers (each applied when the machine allows it; what was
-applied is reported in :attr:`SandboxResult.isolation`):
+Each program runs in its own fresh interpreter (``python -I -S``: the standard library only),
+started by :mod:`._sandbox_boot`. Two uses:
 
-wall clock
-    The sandbox is the leader of a new session; at the timeout (and after every run) its whole
-    process group is killed with SIGKILL.
-namespaces (``unshare``)
-    A new network namespace (no interface but a downed loopback: nothing is reachable, not even
-    127.0.0.1), a new PID namespace with its own /proc (the program sees only its own processes;
-    when the sandbox's init dies the kernel kills every process in it, so no descendant survives,
-    not even one that called setsid()), ``--kill-child`` ties that init to the group leader.
-    As root directly; as another user inside a new user namespace (``--map-root-user``).
-Landlock (Linux >= 5.13)
-    Writes only beneath the throw-away working directory; reads only beneath the interpreter's and
-    the system's directories (so $HOME, tokens and other projects are unreadable); TCP bind and
-    connect denied (ABI >= 4); signals to processes outside the sandbox and abstract unix sockets
-    denied (ABI >= 6).
-unprivileged user
-    When the evaluator is root, the program runs as ``nobody`` (uid/gid 65534): RLIMIT_NPROC is
-    not enforced for root, and root-owned files are out of its reach. This needs an interpreter
-    that ``nobody`` can run; :func:`sandbox_interpreter` probes the project's and the system's.
-resource limits
-    RLIMIT_CPU (timeout), RLIMIT_AS (memory, 1 GiB default), RLIMIT_NPROC (processes),
-    RLIMIT_FSIZE (largest file, which also caps the captured output), RLIMIT_NOFILE, no core files.
-scrubbed environment
-    Only PATH, LANG/LC_ALL, HOME/TMPDIR (the working directory) are passed; ``-I`` ignores
-    PYTHON* variables and the user site; stdin is /dev/null.
-throw-away directory
-    A fresh temporary directory per run, deleted afterwards; output goes to a file outside it.
+:func:`judge_function` (HumanEval)
+    The candidate's code is loaded in the sandbox, which then only answers calls of its entry
+    point over a pipe (arguments and results as tagged JSON, decoded into plain built-in values,
+    never pickle; each reply must carry its call's random id). The tests run in the evaluator's process and decide the verdict; the candidate
+    never sees them, their expected answers or any pass token, so exiting early, tracing, reading
+    frames or rebinding ``os._exit`` cannot make a wrong answer pass.
+:func:`run_untrusted` / :func:`run_many`
+    Run a whole program; ``passed`` means it ran to its end without an exception, which is the
+    program's own claim (used by the containment tests, not for verdicts).
 
-Without ``unshare`` (or user namespaces) and without Landlock a program could still reach the
-network and, run by a non-root user, signal that user's processes; :func:`isolation_summary`
-says which layers this machine provides.
+Backends, the first that works on this machine (recorded in every result's ``isolation``):
+
+``bwrap``
+    bubblewrap (``apt-get install bubblewrap``): new user, network, PID, IPC, UTS and cgroup
+    namespaces, a mount namespace whose root holds only read-only binds of /usr (and /bin, /lib,
+    ...), the interpreter and the boot script, a fresh /proc and /dev, and size-capped tmpfs on
+    /tmp (the working directory: the total disk cap), /run, /var/tmp and /dev/shm, so no host
+    socket, file or directory is even visible. ``--die-with-parent``. Run as ``nobody`` when the
+    evaluator is root.
+``unshare``
+    util-linux ``unshare``: network and PID namespaces (own /proc), a throw-away working
+    directory on the host; as root the program is switched to ``nobody``.
+``none``
+    No namespaces (only Landlock, seccomp and the limits below hold).
+
+In every backend the boot script adds Landlock (reads only beneath system and interpreter
+directories, writes only beneath the working directory, no TCP, no signals or abstract sockets
+outside), a seccomp filter refusing ``socket(AF_UNIX)`` (no munge, database or tmux server socket
+can be reached), io_uring and foreign-ABI syscalls, and resource limits (CPU seconds, address
+space, processes, file size, open files). Where a memory cgroup can be created (root on cgroup v1,
+or a delegated cgroup v2 subtree) the whole run's memory (tmpfs included) and process count are
+capped in total. Environment: only PATH, LANG/LC_ALL, HOME/TMPDIR; stdin is /dev/null.
+
+When the evaluator is root and no interpreter can be run as ``nobody``, nothing runs:
+:class:`SandboxUnavailable` names the fix. ``SandboxLimits(drop_privileges=False)`` runs as the
+evaluator's own user and exists for the layer tests only.
 """
 
 from __future__ import annotations
@@ -44,16 +49,19 @@ import logging
 import math
 import os
 import secrets
+import select
+import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from aletheia_hpc.evaluation import _sandbox_boot as boot
 
@@ -62,6 +70,36 @@ BOOT_SCRIPT = Path(boot.__file__).resolve()
 NOBODY = (65534, 65534)
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 _PROBE_PROGRAM = "import collections, functools, hashlib, heapq, itertools, json, math, re, string\n"
+_MAX_REPLY_BYTES = 32 * 2**20
+_BOOT_INSIDE = "/sandbox/boot.py"
+
+# What ``eval.sandbox.require`` may ask for; each name is a property of a finished run's isolation.
+FEATURES = {
+    "bwrap": "the bubblewrap backend ran",
+    "net": "a network namespace (no interface reachable)",
+    "pid": "a PID namespace (no process outside visible or signalled; nothing outlives the run)",
+    "mount": "private /tmp, /run and /dev/shm (no host socket or file there is visible)",
+    "landlock": "a Landlock ruleset (reads and writes confined, no TCP)",
+    "seccomp": "a seccomp filter refusing AF_UNIX sockets",
+    "unprivileged": "the program ran as a non-root user",
+    "memory_total": "a cgroup caps the memory of all the run's processes together",
+    "disk_total": "a size-capped tmpfs caps everything the run writes",
+}
+FIXES = {
+    "bwrap": "install bubblewrap (apt-get install bubblewrap) and allow unprivileged user namespaces",
+    "net": "install util-linux unshare or bubblewrap and allow (user) namespaces",
+    "pid": "install util-linux unshare or bubblewrap and allow (user) namespaces",
+    "mount": "install bubblewrap (apt-get install bubblewrap)",
+    "landlock": "use a kernel >= 5.13 with Landlock enabled (lsm=...,landlock)",
+    "seccomp": "use an x86_64 or aarch64 Linux kernel with seccomp filters",
+    "unprivileged": "run as an ordinary user, or as root with a python3 that user nobody can run",
+    "memory_total": "run as root (cgroup v1) or in a delegated cgroup v2 subtree with the memory controller",
+    "disk_total": "install bubblewrap (apt-get install bubblewrap)",
+}
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run here as required; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -72,24 +110,31 @@ class SandboxLimits:
     memory_mb: int = 1024
     max_processes: int = 16
     max_file_mb: int = 16
+    disk_mb: int = 64  # the whole working directory (bwrap backend)
     max_open_files: int = 64
     namespaces: bool = True
+    bwrap: bool = True
     landlock: bool = True
+    seccomp: bool = True
+    cgroup: bool = True
     drop_privileges: bool = True
 
 
 @dataclass
 class SandboxResult:
     passed: bool
-    status: str  # passed | failed | timeout
+    status: str  # passed | failed | timeout | error
     returncode: int | None
     duration_s: float
-    output: str = ""  # the tail of stdout+stderr, header and pass marker removed
+    output: str = ""  # the tail of the program's stdout+stderr (and the failure's reason)
     isolation: dict = field(default_factory=dict)
 
 
 def _is_root() -> bool:
     return os.geteuid() == 0
+
+
+# ----------------------------------------------------------------------------- backends
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,108 +156,332 @@ def namespace_prefix() -> tuple[str, ...]:
             continue
         if done.returncode == 0:
             return command
-    logger.warning("sandbox: no usable 'unshare' (network/PID namespaces); untrusted code keeps the "
-                   "network unless Landlock blocks TCP, and setsid() children may outlive a timeout")
     return ()
 
 
-@functools.lru_cache(maxsize=None)
-def sandbox_interpreter(drop_privileges: bool = True) -> tuple[str, bool]:
-    """(python executable, whether to drop root to nobody) for sandboxed runs.
-
-    Not root, or dropping not wanted: this interpreter. Root: the first of this interpreter and
-    the system's python3 that ``nobody`` can start and import the standard library with; if none
-    can, this interpreter without the drop (then RLIMIT_NPROC is not enforced).
-    """
-    if not (_is_root() and drop_privileges):
-        return sys.executable, False
+def _interpreter_candidates() -> list[str]:
     candidates = [sys.executable]
     for name in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
         if name and os.path.exists(name) and os.path.realpath(name) not in map(os.path.realpath, candidates):
             candidates.append(name)
-    for candidate in candidates:
-        result = _run(_PROBE_PROGRAM, SandboxLimits(timeout_s=20), candidate, drop=True)
+    return candidates
+
+
+@dataclass(frozen=True)
+class _Setup:
+    backend: str  # bwrap | unshare | none
+    interpreter: str
+    as_nobody: bool  # the program runs as nobody (uid 65534)
+    prefix: tuple[str, ...] = ()  # unshare command line
+
+
+def _setups(limits: SandboxLimits) -> list[_Setup]:
+    drop = _is_root() and limits.drop_privileges
+    backends = []
+    if limits.namespaces and limits.bwrap and shutil.which("bwrap"):
+        backends.append(("bwrap", ()))
+    if limits.namespaces and namespace_prefix():
+        backends.append(("unshare", namespace_prefix()))
+    backends.append(("none", ()))
+    return [_Setup(backend, interpreter, drop, prefix) for backend, prefix in backends
+            for interpreter in _interpreter_candidates()]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup_for(namespaces: bool, bwrap: bool, drop_privileges: bool) -> _Setup:
+    limits = SandboxLimits(timeout_s=20, namespaces=namespaces, bwrap=bwrap,
+                           drop_privileges=drop_privileges, cgroup=False)
+    for setup in _setups(limits):
+        result = _run_program(setup, _PROBE_PROGRAM, limits)
         if result.passed:
-            return candidate, True
-    logger.warning("sandbox: no interpreter that user 'nobody' can run (tried %s); untrusted code "
-                   "runs as root, where RLIMIT_NPROC does not apply", ", ".join(candidates))
-    return sys.executable, False
+            return setup
+        logger.debug("sandbox: %s with %s does not work: %s", setup.backend, setup.interpreter,
+                     result.output[-300:])
+    if _is_root() and drop_privileges:
+        raise SandboxUnavailable(
+            "the evaluator runs as root and no Python interpreter can be run as user 'nobody' "
+            f"(tried {', '.join(_interpreter_candidates())}); untrusted code is not run as root. Fix: "
+            "install a system python3 (apt-get install python3), or make this interpreter's "
+            "directories readable and executable by others (chmod o+rx), or evaluate as an "
+            "ordinary user")
+    raise SandboxUnavailable("no sandboxed Python interpreter starts here (tried "
+                             f"{', '.join(_interpreter_candidates())})")
 
 
-def isolation_summary() -> dict:
-    """Which isolation layers this machine gives sandboxed runs."""
-    interpreter, drop = sandbox_interpreter(True)
-    return {"namespaces": list(namespace_prefix()[1:]), "landlock_abi": boot.landlock_abi(),
-            "interpreter": interpreter, "runs_as": "nobody" if drop else f"uid {os.geteuid()}",
-            "rlimit_nproc_enforced": drop or not _is_root()}
+def setup_for(limits: SandboxLimits) -> _Setup:
+    return _setup_for(limits.namespaces, limits.bwrap, limits.drop_privileges)
 
 
-def run_untrusted(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run ``program`` once in the sandbox; passed = it ran to its end without an exception."""
-    interpreter, drop = sandbox_interpreter(limits.drop_privileges)
-    return _run(program, limits, interpreter, drop)
+def isolation_summary(limits: SandboxLimits = SandboxLimits()) -> dict:
+    """The isolation a sandboxed run gets on this machine (from one real run)."""
+    return run_untrusted("pass", limits).isolation
 
 
-def run_many(programs: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2,
-             on_done: Callable[[int, SandboxResult], None] | None = None) -> list[SandboxResult]:
-    """Run each program in its own sandbox, ``workers`` at a time; results in input order."""
-    sandbox_interpreter(limits.drop_privileges)  # probe once, before the threads race for it
-    namespace_prefix()
-    results: list[SandboxResult | None] = [None] * len(programs)
-
-    def one(index: int) -> None:
-        results[index] = run_untrusted(programs[index], limits)
-        if on_done is not None:
-            on_done(index, results[index])
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in [pool.submit(one, i) for i in range(len(programs))]:
-            future.result()
-    return results  # type: ignore[return-value]
+def available_features(limits: SandboxLimits = SandboxLimits()) -> list[str]:
+    return features_of(isolation_summary(limits))
 
 
-def _run(program: str, limits: SandboxLimits, interpreter: str, drop: bool) -> SandboxResult:
-    base = Path(tempfile.mkdtemp(prefix="aletheia-sandbox-"))
-    try:
-        return _run_in(base, program, limits, interpreter, drop)
-    finally:
-        _remove_tree(base)
-
-
-def _run_in(base: Path, program: str, limits: SandboxLimits, interpreter: str, drop: bool
-            ) -> SandboxResult:
-    workdir = base / "work"
-    workdir.mkdir()
-    if drop:  # nobody may pass through base (0711, not list it) to its own working directory
-        os.chmod(base, 0o711)
-        os.chown(workdir, *NOBODY)
-    nonce = secrets.token_hex(16)
-    request = {
-        "program": program, "nonce": nonce, "workdir": str(workdir),
-        "landlock": limits.landlock, "drop_to": list(NOBODY) if drop else None,
-        "limits": {"cpu_s": max(1, math.ceil(limits.timeout_s)),
-                   "memory_bytes": int(limits.memory_mb) * 2**20,
-                   "nproc": int(limits.max_processes),
-                   "fsize_bytes": int(limits.max_file_mb) * 2**20,
-                   "nofile": int(limits.max_open_files)},
+def features_of(isolation: dict) -> list[str]:
+    """The :data:`FEATURES` a run's isolation record shows."""
+    namespaces = set(isolation.get("namespaces") or ())
+    have = {
+        "bwrap": isolation.get("backend") == "bwrap",
+        "net": "net" in namespaces,
+        "pid": "pid" in namespaces,
+        "mount": bool(isolation.get("private_tmp")),
+        "landlock": bool(isolation.get("landlock_abi")),
+        "seccomp": bool(isolation.get("seccomp")),
+        "unprivileged": isolation.get("uid") not in (None, 0),
+        "memory_total": bool(isolation.get("memory_total_bytes")),
+        "disk_total": bool(isolation.get("disk_total_bytes")),
     }
-    prefix = namespace_prefix() if limits.namespaces else ()
-    command = [*prefix, interpreter, "-I", str(BOOT_SCRIPT)]
-    env = {**_ENV, "HOME": str(workdir), "TMPDIR": str(workdir)}
-    out_path = base / "output"
-    started = time.monotonic()
-    timed_out = False
-    with open(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=workdir, env=env, start_new_session=True, close_fds=True)
+    return [name for name in FEATURES if have[name]]
+
+
+def check_requirements(require: Sequence[str], limits: SandboxLimits = SandboxLimits()) -> dict:
+    """The isolation record of a probe run; SandboxUnavailable when it lacks a required feature."""
+    unknown = [r for r in require if r not in FEATURES]
+    if unknown:
+        raise ValueError(f"eval.sandbox.require: unknown feature(s) {unknown}; use {list(FEATURES)}")
+    isolation = isolation_summary(limits)
+    missing = [r for r in require if r not in features_of(isolation)]
+    if missing:
+        fixes = "; ".join(f"{name}: {FIXES[name]}" for name in missing)
+        raise SandboxUnavailable(f"eval.sandbox.require asks for {missing}, which this node "
+                                 f"({os.uname().nodename}, backend {isolation.get('backend')}) "
+                                 f"cannot give. Fix: {fixes}")
+    return isolation
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class _Cgroup:
+    """A memory cgroup for one run (all its processes and tmpfs pages together), or nothing
+    where none can be made. (No pids cgroup: RLIMIT_NPROC already counts per user namespace,
+    and every cgroup move costs the run milliseconds.)"""
+
+    def __init__(self, path: Path | None, memory_bytes: int | None):
+        self.path, self.memory_bytes = path, memory_bytes
+
+    @classmethod
+    def create(cls, limits: SandboxLimits, owner: int | None) -> "_Cgroup":
+        parent = _own_cgroup("memory")
+        if parent is None:
+            return cls(None, None)
+        memory = int(limits.memory_mb) * 2**20
+        path = parent / f"aletheia-sandbox-{secrets.token_hex(6)}"
         try:
-            proc.communicate(json.dumps(request).encode("utf-8"), timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            path.mkdir()
+        except OSError as exc:
+            logger.debug("sandbox: no cgroup (%s)", exc)
+            return cls(None, None)
+        cgroup = cls(path, None)
+        try:
+            for name in ("memory.limit_in_bytes", "memory.max", "memory.memsw.limit_in_bytes",
+                         "memory.swap.max"):
+                if (path / name).exists():
+                    (path / name).write_text(str(memory) if "swap." not in name else "0")
+                    if name in ("memory.limit_in_bytes", "memory.max"):
+                        cgroup.memory_bytes = memory
+            if owner is not None:
+                os.chown(path / "cgroup.procs", owner, -1)
+        except OSError as exc:
+            logger.debug("sandbox: cgroup %s unusable (%s)", path, exc)
+            cgroup.remove()
+            return cls(None, None)
+        if cgroup.memory_bytes is None:
+            cgroup.remove()
+            return cls(None, None)
+        return cgroup
+
+    def wrap(self, command: list[str]) -> list[str]:
+        """``command`` started by a shell that first moves itself into the cgroup."""
+        if self.path is None:
+            return command
+        procs = shlex.quote(str(self.path / "cgroup.procs"))
+        return ["/bin/sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *command]
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for _ in range(200):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # processes of the run still exiting
+                time.sleep(0.005)
+        logger.warning("sandbox: could not remove cgroup %s", self.path)
+
+
+@functools.lru_cache(maxsize=None)
+def _own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup directory holding ``controller``, where it exists and is writable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            directory = Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+        elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            directory = Path("/sys/fs/cgroup") / path.lstrip("/")
+            try:
+                if controller not in (directory / "cgroup.subtree_control").read_text().split():
+                    continue
+            except OSError:
+                continue
+        else:
+            continue
+        if directory.is_dir() and os.access(directory, os.W_OK):
+            return directory
+    return None
+
+
+def _bwrap_command(setup: _Setup, limits: SandboxLimits) -> list[str]:
+    command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+               "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            command += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            command += ["--ro-bind", top, top]
+    # an interpreter outside /usr: its installation prefix (<prefix>/bin/python3) and the link
+    real = os.path.realpath(setup.interpreter)
+    for directory in sorted({os.path.dirname(os.path.dirname(real)), os.path.dirname(setup.interpreter)}):
+        if not directory.startswith("/usr/") and directory != "/usr" and os.path.isdir(directory):
+            command += ["--ro-bind", directory, directory]
+    disk = str(int(limits.disk_mb) * 2**20)
+    command += ["--ro-bind", str(BOOT_SCRIPT), _BOOT_INSIDE, "--proc", "/proc", "--dev", "/dev",
+                "--size", disk, "--tmpfs", "/tmp", "--size", str(2**20), "--tmpfs", "/run",
+                "--size", str(2**20), "--tmpfs", "/dev/shm", "--size", str(2**20), "--tmpfs", "/var/tmp",
+                "--chdir", "/tmp", "--", setup.interpreter, "-I", "-S", _BOOT_INSIDE]
+    return command
+
+
+class _Run:
+    """One sandboxed process: launched with a request, killed and cleaned up by :meth:`close`."""
+
+    def __init__(self, setup: _Setup, limits: SandboxLimits, request: dict, serve: bool):
+        self.setup, self.limits = setup, limits
+        self.base = Path(tempfile.mkdtemp(prefix="aletheia-sandbox-"))
+        self.proc: subprocess.Popen | None = None
+        self.cgroup = _Cgroup(None, None)
+        self.calls_w = self.replies_r = None
+        run_as = NOBODY[0] if (setup.as_nobody and setup.backend == "bwrap") else None
+        if setup.backend == "bwrap":
+            workdir, cwd = "/tmp", "/"
+        else:
+            work = self.base / "work"
+            work.mkdir()
+            if setup.as_nobody:  # nobody may pass through base (0711, not list it) to its dir
+                os.chmod(self.base, 0o711)
+                os.chown(work, *NOBODY)
+            workdir, cwd = str(work), work
+        if limits.cgroup:
+            self.cgroup = _Cgroup.create(limits, run_as)
+        request = {**request, "workdir": workdir, "landlock": limits.landlock,
+                   "seccomp": limits.seccomp,
+                   "drop_to": list(NOBODY) if setup.as_nobody and run_as is None else None,
+                   "limits": {"cpu_s": max(1, math.ceil(limits.timeout_s)),
+                              "memory_bytes": int(limits.memory_mb) * 2**20,
+                              "nproc": int(limits.max_processes),
+                              "fsize_bytes": int(limits.max_file_mb) * 2**20,
+                              "nofile": int(limits.max_open_files)}}
+        pass_fds: tuple[int, ...] = ()
+        if serve:
+            calls_r, self.calls_w = os.pipe()
+            self.replies_r, replies_w = os.pipe()
+            request.update(calls_in=calls_r, calls_out=replies_w)
+            pass_fds = (calls_r, replies_w)
+        if setup.backend == "bwrap":
+            command = _bwrap_command(setup, limits)
+        else:
+            command = [*setup.prefix, setup.interpreter, "-I", "-S", str(BOOT_SCRIPT)]
+        command = self.cgroup.wrap(command)
+        env = {**_ENV, "HOME": workdir, "TMPDIR": workdir}
+        self.out_path = self.base / "output"
+        self.started = time.monotonic()
+        try:
+            with open(os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                if run_as is not None:
+                    os.fchown(out.fileno(), run_as, -1)
+                self.proc = subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                    env=env, start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                    **({"user": run_as, "group": NOBODY[1], "extra_groups": []} if run_as is not None else {}))
         finally:
-            _terminate(proc, pid_namespace="--pid" in prefix)
-    duration = time.monotonic() - started
-    return _result(out_path, nonce, proc.returncode, duration, timed_out)
+            for fd in pass_fds:
+                os.close(fd)
+        try:
+            self.proc.stdin.write(json.dumps(request).encode("utf-8"))
+            self.proc.stdin.close()
+        except OSError:  # the sandbox died before reading its request: its output says why
+            pass
+
+    def isolation(self, inside: dict) -> dict:
+        """What this run applied: the backend's layers and what the boot script reported."""
+        setup = self.setup
+        if setup.backend == "bwrap":
+            namespaces = ["user", "net", "pid", "ipc", "uts", "cgroup", "mount"]
+        else:
+            namespaces = [f.lstrip("-") for f in setup.prefix if f in ("--net", "--pid", "--user")]
+        record = {"backend": setup.backend, "interpreter": setup.interpreter,
+                  "namespaces": namespaces, "private_tmp": setup.backend == "bwrap",
+                  "memory_total_bytes": self.cgroup.memory_bytes,
+                  "disk_total_bytes": int(self.limits.disk_mb) * 2**20 if setup.backend == "bwrap" else None}
+        record.update(inside)
+        if setup.backend == "bwrap" and setup.as_nobody:
+            record["uid"] = NOBODY[0]  # the uid outside; inside the user namespace it is the same
+        return record
+
+    def wait(self, deadline: float) -> bool:
+        """Wait for the process to exit by ``deadline``; False on timeout."""
+        try:  # a pidfd wakes up at the exit; Popen.wait(timeout) polls in growing sleeps
+            pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        if pidfd is not None:
+            try:
+                select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+            finally:
+                os.close(pidfd)
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def close(self) -> tuple[int | None, float, str]:
+        """Kill everything left, clean up; (returncode, seconds, output tail). Never raises."""
+        duration = time.monotonic() - self.started
+        for fd in (self.calls_w, self.replies_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        returncode, tail = None, ""
+        try:
+            if self.proc is not None:
+                _terminate(self.proc, pid_namespace="--pid" in self.setup.prefix)
+                returncode = self.proc.returncode
+            tail = _read_tail(self.out_path)
+        except Exception as exc:  # noqa: BLE001 - one run's debris must not end the batch
+            logger.warning("sandbox: cleanup of %s: %s", self.base, exc)
+        self.cgroup.remove()
+        remove_tree(self.base)
+        return returncode, duration, tail
+
+
+def _read_tail(path: Path) -> str:
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, size - 8192))
+        return handle.read().decode("utf-8", "replace")
 
 
 def _children(pid: int) -> list[int]:
@@ -225,9 +494,9 @@ def _children(pid: int) -> list[int]:
 def _terminate(proc: subprocess.Popen, pid_namespace: bool) -> None:
     """Kill everything the run left behind and reap the leader.
 
-    With a PID namespace the leader is ``unshare`` and its child is the sandbox's init: killing
-    that init first tears the whole namespace down and lets ``unshare`` reap it (instead of
-    leaving a zombie to the machine's init). Then the process group goes, whatever is left of it.
+    With an ``unshare`` PID namespace the leader is ``unshare`` and its child is the sandbox's
+    init: killing that init first tears the whole namespace down. bubblewrap's sandbox dies with
+    bwrap (``--die-with-parent``), and with its PID namespace everything in it.
     """
     if pid_namespace and proc.poll() is None:
         for child in _children(proc.pid):
@@ -239,33 +508,35 @@ def _terminate(proc: subprocess.Popen, pid_namespace: bool) -> None:
             proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
-    _kill_group(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     proc.wait()
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+# ----------------------------------------------------------------------------- whole programs
 
 
-def _result(out_path: Path, nonce: str, returncode: int | None, duration: float, timed_out: bool
-            ) -> SandboxResult:
-    with open(out_path, "rb") as handle:
-        head = handle.read(4096).decode("utf-8", "replace")
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, size - 8192))
-        tail = handle.read().decode("utf-8", "replace")
+def run_untrusted(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Run ``program`` once in the sandbox; passed = it ran to its end without an exception
+    (the program's own claim: a containment check, not a verdict)."""
+    return _run_program(setup_for(limits), program, limits)
+
+
+def _run_program(setup: _Setup, program: str, limits: SandboxLimits) -> SandboxResult:
+    nonce = secrets.token_hex(16)
+    run = _Run(setup, limits, {"mode": "program", "program": program, "nonce": nonce}, serve=False)
+    timed_out = not run.wait(run.started + limits.timeout_s)
+    returncode, duration, tail = run.close()
     isolation: dict = {}
-    if head.startswith(boot.HEADER):
-        first = head.split("\n", 1)[0]
+    if tail.startswith(boot.HEADER) or boot.HEADER in tail[:4096]:
+        first, _, rest = tail[tail.index(boot.HEADER):].partition("\n")
         try:
             isolation = json.loads(first[len(boot.HEADER):])
         except ValueError:
             isolation = {}
-        if size <= 8192:
-            tail = tail.split("\n", 1)[1] if "\n" in tail else ""
+        tail = rest
     marker = boot.PASS_MARKER + nonce
     lines = tail.rstrip("\n").split("\n")
     passed = not timed_out and returncode == 0 and lines[-1] == marker
@@ -273,23 +544,218 @@ def _result(out_path: Path, nonce: str, returncode: int | None, duration: float,
         tail = "\n".join(lines[:-1])
     status = "passed" if passed else ("timeout" if timed_out else "failed")
     return SandboxResult(passed=passed, status=status, returncode=returncode, duration_s=duration,
-                         output=tail.strip("\n")[-4000:], isolation=isolation)
+                         output=tail.strip("\n")[-4000:], isolation=run.isolation(isolation))
 
 
-def _remove_tree(path: Path) -> None:
-    def fix(function, failed, _exc):  # a program may leave read-only dirs behind
+def run_many(programs: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = 2,
+             on_done: Callable[[int, SandboxResult], None] | None = None) -> list[SandboxResult]:
+    """Run each program in its own sandbox, ``workers`` at a time; results in input order."""
+    return map_guarded(lambda program: run_untrusted(program, limits), programs, workers, on_done,
+                       setup=lambda: setup_for(limits))
+
+
+def map_guarded(function: Callable[[Any], SandboxResult], items: Sequence, workers: int,
+                on_done: Callable[[int, SandboxResult], None] | None, setup: Callable[[], Any]
+                ) -> list[SandboxResult]:
+    """``function`` over ``items`` in threads; an item whose run raises gets an ``error`` result
+    (a batch survives any one completion)."""
+    setup()  # probe once, before the threads race for it
+    results: list[SandboxResult | None] = [None] * len(items)
+
+    def one(index: int) -> None:
+        started = time.monotonic()
         try:
-            os.chmod(os.path.dirname(failed), 0o700)
-            os.chmod(failed, 0o700)
-            function(failed)
-        except OSError:
-            pass
+            results[index] = function(items[index])
+        except SandboxUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded in the result, the batch goes on
+            logger.warning("sandbox: run %d raised %s: %s", index, type(exc).__name__, exc)
+            results[index] = SandboxResult(False, "error", None, time.monotonic() - started,
+                                           f"{type(exc).__name__}: {exc}")
+        if on_done is not None:
+            on_done(index, results[index])
 
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=fix)
-    else:
-        shutil.rmtree(path, onerror=fix)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for future in [pool.submit(one, i) for i in range(len(items))]:
+            future.result()
+    return results  # type: ignore[return-value]
 
 
-def as_dict(result: SandboxResult) -> dict:
-    return asdict(result)
+# ----------------------------------------------------------------------------- judged functions
+
+
+class CandidateRaised(Exception):
+    """The candidate's function raised; tests see an exception, as if it ran in-process."""
+
+
+class _Broken(Exception):
+    """The sandbox broke the protocol (died, timed out, sent garbage): the problem fails."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class _Channel:
+    def __init__(self, run: _Run, deadline: float):
+        self.run, self.deadline, self.buffer = run, deadline, b""
+
+    def receive(self) -> dict:
+        while b"\n" not in self.buffer:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _Broken("timeout", "the candidate did not answer in time")
+            ready, _, _ = select.select([self.run.replies_r], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(self.run.replies_r, 1 << 16)
+            if not chunk:
+                raise _Broken("failed", "the candidate's process ended")
+            self.buffer += chunk
+            if len(self.buffer) > _MAX_REPLY_BYTES:
+                raise _Broken("failed", "the candidate's reply is too large")
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        try:
+            message = boot.decode_message(line)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise _Broken("failed", f"malformed reply from the candidate ({exc})") from None
+        if not isinstance(message, dict) or len(message) != 1:
+            raise _Broken("failed", "malformed reply from the candidate")
+        return message
+
+    def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _Broken("timeout", "the candidate did not take its arguments in time")
+            _, ready, _ = select.select([], [self.run.calls_w], [], left)
+            if ready:
+                try:
+                    view = view[os.write(self.run.calls_w, view):]
+                except (BrokenPipeError, OSError):
+                    raise _Broken("failed", "the candidate's process ended") from None
+
+
+class _Candidate:
+    """The test's view of the candidate: a callable that forwards each call to the sandbox."""
+
+    def __init__(self, channel: _Channel):
+        self.channel, self.broken, self.calls = channel, None, 0
+
+    def __call__(self, *args):
+        if self.broken is not None:
+            raise self.broken
+        call = secrets.token_hex(8)
+        try:
+            self.channel.send(boot.encode_message("args", [call, boot.encode_value(list(args))]))
+            reply = self.channel.receive()
+            (kind, payload), = reply.items()
+            if kind not in ("ok", "raised") or not isinstance(payload, list) or len(payload) != 2 \
+                    or payload[0] != call:
+                raise _Broken("failed", f"a reply that does not answer call {self.calls + 1}")
+        except _Broken as exc:
+            self.broken = exc
+            raise
+        self.calls += 1
+        if kind == "raised":
+            raise CandidateRaised(str(payload[1]))
+        return payload[1]
+
+
+def judge_function(program: str, entry_point: str, check: Callable[[Callable], Any],
+                   limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
+    """Load ``program`` in the sandbox and run ``check(candidate)`` here, in this process.
+
+    ``candidate(*args)`` calls ``entry_point`` in the sandbox. Passed = ``check`` returned
+    without an exception and the sandbox kept to the protocol throughout; the sandbox has no say.
+    """
+    setup = setup_for(limits)
+    run = _Run(setup, limits, {"mode": "serve", "program": program, "entry_point": entry_point},
+               serve=True)
+    channel = _Channel(run, run.started + limits.timeout_s)
+    inside: dict = {}
+    status, reason = "failed", ""
+    try:
+        hello = channel.receive()
+        inside = hello.get("hello") if isinstance(hello.get("hello"), dict) else {}
+        ready = channel.receive()
+        if "ready" not in ready:
+            raise _Broken("failed", f"the program did not load: {ready.get('load_error', ready)}")
+        candidate = _Candidate(channel)
+        try:
+            check(candidate)
+        except _Broken:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a failed test, whatever it raised
+            if candidate.broken is not None:
+                raise candidate.broken from None
+            raise _Broken("failed", f"{type(exc).__name__}: {exc}"[:2000]) from None
+        if candidate.broken is not None:  # a test that swallowed the breakage still fails
+            raise candidate.broken
+        status = "passed"
+    except _Broken as exc:
+        status, reason = exc.status, str(exc)
+    returncode, duration, tail = run.close()
+    output = (tail.strip("\n") + ("\n" + reason if reason else "")).strip("\n")[-4000:]
+    return SandboxResult(passed=status == "passed", status=status, returncode=returncode,
+                         duration_s=duration, output=output, isolation=run.isolation(inside))
+
+
+# ----------------------------------------------------------------------------- cleanup
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and everything beneath it, however deep: no recursion, one open directory
+    at a time (it climbs back through ``..``, safe because every sandboxed process is dead by
+    now), no link followed, read-only directories made writable. What it cannot delete is logged
+    and skipped; it never raises."""
+    path = Path(path)
+    names: list[str] = []  # the directories descended into, below ``path``
+    skip: list[set[str]] = [set()]  # per depth, entries that could not be deleted
+    current = None
+    try:
+        os.chmod(path, 0o700, follow_symlinks=False)
+        current = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        while True:
+            child = None
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.name in skip[-1]:
+                        continue
+                    try:
+                        if stat.S_ISDIR(os.stat(entry.name, dir_fd=current,
+                                                follow_symlinks=False).st_mode):
+                            os.chmod(entry.name, 0o700, dir_fd=current)
+                            child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                            dir_fd=current)
+                            names.append(entry.name)
+                            break
+                        os.unlink(entry.name, dir_fd=current)
+                    except OSError:
+                        skip[-1].add(entry.name)
+            if child is not None:
+                os.close(current)
+                current = child
+                skip.append(set())
+                continue
+            if not names:
+                break
+            name = names.pop()
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=current)
+            os.close(current)
+            current = parent
+            skip.pop()
+            try:
+                os.rmdir(name, dir_fd=current)
+            except OSError:
+                skip[-1].add(name)
+        os.close(current)
+        current = None
+        os.rmdir(path)
+    except Exception as exc:  # noqa: BLE001 - leftovers are logged, never fatal
+        logger.warning("sandbox: could not delete all of %s: %s", path, exc)
+    finally:
+        if current is not None:
+            os.close(current)
+

@@ -41,19 +41,28 @@ def letter_choice(last_logits: torch.Tensor, letter_ids: Sequence[int]) -> int:
 
 # ----------------------------------------------------------------------------- GSM8K
 
-# a number: thousands-grouped (1,234,567) or plain digits, optional decimals; or a bare .5
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(?:{_NUMBER})")
-_HASHES_RE = re.compile(rf"####\s*\$?\s*({_NUMBER})")
-_ANSWER_IS_RE = re.compile(rf"answer is\s*:?\s*\$?\s*\\?\(?\s*(?:\\boxed\{{)?\s*({_NUMBER})",
+# A number token is bounded on both sides: not preceded by a letter, digit, "." or ",", not
+# followed by a letter or digit, nor by "." or "," and a digit (so "1,2345" is one token, never
+# "1,234" and "5"). Digits joined by commas are a number only when grouped in thousands
+# ("1,234,567"); otherwise ("1,2345", "2,50", "1,2,3") the token is ambiguous and is no number.
+_TOKEN = r"-?(?:\d[\d,]*\d|\d)(?:\.\d+)?|-?\.\d+"
+_BOUNDED = rf"(?<![\w.,])(?:{_TOKEN})(?![\w]|[.,]\d)"
+_NUMBER_RE = re.compile(_BOUNDED)
+_HASHES_RE = re.compile(rf"####\s*\$?\s*({_BOUNDED})")
+_ANSWER_IS_RE = re.compile(rf"answer is\s*:?\s*\$?\s*\\?\(?\s*(?:\\boxed\{{)?\s*({_BOUNDED})",
                            re.IGNORECASE)
+_GROUPED_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+")
 
 
 def normalize_number(text: str) -> Decimal | None:
-    """Decimal value of a number string ("1,234", "-3.50", "$7", "12.") or None."""
-    cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    """Decimal value of a number string ("1,234", "-3.50", "$7", "12.") or None, also for
+    commas that do not group thousands ("1,2345", "2,50")."""
+    cleaned = text.strip().replace("$", "").rstrip(".")
+    integer = cleaned.split(".")[0]
+    if "," in integer and not _GROUPED_RE.fullmatch(integer):
+        return None
     try:
-        value = Decimal(cleaned)
+        value = Decimal(cleaned.replace(",", ""))
     except InvalidOperation:
         return None
     return value if value.is_finite() else None
@@ -64,14 +73,18 @@ def extract_number(text: str) -> Decimal | None:
 
     Priority: the number after the last ``####``; else after the last "The answer is"; else the
     last number in the text. Thousands separators, a leading ``$``, negative signs and decimals
-    are understood, so ``1,234`` == ``1234`` and ``3.50`` == ``3.5``.
+    are understood, so ``1,234`` == ``1234`` and ``3.50`` == ``3.5``; an ambiguous token such as
+    ``2,50`` (a decimal comma? a list?) states no number, so it never matches.
     """
     for pattern in (_HASHES_RE, _ANSWER_IS_RE):
         matches = pattern.findall(text)
         if matches:
             return normalize_number(matches[-1])
-    matches = _NUMBER_RE.findall(text)
-    return normalize_number(matches[-1]) if matches else None
+    for match in reversed(_NUMBER_RE.findall(text)):
+        value = normalize_number(match)
+        if value is not None:
+            return value
+    return None
 
 
 def gsm8k_target(answer: str) -> Decimal:

@@ -11,8 +11,9 @@ cell of a campaign sees the same questions (see :mod:`aletheia_hpc.evaluation.da
 Data sources (``source``):
 
 ``auto``
-    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``offline`` when the
-    PyPI data package is installed, else ``hub``.
+    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``hub`` when it can
+    be loaded, else ``offline`` as a stated fallback (the row's ``eval_source`` says
+    ``(auto fallback; ...)`` and why). Paper campaigns ask for ``hub`` explicitly.
 ``local``
     JSONL files in ``data_dir`` (formats in :mod:`aletheia_hpc.evaluation.data`).
 ``offline``
@@ -20,6 +21,11 @@ Data sources (``source``):
 ``hub``
     Hugging Face datasets ``cais/mmlu`` (all/test), ``openai/gsm8k`` (main/test),
     ``openai/openai_humaneval`` (test); needs the optional ``datasets`` package.
+
+HumanEval's sandbox: ``sandbox.require`` lists isolation features a node must give (names in
+:data:`aletheia_hpc.evaluation.sandbox.FEATURES`: bwrap, net, pid, mount, landlock, seccomp,
+unprivileged, memory_total, disk_total); a cell on a node that cannot give them fails before it
+loads its model. Where a cell runs is not part of its identity, so this is not either.
 """
 
 from __future__ import annotations
@@ -29,8 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
+from aletheia_hpc.evaluation.benchmarks import BENCHMARK_NAMES as BENCHMARKS
 SOURCES = ("auto", "hub", "local", "offline")
+
+
+SANDBOX_FEATURES = ("bwrap", "net", "pid", "mount", "landlock", "seccomp", "unprivileged",
+                    "memory_total", "disk_total")  # = sandbox.FEATURES (this module imports no code)
+
+
+@dataclass
+class SandboxSettings:
+    """What HumanEval's sandbox must provide on the node that runs the cell."""
+
+    require: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,7 +55,7 @@ class EvalSettings:
     """What to evaluate and how; see the module docstring for the meaning of counts and sources."""
 
     # which benchmarks to run, in this order; an empty list runs none
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    benchmarks: list[str] = field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
     # MMLU: questions (0 = all) and in-context examples per prompt
     mmlu_n: int = 200
     mmlu_shots: int = 0
@@ -52,6 +69,11 @@ class EvalSettings:
     humaneval_timeout_s: float = 10.0
     humaneval_workers: int = 2
     humaneval_memory_mb: int = 1024
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    # held-out task accuracy ("task"): the cell's held-out instruction records (0 = all of
+    # data.eval_size), exact match of the generated response; generation cap
+    task_n: int = 0
+    task_max_new_tokens: int = 64
     # the subset (and few-shot examples) are a pure function of this seed
     subset_seed: int = 1234
     # prompts per forward pass / per generate call
@@ -74,11 +96,12 @@ def validate(settings: EvalSettings) -> EvalSettings:
     duplicates = sorted({b for b in benchmarks if benchmarks.count(b) > 1})
     if duplicates:
         raise ValueError(f"eval.benchmarks: {duplicates} listed more than once; list each once")
-    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length"):
+    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length", "task_n"):
         _check_int(settings, name, minimum=0, hint="use 0 or a positive count")
     if settings.humaneval_n is not None:
         _check_int(settings, "humaneval_n", minimum=0, hint="use null/0 for all 164 or a positive count")
-    for name in ("gsm8k_max_new_tokens", "humaneval_max_new_tokens", "batch_size", "humaneval_workers"):
+    for name in ("gsm8k_max_new_tokens", "humaneval_max_new_tokens", "task_max_new_tokens",
+                 "batch_size", "humaneval_workers"):
         _check_int(settings, name, minimum=1, hint="use a positive integer")
     _check_int(settings, "humaneval_memory_mb", minimum=64,
                hint="give the sandbox at least 64 MiB (1024 is the default)")
@@ -86,6 +109,14 @@ def validate(settings: EvalSettings) -> EvalSettings:
     timeout = settings.humaneval_timeout_s
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"eval.humaneval_timeout_s={timeout!r}: use a positive number of seconds")
+    require = settings.sandbox.require
+    if not isinstance(require, (list, tuple)) or not all(isinstance(r, str) for r in require):
+        raise ValueError(f"eval.sandbox.require={require!r}: use a list of feature names from "
+                         f"{list(SANDBOX_FEATURES)}")
+    unknown = [r for r in require if r not in SANDBOX_FEATURES]
+    if unknown:
+        raise ValueError(f"eval.sandbox.require: unknown feature(s) {unknown}; use names from "
+                         f"{list(SANDBOX_FEATURES)}")
     if settings.source not in SOURCES:
         raise ValueError(f"eval.source={settings.source!r}: use one of {list(SOURCES)}")
     if settings.source == "local" and not settings.data_dir:
@@ -121,7 +152,17 @@ def coerce_settings(obj: Any) -> EvalSettings:
         unknown = sorted(set(obj) - names)
         if unknown:
             raise ValueError(f"eval: unknown setting(s) {unknown}; known: {sorted(names)}")
-        settings = EvalSettings(**obj)
+        obj = dict(obj)
+        sandbox = obj.pop("sandbox", None) or {}
+        if not isinstance(sandbox, (dict, SandboxSettings)):
+            raise ValueError(f"eval.sandbox must be a mapping such as {{require: [net, pid]}}, got {sandbox!r}")
+        if isinstance(sandbox, dict):
+            unknown = sorted(set(sandbox) - {"require"})
+            if unknown:
+                raise ValueError(f"eval.sandbox: unknown setting(s) {unknown}; known: ['require']")
+            require = sandbox.get("require")
+            sandbox = SandboxSettings(require=[] if require is None else require)
+        settings = EvalSettings(**obj, sandbox=sandbox)
     settings.benchmarks = list(settings.benchmarks or [])
     return validate(settings)
 

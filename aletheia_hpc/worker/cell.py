@@ -71,6 +71,9 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     from aletheia_hpc.worker.training import train_cell
 
     m, r = cell.model, cell.recipe
+    if cell.eval.benchmarks:
+        from aletheia_hpc.evaluation.runner import preflight
+        preflight(cell.eval)  # a node whose sandbox cannot give eval.sandbox.require fails here
     device = resolve_device(m, cpu_fallback=cpu_fallback)
     # what the scheduler granted, beside what the cell asked for: the first thing to read when a
     # multi-GPU cell misbehaves
@@ -93,7 +96,8 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     collator = PadCollator(tokenizer.pad_token_id)
 
     if r.evaluates_only:
-        _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
+        _evaluate(cell, model, tokenizer, eval_examples, held_out, collator, device, row, stop,
+                  progress, work_dir)
         return
 
     family = get_family(m.family)
@@ -129,11 +133,12 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         log.warning("cell %s: %s", cell.cell_id, warning)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
         row.gpu_name = " + ".join(outcome.hardware)
-    _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
+    _evaluate(cell, model, tokenizer, eval_examples, held_out, collator, device, row, stop, progress,
+              work_dir)
 
 
-def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, device, row: Row, stop,
-              progress: bool) -> None:
+def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, held_out, collator, device, row: Row,
+              stop, progress: bool, work_dir: Path) -> None:
     """Held-out loss, then the benchmarks; a stop request between them ends the attempt (training
     is checkpointed at its last step, so the next attempt only evaluates)."""
     from aletheia_hpc.worker.training import StopForRequeue, held_out_loss
@@ -149,7 +154,8 @@ def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, devic
     from aletheia_hpc.evaluation import run_benchmarks
 
     row.update(**run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress,
-                              before_each=stop_point))
+                                before_each=stop_point, held_out=held_out,
+                                template=cell.data.template, cell_dir=work_dir))
 
 
 def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True,
