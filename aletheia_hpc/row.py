@@ -16,7 +16,16 @@ outcome
 method
   num_layers, selected_layers (sorted list of layer indices that got adapters),
   layer_scores (probe score per layer, index = layer; ``None`` for the standard recipe),
-  trainable_params
+  trainable_params,
+  predicted_speedup (the step-cost model's predicted step-time ratio of all-layer LoRA to this
+  cell's selection, aletheia_hpc/method/cost.py; 1.0 for standard, ``None`` without calibration;
+  the measured ratio comes from step_time_median_s of the paired standard cell),
+  predicted_step_time_s (the model's predicted seconds per optimizer step for the selection),
+  step_cost (object: num_layers, fixed_s, backward_layer_s, adapter_layer_s, calibration_s: the
+  calibrated model), cost_calibration_time_s (its timed steps, not part of train_time_s),
+  backward_layers (layers whose output received an activation gradient in the first training
+  step; more than num_layers - min(selected_layers) means backward ran below the lowest adapted
+  layer, and the cell logged a warning)
 training
   train_steps (optimizer steps completed), planned_steps, train_time_s (training only, summed
   over attempts), probe_time_s, model_load_time_s, step_time_median_s, step_times_s (per

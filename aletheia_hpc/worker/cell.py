@@ -44,7 +44,9 @@ def _base_row(cell: CellConfig) -> dict:
         "model": cell.model.name, "family": cell.model.family, "recipe": cell.recipe.name,
         "variant": cell.variant, "seed": cell.seed, "status": "ok", "failure_reason": None,
         "nan_step": None, "num_layers": cell.model.num_layers, "selected_layers": None,
-        "layer_scores": None, "trainable_params": None, "train_steps": 0,
+        "layer_scores": None, "trainable_params": None, "predicted_speedup": None,
+        "predicted_step_time_s": None, "step_cost": None, "cost_calibration_time_s": None,
+        "backward_layers": None, "train_steps": 0,
         "planned_steps": cell.train.steps, "train_time_s": None, "probe_time_s": None,
         "model_load_time_s": None, "step_time_median_s": None, "step_times_s": [],
         "final_train_loss": None, "eval_loss": None, "attempts": None, "benchmarks": [],
@@ -68,8 +70,8 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
                         cpu_fallback: bool) -> None:
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
-    from aletheia_hpc.method import (LoraRanks, apply_lora, enable_selective_checkpointing, get_family,
-                                     probe_layer_scores, select_layers)
+    from aletheia_hpc.method import (LoraRanks, apply_lora, calibrate_step_cost, enable_selective_checkpointing,
+                                     get_family, probe_layer_scores, select_cost_aware, select_layers)
     from aletheia_hpc.models.loading import load_model, resolve_device
     from aletheia_hpc.worker.training import train_cell
 
@@ -100,8 +102,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
         return
 
     family = get_family(m.family)
+    ranks = LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout)
+    prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if not r.probes:
         layers = list(range(m.num_layers))
+        row["predicted_speedup"] = 1.0  # all-layer LoRA is the reference itself
     else:
         batches = _probe_batches(train_examples, collator, m.batch_size, r.probe.batches, cell.seed)
         t0 = time.perf_counter()
@@ -109,21 +114,40 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
                                     chunk_size=r.probe.chunk_size)
         row["probe_time_s"] = time.perf_counter() - t0
         row["layer_scores"] = scores
-        layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+        cost = None
+        if r.cost.calibration_steps:
+            cost = calibrate_step_cost(model, batches, ranks, family=family, steps=r.cost.calibration_steps,
+                                       warmup=r.cost.calibration_warmup, prepare=prepare,
+                                       max_grad_norm=cell.train.max_grad_norm)
+            row["cost_calibration_time_s"] = cost.calibration_s
+            row["step_cost"] = cost.to_dict()
+        if r.layers == "cost_aware":
+            layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
+        else:
+            layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+        if cost is not None:
+            row["predicted_speedup"] = cost.speedup(layers)
+            row["predicted_step_time_s"] = cost.step_time(layers)
     row["selected_layers"] = layers
-    model = apply_lora(model, family, layers, LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout))
-    if m.gradient_checkpointing:
-        enable_selective_checkpointing(model)
+    model = apply_lora(model, family, layers, ranks)
+    if prepare is not None:
+        prepare(model)
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
                          lr=cell.train.lr if cell.train.lr is not None else m.lr,
                          batch_size=m.batch_size, precision=m.precision, seed=cell.seed,
                          work_dir=work_dir, device=device, stop=stop, faults=cell.faults,
-                         progress=progress)
+                         progress=progress, family=family)
     row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
                step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
-               final_train_loss=outcome.final_train_loss)
+               final_train_loss=outcome.final_train_loss, backward_layers=outcome.backward_layers)
+    expected_backward = m.num_layers - min(layers)
+    if outcome.backward_layers is not None and outcome.backward_layers > expected_backward:
+        log.warning("cell %s: backward ran through %d layers in the first step, but the lowest adapted layer "
+                    "is %d, so %d would do: something below it requires grad (an input-embedding "
+                    "require-grads hook added for activation checkpointing?); the selection's speedup is "
+                    "partly lost", cell.cell_id, outcome.backward_layers, min(layers), expected_backward)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
         row["gpu_name"] = " + ".join(outcome.hardware)
     _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
