@@ -24,7 +24,9 @@ def _plan(overrides):
 
 
 def _cell_label(cell) -> str:
-    return f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
+    from aletheia_hpc.campaign.matrix import cell_label
+
+    return cell_label(cell)
 
 
 def _require_placement(cells, cluster) -> None:
@@ -60,6 +62,10 @@ def cmd_plan(overrides, args) -> int:
     from aletheia_hpc.campaign.slurm import resource_class
 
     plan = _plan(overrides)
+    if args.json:
+        print(json.dumps(plan_json(plan), indent=1))
+        _require_placement(plan.cells, plan.root.cluster)  # stderr and exit 2, after the plan
+        return 0
     classes = Counter(resource_class(c, plan.root.cluster) for c in plan.cells)
     print(f"campaign {plan.name}: {len(plan.cells)} cells on cluster {plan.root.cluster.name} "
           f"({plan.root.cluster.kind}), results in {plan.root.results_dir}")
@@ -68,14 +74,25 @@ def cmd_plan(overrides, args) -> int:
               + (f" partition={cls.partition}" if cls.partition else "") + f": {n} cells")
     estimates, warnings = _memory_lines(plan)
     for cell in plan.cells:
-        print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.recipe.name:9s} "
-              f"seed={cell.seed:<4d} {cell.variant:16s} steps={cell.train.steps}  {estimates[cell.cell_id]}")
+        print(f"    {cell.cell_id}  {cell.campaign:10s} {cell.model.name:22s} {cell.arm:24s} "
+              f"seed={cell.seed:<4d} steps={cell.train.steps}  {estimates[cell.cell_id]}")
     for line in warnings:
         print(line, file=sys.stderr)
     print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
                                              if warnings else ""))
     _require_placement(plan.cells, plan.root.cluster)  # after the table: the plan is still worth reading
     return 0
+
+
+def plan_json(plan) -> dict:
+    """The plan as data: the campaign and, per cell, what it is and what it asks for."""
+    from dataclasses import asdict
+
+    return {"campaign": plan.name, "cluster": plan.root.cluster.name, "results_dir": str(plan.root.results_dir),
+            "n_cells": len(plan.cells),
+            "cells": [{"cell_id": c.cell_id, "campaign": c.campaign, "model": c.model.name,
+                       "recipe": c.recipe.name, "arm": c.arm, "variant": c.variant, "seed": c.seed,
+                       "steps": c.train.steps, "resources": asdict(c.model.resources)} for c in plan.cells]}
 
 
 def _states(plan) -> list[dict]:
@@ -232,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("verb", choices=VERBS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. campaign=smoke train.steps=5")
-    parser.add_argument("--json", action="store_true", help="status: machine-readable output")
+    parser.add_argument("--json", action="store_true", help="plan, status: machine-readable output")
     parser.add_argument("--force", nargs="+", metavar="CELL_ID",
                         help="resubmit: rerun these cells even if done (their old row is kept aside)")
     args = parser.parse_args(argv)

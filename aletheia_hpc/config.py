@@ -16,11 +16,14 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from aletheia_hpc.evaluation.settings import EvalSettings
+from aletheia_hpc.row import arm_name
 
 MODEL_KINDS = ("hub", "local", "gguf", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "nf4", "int8")
-LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "cost_aware")
+LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle", "cost_aware")
+PROBE_NORMS = ("layer", "tensor_sum")
+PROBE_LOSS_TOKENS = ("response", "all")
 # transformers' SchedulerType values a cell may use (tests/test_configs.py keeps them in step with
 # the installed transformers; listed here so that plan-time validation needs no torch)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -72,8 +75,14 @@ class ModelConfig:
 @dataclass
 class ProbeConfig:
     batches: int = 5
-    mode: str = "single_pass"  # single_pass | chunked
+    batch_size: int = 0  # sequences per probe batch; 0: model.batch_size (aletheia-lora uses 1)
+    mode: str = "single_pass"  # single_pass | chunked (the paper's 8 layers at a time): same scores
     chunk_size: int = 8
+    # layer: || gradient of all the layer's parameters ||_2 per batch, summed over batches;
+    # tensor_sum: sum over the layer's parameter tensors of each one's gradient norm (aletheia-lora)
+    norm: str = "layer"
+    # which tokens the probe's loss covers: the response (as in training) or every token (aletheia-lora)
+    loss_tokens: str = "response"
 
 
 @dataclass
@@ -145,10 +154,15 @@ class FaultConfig:
 
 @dataclass
 class VariantConfig:
+    """One setting of a study. Its cells are (model, recipe, seed) under these settings; each
+    (recipe, variant) is an arm, named ``recipe@variant`` (``recipe`` for the matched variant)."""
     name: str = "matched"
     recipes: Optional[list[str]] = None  # None: the campaign's recipes
     models: Optional[list[str]] = None  # None: the campaign's models
     steps: Optional[int] = None  # None: train.steps
+    # Hydra overrides of any cell field for this variant's cells, applied after the user's
+    # (e.g. ["recipe.layer_pct=25", "train.lr=1e-4"]); model/recipe/seed come from the lists above
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -224,6 +238,18 @@ class CellConfig:
     noop: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
+    @property
+    def arm(self) -> str:
+        """The arm this cell belongs to: ``recipe`` or ``recipe@variant`` (aletheia_hpc.row.arm_name)."""
+        return arm_name(self.recipe.name, self.variant)
+
+    def settings(self) -> dict[str, Any]:
+        """What the cell computes, without its labels (variant name): two cells with equal settings
+        would produce the same result, so a campaign may not hold both."""
+        ident = self.identity()
+        ident.pop("variant")
+        return ident
+
     def identity(self) -> dict[str, Any]:
         ident = asdict(self)
         ident.pop("faults")
@@ -291,6 +317,13 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"recipe.probe.mode={r.probe.mode!r}: use single_pass or chunked")
     if r.probe.batches <= 0 or r.probe.chunk_size <= 0:
         problems.append("recipe.probe.batches and recipe.probe.chunk_size must be > 0")
+    if r.probe.batch_size < 0:
+        problems.append(f"recipe.probe.batch_size={r.probe.batch_size}: use 0 (model.batch_size) or a "
+                        "positive number of sequences")
+    if r.probe.norm not in PROBE_NORMS:
+        problems.append(f"recipe.probe.norm={r.probe.norm!r}: use one of {PROBE_NORMS}")
+    if r.probe.loss_tokens not in PROBE_LOSS_TOKENS:
+        problems.append(f"recipe.probe.loss_tokens={r.probe.loss_tokens!r}: use one of {PROBE_LOSS_TOKENS}")
     c = r.cost
     if c.calibration_steps < 0 or c.calibration_warmup < 0:
         problems.append(f"recipe.cost.calibration_steps={c.calibration_steps}, recipe.cost.calibration_warmup="

@@ -1,45 +1,12 @@
 """The result row: the one file a cell leaves behind, and the only thing aggregation reads.
 
-This module is the single documentation of the schema. A row is a flat JSON object written
-atomically to ``<results_dir>/<campaign>/cells/<cell_id>/row.json``. A cell is *done* when that
-file exists and validates. Times are seconds; lists are JSON lists.
+:class:`Row` is the schema, documented field by field where each is defined. A row is a flat
+JSON object (``asdict(Row)``) written atomically to ``<results_dir>/<campaign>/cells/<cell_id>/row.json``.
+A cell is *done* when that file exists and validates. Times are seconds; lists are JSON lists;
+``None`` where a field does not apply (e.g. ``eval_loss`` of a failed cell).
 
-Fields (``None`` where a field does not apply, e.g. ``eval_loss`` of a failed cell):
-
-identity
-  campaign, cell_id, config_hash (equals cell_id), model, family, recipe
-  (``standard`` | ``aletheia`` | ``base`` for a base-model evaluation cell), variant
-  (``matched`` | ``compute_matched`` | any name a campaign defines), seed
-outcome
-  status (``ok`` | ``failed`` | ``nan_abort``), failure_reason (text; ``None`` when ok),
-  nan_step (optimizer step at which a non-finite loss stopped the cell)
-method
-  num_layers, selected_layers (sorted list of layer indices that got adapters),
-  layer_scores (probe score per layer, index = layer; ``None`` for the standard recipe),
-  trainable_params,
-  predicted_speedup (the step-cost model's predicted step-time ratio of all-layer LoRA to this
-  cell's selection, aletheia_hpc/method/cost.py; 1.0 for standard, ``None`` without calibration;
-  the measured ratio comes from step_time_median_s of the paired standard cell),
-  predicted_step_time_s (the model's predicted seconds per optimizer step for the selection),
-  step_cost (object: num_layers, fixed_s, backward_layer_s, adapter_layer_s, calibration_s: the
-  calibrated model), cost_calibration_time_s (its timed steps, not part of train_time_s),
-  backward_layers (layers whose output received an activation gradient in the first training
-  step; more than num_layers - min(selected_layers) means backward ran below the lowest adapted
-  layer, and the cell logged a warning)
-training
-  train_steps (optimizer steps completed), planned_steps, train_time_s (training only, summed
-  over attempts), probe_time_s, model_load_time_s, step_time_median_s, step_times_s (per
-  optimizer step), final_train_loss, eval_loss, attempts
-evaluation (filled when benchmarks run)
-  benchmarks (list of names that ran), mmlu_acc, mmlu_n, gsm8k_acc, gsm8k_n,
-  humaneval_pass1, humaneval_n, eval_time_s (object: benchmark -> seconds), eval_source
-  (object: benchmark -> where its data came from)
-provenance
-  started_at, finished_at (ISO 8601 UTC), host, device, gpu_name (the GPU's name; when requeued
-  attempts trained on different hardware, every kind joined by " + ", e.g. "NVIDIA A100 + cpu",
-  so that aggregation never takes the cell's time for one machine's), git_sha, git_dirty,
-  package_versions (object), slurm (object: job_id, array_job_id, array_task_id, node; empty
-  when not under SLURM), config (the resolved cell config)
+Rows written before a field existed stay readable: fields not marked ``required`` take their
+default when missing (:func:`read_row` fills them in).
 """
 
 from __future__ import annotations
@@ -48,24 +15,130 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROW_FILENAME = "row.json"
 STATUSES = ("ok", "failed", "nan_abort")
+BASE_RECIPE = "base"
+DEFAULT_VARIANT = "matched"
 
-# Every row carries these keys; the value may be None where the docstring says so.
-REQUIRED_FIELDS = (
-    "campaign", "cell_id", "config_hash", "model", "family", "recipe", "variant", "seed",
-    "status", "failure_reason", "num_layers", "selected_layers", "layer_scores",
-    "trainable_params", "train_steps", "train_time_s", "probe_time_s", "step_time_median_s",
-    "final_train_loss", "eval_loss", "started_at", "finished_at", "host", "device", "git_sha",
-)
-# Evaluation fields default to None for cells that ran no benchmark.
-EVAL_FIELDS = (
-    "benchmarks", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n", "humaneval_pass1",
-    "humaneval_n", "eval_time_s", "eval_source",
-)
+
+def arm_name(recipe: str, variant: str) -> str:
+    """The stable name of (recipe, variant): ``standard``, ``aletheia``, ``aletheia@compute_matched``,
+    ``random_k``, ``aletheia@budget25``, ...; base-model cells are ``base``."""
+    if recipe == BASE_RECIPE or variant in (DEFAULT_VARIANT, BASE_RECIPE):
+        return recipe
+    return f"{recipe}@{variant}"
+
+
+def _f(default: Any = None, *, group: str, required: bool = False, csv: str | None = "scalar"):
+    """A row field. ``group`` sorts the schema for reading; ``required`` fields must be present in
+    every row file; ``csv`` is how runs.csv carries it: ``scalar``, ``json`` (text) or None (left out)."""
+    meta = {"group": group, "required": required, "csv": csv}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Row:
+    # ----------------------------------------------------------------------------- identity
+    campaign: str = _f("", group="identity", required=True)
+    cell_id: str = _f("", group="identity", required=True)
+    config_hash: str = _f("", group="identity", required=True, csv=None)  # equals cell_id
+    model: str = _f("", group="identity", required=True)
+    family: str = _f("", group="identity", required=True)
+    # standard | aletheia | a selection control (random_k, bottom_k, middle_k, last_k) | base
+    recipe: str = _f("", group="identity", required=True)
+    # matched | compute_matched | any name a campaign's variant defines
+    variant: str = _f(DEFAULT_VARIANT, group="identity", required=True)
+    arm: str = _f("", group="identity")  # arm_name(recipe, variant); derived when missing
+    seed: Any = _f(0, group="identity", required=True)
+    # ------------------------------------------------------------------------------ outcome
+    status: str = _f("ok", group="outcome", required=True)  # ok | failed | nan_abort
+    failure_reason: Optional[str] = _f(None, group="outcome", required=True)  # None when ok
+    nan_step: Optional[int] = _f(None, group="outcome")  # step at which a non-finite loss stopped it
+    # ------------------------------------------------------------------------------- method
+    num_layers: int = _f(0, group="method", required=True)
+    selected_layers: Optional[list] = _f(None, group="method", required=True, csv="json")  # sorted
+    # probe score per layer (index = layer); None for recipes that do not probe
+    layer_scores: Optional[list] = _f(None, group="method", required=True, csv="json")
+    # what the probe computed: {norm, loss_tokens, batch_size, batches, mode}; None without a probe
+    probe: Optional[dict] = _f(None, group="method", csv="json")
+    trainable_params: Optional[int] = _f(None, group="method", required=True)
+    # the step-cost model's predicted step-time ratio of all-layer LoRA to this selection
+    # (aletheia_hpc/method/cost.py): 1.0 for standard, None without calibration; the measured
+    # ratio comes from step_time_median_s of the paired standard cell
+    predicted_speedup: Optional[float] = _f(None, group="method")
+    predicted_step_time_s: Optional[float] = _f(None, group="method")  # the model's seconds per step
+    # the calibrated model: {num_layers, fixed_s, backward_layer_s, adapter_layer_s, calibration_s}
+    step_cost: Optional[dict] = _f(None, group="method", csv="json")
+    cost_calibration_time_s: Optional[float] = _f(None, group="method")  # not part of train_time_s
+    # layers whose output received an activation gradient in the first training step; more than
+    # num_layers - min(selected_layers): backward ran below the lowest adapted layer (the cell warned)
+    backward_layers: Optional[int] = _f(None, group="method")
+    # ----------------------------------------------------------------------------- training
+    train_steps: Optional[int] = _f(0, group="training", required=True)  # optimizer steps completed
+    planned_steps: Optional[int] = _f(None, group="training")
+    train_time_s: Optional[float] = _f(None, group="training", required=True)  # summed over attempts
+    probe_time_s: Optional[float] = _f(None, group="training", required=True)
+    model_load_time_s: Optional[float] = _f(None, group="training")
+    step_time_median_s: Optional[float] = _f(None, group="training", required=True)
+    step_times_s: list = _f([], group="training", csv=None)  # per optimizer step
+    final_train_loss: Optional[float] = _f(None, group="training", required=True)
+    eval_loss: Optional[float] = _f(None, group="training", required=True)  # held-out loss
+    attempts: Optional[int] = _f(None, group="training")
+    # --------------------------------------------------------- evaluation (when benchmarks run)
+    benchmarks: Optional[list] = _f([], group="evaluation", csv="json")  # names that ran
+    mmlu_acc: Optional[float] = _f(None, group="evaluation")
+    mmlu_n: Optional[int] = _f(None, group="evaluation")
+    gsm8k_acc: Optional[float] = _f(None, group="evaluation")
+    gsm8k_n: Optional[int] = _f(None, group="evaluation")
+    humaneval_pass1: Optional[float] = _f(None, group="evaluation")
+    humaneval_n: Optional[int] = _f(None, group="evaluation")
+    eval_time_s: Optional[dict] = _f({}, group="evaluation", csv="json")  # benchmark -> seconds
+    eval_source: Optional[dict] = _f({}, group="evaluation", csv="json")  # benchmark -> data source
+    # ---------------------------------------------------------------------------- provenance
+    started_at: Optional[str] = _f(None, group="provenance", required=True)  # ISO 8601 UTC
+    finished_at: Optional[str] = _f(None, group="provenance")
+    host: Optional[str] = _f(None, group="provenance", required=True)
+    device: Optional[str] = _f(None, group="provenance", required=True)
+    # the GPU's name; when requeued attempts trained on different hardware, every kind joined by
+    # " + " (e.g. "NVIDIA A100 + cpu"), so that aggregation never takes the time for one machine's
+    gpu_name: Optional[str] = _f(None, group="provenance")
+    git_sha: Optional[str] = _f(None, group="provenance", required=True)
+    git_dirty: Optional[bool] = _f(None, group="provenance")
+    package_versions: dict = _f({}, group="provenance", csv="json")
+    # job_id, array_job_id, array_task_id, node; empty when not under SLURM (runs.csv: slurm_*)
+    slurm: dict = _f({}, group="provenance", csv=None)
+    config: dict = _f({}, group="provenance", csv=None)  # the resolved cell config
+
+    def update(self, **values: Any) -> None:
+        """Set several fields; a name that is not a field of the schema raises (no silent drift)."""
+        unknown = sorted(set(values) - FIELD_NAMES)
+        if unknown:
+            raise AttributeError(f"not row fields: {', '.join(unknown)} (see aletheia_hpc/row.py)")
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELD_NAMES = frozenset(f.name for f in fields(Row))
+# Every row file carries these keys; the value may be None where the field's comment says so.
+REQUIRED_FIELDS = tuple(f.name for f in fields(Row) if f.metadata["required"])
+# Evaluation fields (None for cells that ran no benchmark).
+EVAL_FIELDS = tuple(f.name for f in fields(Row) if f.metadata["group"] == "evaluation")
+# runs.csv: fields taken as they are, and fields written as JSON text
+CSV_SCALAR_FIELDS = tuple(f.name for f in fields(Row) if f.metadata["csv"] == "scalar")
+CSV_JSON_FIELDS = tuple(f.name for f in fields(Row) if f.metadata["csv"] == "json")
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 class InvalidRow(ValueError):
@@ -73,7 +146,8 @@ class InvalidRow(ValueError):
 
 
 def validate_row(row: Any) -> dict:
-    """Return ``row`` if it satisfies the schema, else raise InvalidRow naming the problem."""
+    """Return ``row`` (with optional fields it lacks filled in) if it satisfies the schema, else
+    raise InvalidRow naming the problem."""
     if not isinstance(row, dict):
         raise InvalidRow(f"row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED_FIELDS if k not in row]
@@ -86,18 +160,24 @@ def validate_row(row: Any) -> dict:
     if row["status"] == "ok":
         if row["failure_reason"] is not None:
             raise InvalidRow("an ok row has a failure_reason")
-        if row["recipe"] != "base":
+        if row["recipe"] != BASE_RECIPE:
             for key in ("train_time_s", "train_steps", "eval_loss"):
                 value = row[key]
                 if not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise InvalidRow(f"an ok row needs a finite {key}, got {value!r}")
     elif not row["failure_reason"]:
         raise InvalidRow(f"a {row['status']} row needs a failure_reason")
+    for f in fields(Row):
+        if f.name not in row:
+            row[f.name] = _default(f)
+    if not row["arm"]:
+        row["arm"] = arm_name(row["recipe"], row["variant"] or DEFAULT_VARIANT)
     return row
 
 
-def write_row(path: Path, row: dict) -> None:
+def write_row(path: Path, row: Row | dict) -> None:
     """Validate and write ``row`` atomically: readers see the old file, the new one, or none."""
+    row = row.to_dict() if isinstance(row, Row) else dict(row)
     validate_row(row)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

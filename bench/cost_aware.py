@@ -58,6 +58,37 @@ def ratio_ci(reference: list[float], arm: list[float], resamples: int = 4000) ->
     return point, draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
 
 
+def report(m, r, steps, seeds, arm_names, times, results, elapsed, final) -> None:
+    """The summary over the seeds done so far (printed after every seed, so a stopped run keeps it)."""
+    status = "" if final else f"(running, after seed {seeds[-1]}) "
+    print(f"\n{status}cost-aware benchmark: {m.name} on the CPU ({torch.get_num_threads()} threads), "
+          f"batch {m.batch_size}, "
+          f"max_seq_len {m.max_seq_len}, {steps} steps, seeds {seeds}, ranks {r.attention_rank}/{r.mlp_rank}, "
+          f"layer budget {r.layer_pct:g}%; {len(times['standard'])} paired timed steps per arm; "
+          f"{elapsed:.0f}s so far")
+    print(f"{'arm':20s} {'step ratio vs standard [95% CI]':34s} {'predicted':>9s}  "
+          f"{'eval loss [95% CI]':26s} eval loss - aletheia per seed; mean [95% CI]")
+    summary = {}
+    for name in arm_names:
+        ratio = ratio_ci(times["standard"], times[name])
+        loss = t_interval(results[name]["loss"])
+        diffs = [a - b for a, b in zip(results[name]["loss"], results["aletheia"]["loss"])]
+        diff = t_interval(diffs)
+        summary[name] = (ratio, diffs)
+        print(f"{name:20s} {ratio[0]:.3f}x [{ratio[1]:.3f}, {ratio[2]:.3f}]{'':13s} "
+              f"{statistics.fmean(results[name]['predicted']):8.3f}x  "
+              f"{loss[0]:.4f} [{loss[1]:.4f}, {loss[2]:.4f}]  "
+              f"{', '.join(f'{x:+.4f}' for x in diffs)}; {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]")
+    for name in arm_names:
+        lows = [min(layers) for layers in results[name]["layers"]]
+        sizes = [len(layers) for layers in results[name]["layers"]]
+        print(f"  {name:20s} adapted layers per seed {sizes}, lowest adapted layer per seed {lows}")
+    (ratio, diffs) = summary["cost_aware"]
+    speed_ok, quality_ok = ratio[0] >= 1.5, all(x < 0 for x in diffs)
+    print(f"floor (issue 14): cost_aware step ratio {ratio[0]:.3f}x >= 1.5x: {'met' if speed_ok else 'MISSED'}; "
+          f"eval loss below aletheia's in every seed: {'met' if quality_ok else 'MISSED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 999])
@@ -86,8 +117,10 @@ def main() -> None:
 
     for seed in args.seeds:
         t_seed = time.perf_counter()
-        batches = _probe_batches(train_examples, collator, m.batch_size, r.probe.batches, seed)
-        scores = probe_layer_scores(base, batches, family=family, mode=r.probe.mode, chunk_size=r.probe.chunk_size)
+        batches = _probe_batches(train_examples, collator, r.probe.batch_size or m.batch_size, r.probe.batches,
+                                 seed, r.probe.loss_tokens)
+        scores = probe_layer_scores(base, batches, family=family, mode=r.probe.mode, chunk_size=r.probe.chunk_size,
+                                    norm=r.probe.norm)
         cost = calibrate_step_cost(base, batches, ranks, family=family, steps=r.cost.calibration_steps,
                                    warmup=r.cost.calibration_warmup, max_grad_norm=t.max_grad_norm)
         arms = {"standard": list(range(L)), "aletheia": select_layers(scores, r.layer_pct)}
@@ -132,35 +165,12 @@ def main() -> None:
             print(f"  step {step + 1}/{steps} (len {batch['input_ids'].shape[1]}): " + "  ".join(line), flush=True)
         for name in names:
             results[name]["loss"].append(held_out_loss(models[name], eval_examples, collator, m.batch_size, device))
-        print(f"  eval loss: " + "  ".join(f"{n} {results[n]['loss'][-1]:.4f}" for n in names)
+        print("  eval loss: " + "  ".join(f"{n} {results[n]['loss'][-1]:.4f}" for n in names)
               + f"  (seed took {time.perf_counter() - t_seed:.0f}s)", flush=True)
         del models, optimizers, schedulers
 
-    print(f"\ncost-aware benchmark: {m.name} on the CPU ({torch.get_num_threads()} threads), batch {m.batch_size}, "
-          f"max_seq_len {m.max_seq_len}, {steps} steps, seeds {args.seeds}, ranks {r.attention_rank}/{r.mlp_rank}, "
-          f"layer budget {r.layer_pct:g}%; {len(times['standard'])} paired timed steps per arm; "
-          f"total {time.perf_counter() - t0:.0f}s")
-    print(f"{'arm':20s} {'step ratio vs standard [95% CI]':34s} {'predicted':>9s}  "
-          f"{'eval loss [95% CI]':26s} eval loss - aletheia per seed; mean [95% CI]")
-    summary = {}
-    for name in arm_names:
-        ratio = ratio_ci(times["standard"], times[name])
-        loss = t_interval(results[name]["loss"])
-        diffs = [a - b for a, b in zip(results[name]["loss"], results["aletheia"]["loss"])]
-        diff = t_interval(diffs)
-        summary[name] = (ratio, diffs)
-        print(f"{name:20s} {ratio[0]:.3f}x [{ratio[1]:.3f}, {ratio[2]:.3f}]{'':13s} "
-              f"{statistics.fmean(results[name]['predicted']):8.3f}x  "
-              f"{loss[0]:.4f} [{loss[1]:.4f}, {loss[2]:.4f}]  "
-              f"{', '.join(f'{x:+.4f}' for x in diffs)}; {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]")
-    for name in arm_names:
-        lows = [min(layers) for layers in results[name]["layers"]]
-        sizes = [len(layers) for layers in results[name]["layers"]]
-        print(f"  {name:20s} adapted layers per seed {sizes}, lowest adapted layer per seed {lows}")
-    (ratio, diffs) = summary["cost_aware"]
-    speed_ok, quality_ok = ratio[0] >= 1.5, all(x < 0 for x in diffs)
-    print(f"floor (issue 14): cost_aware step ratio {ratio[0]:.3f}x >= 1.5x: {'met' if speed_ok else 'MISSED'}; "
-          f"eval loss below aletheia's in every seed: {'met' if quality_ok else 'MISSED'}")
+        report(m, r, steps, args.seeds[:len(results["standard"]["loss"])], arm_names, times, results,
+               time.perf_counter() - t0, final=seed == args.seeds[-1])
 
 
 if __name__ == "__main__":

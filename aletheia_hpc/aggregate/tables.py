@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
+from aletheia_hpc.row import CSV_JSON_FIELDS, arm_name, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, read_row
 
 from .paper import model_sort_key, paper_name
 
@@ -31,23 +31,20 @@ COMPUTE_MATCHED = "compute_matched"
 # benchmark short name -> row field
 BENCH_FIELDS = {"mmlu": "mmlu_acc", "gsm8k": "gsm8k_acc", "humaneval": "humaneval_pass1"}
 
-# runs.csv columns taken as they are from the row
-_SCALAR_FIELDS = (
-    "cell_id", "campaign", "model", "family", "recipe", "variant", "seed", "status",
-    "failure_reason", "nan_step", "attempts", "num_layers", "trainable_params", "train_steps",
-    "planned_steps", "train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
-    "final_train_loss", "eval_loss", "mmlu_acc", "mmlu_n", "gsm8k_acc", "gsm8k_n",
-    "humaneval_pass1", "humaneval_n", "started_at", "finished_at", "host", "device", "gpu_name",
-    "git_sha", "git_dirty",
-)
-# runs.csv columns written as JSON text
-_JSON_FIELDS = ("selected_layers", "layer_scores", "benchmarks", "eval_time_s", "eval_source",
-                "package_versions")
 _SLURM_KEYS = ("job_id", "array_job_id", "array_task_id", "node")
-RUN_COLUMNS = (
-    _SCALAR_FIELDS[:3] + ("paper_model",) + _SCALAR_FIELDS[3:12] + ("n_selected_layers",)
-    + _SCALAR_FIELDS[12:] + _JSON_FIELDS + tuple(f"slurm_{k}" for k in _SLURM_KEYS) + ("row_path",)
-)
+
+
+def _run_columns() -> tuple[str, ...]:
+    """runs.csv's columns: the row's scalar fields in schema order (paper_model after model,
+    n_selected_layers after num_layers), then its JSON fields, slurm_*, row_path."""
+    columns = []
+    for name in CSV_SCALAR_FIELDS:
+        columns.append(name)
+        columns += {"model": ["paper_model"], "num_layers": ["n_selected_layers"]}.get(name, [])
+    return (*columns, *CSV_JSON_FIELDS, *(f"slurm_{k}" for k in _SLURM_KEYS), "row_path")
+
+
+RUN_COLUMNS = _run_columns()
 ROW_PATH_KEY = "_row_path"  # set by load_rows on the dicts it returns
 
 
@@ -156,7 +153,7 @@ def _json_column(values: list) -> list:
     return out
 
 
-_ROW_KEYS = _SCALAR_FIELDS + _JSON_FIELDS + ("slurm", ROW_PATH_KEY)
+_ROW_KEYS = CSV_SCALAR_FIELDS + CSV_JSON_FIELDS + ("slurm", ROW_PATH_KEY)
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
@@ -170,7 +167,7 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
             df[name] = _as_int(source)
         elif name in _FLOAT_FIELDS:
             df[name] = pd.to_numeric(raw[name], errors="coerce").astype(float)
-        elif name in _JSON_FIELDS:
+        elif name in CSV_JSON_FIELDS:
             df[name] = pd.Series(_json_column(raw[name].tolist()), index=raw.index, dtype=object)
         elif name.startswith("slurm_"):
             key = name[len("slurm_"):]
@@ -184,6 +181,8 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
         else:
             df[name] = _objects(raw[name])
     df["variant"] = df["variant"].where(df["variant"].notna(), DEFAULT_VARIANT)
+    df["arm"] = [a if type(a) is str and a else arm_name(str(r), str(v))
+                 for a, r, v in zip(df["arm"].tolist(), df["recipe"].tolist(), df["variant"].tolist())]
     df["seed"] = _tidy_seeds(df["seed"])
     return _sorted(df, ["recipe", "variant", "seed", "cell_id"])
 

@@ -7,8 +7,9 @@ is typed and resolved exactly as ``run-cell`` would resolve it alone.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -75,12 +76,53 @@ class Plan:
     cells: list[CellConfig]
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _without(overrides: list[str], *keys: str) -> list[str]:
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+    return [o for o in overrides if _key(o) not in keys]
+
+
+# override key given with a campaign -> the campaign field to use instead
+_CELL_AXES = {"model": "campaign.models=[...]", "recipe": "campaign.recipes=[...]",
+              "seed": "campaign.seeds=[...]", "variant": "campaign.variants=[...]"}
+# what a variant's overrides may not set: the axes it has fields for, and where cells run
+_NOT_IN_VARIANT = ("model", "recipe", "seed", "variant", "campaign", "cluster", "results_dir", "progress")
+# (model.* and recipe.* fields may be set; choosing another model or recipe config may not)
+
+
+def _refuse_cell_axes(overrides: list[str]) -> None:
+    """A campaign decides each cell's model, recipe, seed and variant; the same keys on the command
+    line would be dropped silently, so they are refused."""
+    problems = [f"{o!r} does not apply to a campaign, whose cells each set their own {_key(o)}; "
+                f"use {_CELL_AXES[_key(o)]} (or run one cell with run-cell)"
+                for o in overrides if _key(o) in _CELL_AXES]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _variant_problems(campaign) -> list[str]:
+    problems, seen = [], set()
+    for v in campaign.variants:
+        if v.name in seen:
+            problems.append(f"campaign.variants: two variants are named {v.name!r}; give each its own name")
+        seen.add(v.name)
+        if v.name == "base" or "@" in v.name or "/" in v.name:
+            problems.append(f"campaign.variants: name {v.name!r} is reserved or has '@' or '/'")
+        for o in v.overrides:
+            key = _key(o)
+            if "=" not in o:
+                problems.append(f"campaign.variants[{v.name}].overrides: {o!r} is not key=value")
+            elif key in ("model", "recipe") or key.split(".")[0] in _NOT_IN_VARIANT[2:]:
+                problems.append(f"campaign.variants[{v.name}].overrides: {o!r} cannot be set per variant; "
+                                "use the variant's models/recipes/steps fields or the campaign's seeds")
+    return problems
 
 
 def expand(overrides: list[str]) -> Plan:
     """Every cell of the campaign selected by ``overrides``; ConfigError lists every bad cell."""
+    _refuse_cell_axes(overrides)
     root = compose_root(overrides)
     campaign = root.campaign
     if campaign.parts:
@@ -88,36 +130,45 @@ def expand(overrides: list[str]) -> Plan:
         base = _without(overrides, "campaign")
         for part in campaign.parts:
             cells += expand(base + [f"campaign={part}"]).cells
+        check_cells(cells)
         return Plan(campaign.name, root, cells)
 
     if not campaign.models:
         raise ConfigError(f"campaign {campaign.name!r} lists no models (campaign.models)")
     known_models, known_recipes = set(option_names("model")), set(option_names("recipe"))
+    variant_models = {m for v in campaign.variants for m in (v.models or [])}
     problems = [f"campaign.models: unknown model {m!r}; known: {', '.join(sorted(known_models))}"
-                for m in campaign.models if m not in known_models]
+                for m in sorted(set(campaign.models) | variant_models) if m not in known_models]
     variant_recipes = {r for v in campaign.variants for r in (v.recipes or [])}
     problems += [f"campaign.recipes: unknown recipe {r!r}; known: {', '.join(sorted(known_recipes))}"
                  for r in sorted(set(campaign.recipes) | variant_recipes) if r not in known_recipes]
+    problems += _variant_problems(campaign)
     if problems:
         raise ConfigError("; ".join(problems))
 
-    base = _without(overrides, "model", "recipe", "seed", "variant")
-    composed: dict[tuple[str, str], RootConfig] = {}
+    composed: dict[tuple, RootConfig] = {}
 
-    def cell_root(model: str, recipe: str) -> RootConfig:
-        if (model, recipe) not in composed:
-            composed[model, recipe] = compose_root(base + [f"model={model}", f"recipe={recipe}"])
-        return composed[model, recipe]
+    def cell_root(model: str, recipe: str, variant=None) -> RootConfig:
+        extra = list(variant.overrides) if variant else []
+        if variant is not None and variant.steps is not None:
+            extra.append(f"train.steps={variant.steps}")
+        key = (model, recipe, tuple(extra))
+        if key not in composed:
+            try:
+                composed[key] = compose_root(overrides + [f"model={model}", f"recipe={recipe}", *extra])
+            except ConfigError as exc:
+                where = f"campaign.variants[{variant.name}].overrides" if extra else f"{model}/{recipe}"
+                raise ConfigError(f"{where}: {exc}") from exc
+        return composed[key]
 
     cells: list[CellConfig] = []
     for variant in campaign.variants:
         for model in variant.models or campaign.models:
             for recipe in variant.recipes or campaign.recipes:
                 for seed in campaign.seeds:
-                    r = cell_root(model, recipe)
-                    train = r.train if variant.steps is None else replace(r.train, steps=variant.steps)
+                    r = cell_root(model, recipe, variant)
                     cells.append(CellConfig(
-                        campaign=campaign.name, model=r.model, recipe=r.recipe, train=train,
+                        campaign=campaign.name, model=r.model, recipe=r.recipe, train=r.train,
                         data=r.data, eval=r.eval, seed=seed, variant=variant.name,
                         noop=campaign.noop,
                         faults=_faults_for(campaign, model, recipe, seed, variant.name)))
@@ -131,18 +182,28 @@ def expand(overrides: list[str]) -> Plan:
     return Plan(campaign.name, root, cells)
 
 
+def cell_label(cell: CellConfig) -> str:
+    return f"{cell.model.name}/{cell.arm}/seed={cell.seed}"
+
+
 def check_cells(cells: list[CellConfig]) -> None:
-    """Validate every cell; one ConfigError with a line per bad cell."""
-    problems, seen = [], {}
+    """Validate every cell; one ConfigError with a line per bad cell. Two cells whose settings are
+    equal (two arms that resolve to the same cell) are refused with both names."""
+    problems, seen_ids, seen_settings = [], {}, {}
     for cell in cells:
-        label = f"{cell.model.name}/{cell.recipe.name}/seed={cell.seed}/{cell.variant}"
+        label = f"{cell.campaign}:{cell_label(cell)}"
         try:
             validate_cell(cell)
         except ConfigError as exc:
             problems.append(f"cell {label}: {exc}")
-        if cell.cell_id in seen:
-            problems.append(f"cell {label} duplicates cell {seen[cell.cell_id]}")
-        seen[cell.cell_id] = label
+        settings = json.dumps(cell.settings(), sort_keys=True, default=str)
+        if cell.cell_id in seen_ids:
+            problems.append(f"cell {label} duplicates cell {seen_ids[cell.cell_id]}")
+        elif settings in seen_settings:
+            problems.append(f"cell {label} resolves to the same settings as cell {seen_settings[settings]}: "
+                            "the two arms would train the same thing; change one variant's overrides or drop it")
+        seen_ids[cell.cell_id] = label
+        seen_settings.setdefault(settings, label)
     if problems:
         raise ConfigError(f"{len(problems)} invalid cell(s):\n  " + "\n  ".join(problems))
 

@@ -23,7 +23,7 @@ _EXPORTS = {
                      "num_layers", "register_family"), "families"),
     **dict.fromkeys(("AdapterPlacementError", "LoraRanks", "adapted_modules", "apply_lora",
                      "build_lora_config", "expected_adapters", "verify_adapters"), "lora"),
-    **dict.fromkeys(("PROBE_MODES", "QuantizedProbeError", "probe_layer_scores"), "probe"),
+    **dict.fromkeys(("PROBE_MODES", "PROBE_NORMS", "QuantizedProbeError", "probe_layer_scores"), "probe"),
     **dict.fromkeys(("STRATEGIES", "InfeasibleSpeedup", "layer_budget", "select_cost_aware", "select_layers"),
                     "selection"),
 }

@@ -1,7 +1,18 @@
 """The gradient probe: how strongly the fine-tuning loss pulls on each transformer layer.
 
-score[l] = sum over probe batches b of || grad_{theta_l} L_b ||_2, where theta_l are all of layer
-l's parameters and L_b is the causal-LM loss of batch b with padding masked out (labels -100).
+Two definitions of a layer's score (``norm``), both summed over the probe batches b, where L_b is
+the causal-LM loss of batch b over the tokens its labels keep (padding is always masked out, -100):
+
+``layer`` (default)
+    score[l] = sum_b || grad_{theta_l} L_b ||_2, theta_l all of layer l's parameters as one vector.
+``tensor_sum`` (the paper authors' ``aletheia-lora`` package)
+    score[l] = sum_b sum_{p in layer l} || grad_p L_b ||_2, one norm per parameter tensor, added.
+    It weighs small tensors (norms, biases) more than ``layer`` does; the two rank layers alike
+    when one tensor dominates each layer's gradient.
+
+Which tokens L_b covers is up to the batches' labels (the worker's ``recipe.probe.loss_tokens``:
+the response, as in training, or every token, as aletheia-lora does); without labels, every
+non-padding token is a target.
 
 Two ways to compute the same scores:
 
@@ -36,6 +47,7 @@ import torch
 from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
 
 PROBE_MODES = ("single_pass", "chunked")
+PROBE_NORMS = ("layer", "tensor_sum")
 
 
 class QuantizedProbeError(TypeError):
@@ -85,22 +97,40 @@ class _LayerTargets:
         return sorted(set(self.params) | set(self.quantized))
 
 
-def _add_weight_grad_sq(sq: list[float], layer: int, x: torch.Tensor):
-    """Tensor hook for a quantized linear's output: adds ||G^T X||^2 to sq[layer]."""
+class _BatchNorms(list):
+    """Per-layer accumulator of one batch's gradient: ``add`` takes one tensor's squared norm,
+    ``finish`` gives the layer's score for the batch under ``norm`` (module docstring)."""
+
+    def __init__(self, n: int, norm: str):
+        super().__init__([0.0] * n)
+        self.per_tensor = norm == "tensor_sum"
+
+    def add(self, layer: int, sq: float) -> None:
+        self[layer] += math.sqrt(sq) if self.per_tensor else sq
+
+    def finish(self, layer: int) -> float:
+        return self[layer] if self.per_tensor else math.sqrt(self[layer])
+
+    def reset(self) -> None:
+        self[:] = [0.0] * len(self)
+
+
+def _add_weight_grad_sq(batch: _BatchNorms, layer: int, x: torch.Tensor):
+    """Tensor hook for a quantized linear's output: adds ||G^T X||^2 (one weight tensor) to the layer."""
     x = x.detach().reshape(-1, x.shape[-1])
 
     def hook(grad: torch.Tensor) -> None:
         g = grad.detach().reshape(-1, grad.shape[-1])
         weight_grad = g.float().T @ x.float()  # (out, in): one matrix alive at a time
-        sq[layer] += float(weight_grad.double().pow(2).sum())
+        batch.add(layer, float(weight_grad.double().pow(2).sum()))
     return hook
 
 
 @contextmanager
 def _quantized_weight_readers(model: torch.nn.Module, modules: Mapping[int, list[torch.nn.Module]],
-                              sq: list[float]):
+                              batch: _BatchNorms):
     """While active, each backward adds the squared weight-gradient norm of ``modules`` (layer ->
-    quantized linears) into sq[layer]."""
+    quantized linears) to their layer in ``batch``."""
     if not any(modules.values()):
         yield
         return
@@ -110,7 +140,7 @@ def _quantized_weight_readers(model: torch.nn.Module, modules: Mapping[int, list
             if not output.requires_grad:
                 raise QuantizedProbeError(f"{type(module).__name__} in layer {layer}: its output takes no "
                                           "part in backward, so its weight cannot be scored")
-            output.register_hook(_add_weight_grad_sq(sq, layer, inputs[0]))
+            output.register_hook(_add_weight_grad_sq(batch, layer, inputs[0]))
         return hook
 
     # Packed weights never require grad: make the embedding output require it so that backward
@@ -154,13 +184,13 @@ def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Te
     return loss
 
 
-def _single_pass(model, targets: _LayerTargets, batches) -> list[float]:
+def _single_pass(model, targets: _LayerTargets, batches, norm: str) -> list[float]:
     n = len(targets.layers)
-    scores, batch_sq = [0.0] * n, [0.0] * n
+    scores, batch = [0.0] * n, _BatchNorms(n, norm)
 
     def reader(layer: int):
         def hook(param: torch.Tensor) -> None:
-            batch_sq[layer] += float(param.grad.detach().double().pow(2).sum())
+            batch.add(layer, float(param.grad.detach().double().pow(2).sum()))
             param.grad = None  # freed as soon as it is read
         return hook
 
@@ -170,35 +200,35 @@ def _single_pass(model, targets: _LayerTargets, batches) -> list[float]:
             param.requires_grad_(True)
             handles.append(param.register_post_accumulate_grad_hook(reader(layer)))
     try:
-        with _quantized_weight_readers(model, targets.quantized, batch_sq):
-            for batch in batches:
-                batch_sq[:] = [0.0] * n
-                _loss(model, batch).backward()
+        with _quantized_weight_readers(model, targets.quantized, batch):
+            for inputs in batches:
+                batch.reset()
+                _loss(model, inputs).backward()
                 for layer in range(n):
-                    scores[layer] += math.sqrt(batch_sq[layer])
+                    scores[layer] += batch.finish(layer)
     finally:
         for handle in handles:
             handle.remove()
     return scores
 
 
-def _chunked(model, targets: _LayerTargets, batches, chunk_size: int) -> list[float]:
+def _chunked(model, targets: _LayerTargets, batches, chunk_size: int, norm: str) -> list[float]:
     layers = targets.layers
-    scores, batch_sq = [0.0] * len(layers), [0.0] * len(layers)
+    scores, batch = [0.0] * len(layers), _BatchNorms(len(layers), norm)
     for start in range(0, len(layers), chunk_size):
         chunk = layers[start:start + chunk_size]
         for layer, params in targets.params.items():
             for param in params:
                 param.requires_grad_(layer in chunk)
-        with _quantized_weight_readers(model, {l: targets.quantized.get(l, []) for l in chunk}, batch_sq):
-            for batch in batches:
-                batch_sq[:] = [0.0] * len(layers)
-                _loss(model, batch).backward()
+        with _quantized_weight_readers(model, {l: targets.quantized.get(l, []) for l in chunk}, batch):
+            for inputs in batches:
+                batch.reset()
+                _loss(model, inputs).backward()
                 for layer in chunk:
                     for param in targets.params.get(layer, []):
-                        batch_sq[layer] += float(param.grad.detach().double().pow(2).sum())
+                        batch.add(layer, float(param.grad.detach().double().pow(2).sum()))
                         param.grad = None
-                    scores[layer] += math.sqrt(batch_sq[layer])
+                    scores[layer] += batch.finish(layer)
     return scores
 
 
@@ -209,11 +239,15 @@ def probe_layer_scores(
     family: FamilySpec | None = None,
     mode: str = "single_pass",
     chunk_size: int = 8,
+    norm: str = "layer",
 ) -> list[float]:
     """Per-layer gradient scores (index = layer) over ``batches`` (dicts with input_ids, attention_mask,
-    and optionally labels; without labels, every non-padding token is a target)."""
+    and optionally labels; without labels, every non-padding token is a target). ``norm``: ``layer``
+    or ``tensor_sum`` (module docstring); ``mode`` changes the cost, not the scores."""
     if mode not in PROBE_MODES:
         raise ValueError(f"probe mode {mode!r} is not one of {PROBE_MODES}")
+    if norm not in PROBE_NORMS:
+        raise ValueError(f"probe norm {norm!r} is not one of {PROBE_NORMS}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     family = family or family_of(model)
@@ -228,5 +262,5 @@ def probe_layer_scores(
         for param in model.parameters():
             param.requires_grad_(False)
         if mode == "single_pass":
-            return _single_pass(model, targets, batches)
-        return _chunked(model, targets, batches, chunk_size)
+            return _single_pass(model, targets, batches, norm)
+        return _chunked(model, targets, batches, chunk_size, norm)

@@ -49,6 +49,14 @@ def _last(scores, k, seed):
     return list(range(len(scores) - k, len(scores)))
 
 
+@_strategy("middle")
+def _middle(scores, k, seed):
+    """Depth control: the k layers centred in the stack (ignores the scores); an odd remainder
+    leaves the extra layer at the bottom."""
+    start = (len(scores) - k + 1) // 2
+    return list(range(start, start + k))
+
+
 def layer_budget(num_layers: int, pct: float) -> int:
     """How many layers pct% of num_layers is: round half up, at least one."""
     if not 0 < pct <= 100:

@@ -20,7 +20,7 @@ import torch
 from aletheia_hpc import provenance
 from aletheia_hpc.campaign.store import ATTEMPTS_FILE, cell_path, prepare_cell_dir
 from aletheia_hpc.config import CellConfig
-from aletheia_hpc.row import ROW_FILENAME, write_row
+from aletheia_hpc.row import ROW_FILENAME, Row, write_row
 
 log = logging.getLogger(__name__)
 
@@ -37,36 +37,31 @@ def _next_attempt(work_dir: Path) -> int:
     return len(attempts)
 
 
-def _base_row(cell: CellConfig) -> dict:
+def _base_row(cell: CellConfig) -> Row:
     sha, dirty = provenance.git_state()
-    return {
-        "campaign": cell.campaign, "cell_id": cell.cell_id, "config_hash": cell.cell_id,
-        "model": cell.model.name, "family": cell.model.family, "recipe": cell.recipe.name,
-        "variant": cell.variant, "seed": cell.seed, "status": "ok", "failure_reason": None,
-        "nan_step": None, "num_layers": cell.model.num_layers, "selected_layers": None,
-        "layer_scores": None, "trainable_params": None, "predicted_speedup": None,
-        "predicted_step_time_s": None, "step_cost": None, "cost_calibration_time_s": None,
-        "backward_layers": None, "train_steps": 0,
-        "planned_steps": cell.train.steps, "train_time_s": None, "probe_time_s": None,
-        "model_load_time_s": None, "step_time_median_s": None, "step_times_s": [],
-        "final_train_loss": None, "eval_loss": None, "attempts": None, "benchmarks": [],
-        "mmlu_acc": None, "mmlu_n": None, "gsm8k_acc": None, "gsm8k_n": None,
-        "humaneval_pass1": None, "humaneval_n": None, "eval_time_s": {}, "eval_source": {},
-        "started_at": provenance.utc_now(), "finished_at": None, "host": provenance.host_name(),
-        "device": None, "gpu_name": None, "git_sha": sha, "git_dirty": dirty,
-        "package_versions": provenance.package_versions(), "slurm": provenance.slurm_ids(),
-        "config": cell.to_dict(),
-    }
+    return Row(
+        campaign=cell.campaign, cell_id=cell.cell_id, config_hash=cell.cell_id, model=cell.model.name,
+        family=cell.model.family, recipe=cell.recipe.name, variant=cell.variant, arm=cell.arm,
+        seed=cell.seed, num_layers=cell.model.num_layers, planned_steps=cell.train.steps,
+        started_at=provenance.utc_now(), host=provenance.host_name(), git_sha=sha, git_dirty=dirty,
+        package_versions=provenance.package_versions(), slurm=provenance.slurm_ids(),
+        config=cell.to_dict())
 
 
-def _probe_batches(train_examples, collator, batch_size: int, n_batches: int, seed: int):
+def _probe_batches(train_examples, collator, batch_size: int, n_batches: int, seed: int, loss_tokens: str):
+    """The probe's batches, drawn by the cell's seed; ``loss_tokens=all`` makes every non-padding
+    token a target instead of the response only."""
     order = list(range(len(train_examples)))
     random.Random(seed).shuffle(order)
     picks = [train_examples[i] for i in order[: batch_size * n_batches]]
-    return [collator(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
+    batches = [collator(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
+    if loss_tokens == "all":
+        for batch in batches:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batches
 
 
-def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progress: bool,
+def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progress: bool,
                         cpu_fallback: bool) -> None:
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
@@ -85,11 +80,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     if device.type == "cpu" and m.resources.gpus:
         log.warning("cell %s asked for %d GPU(s) and sees none: training on the CPU (cluster.cpu_fallback)",
                     cell.cell_id, m.resources.gpus)
-    row["device"] = device.type
-    row["gpu_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    row.device = device.type
+    row.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
     model, tokenizer = load_model(m, device)
-    row["model_load_time_s"] = time.perf_counter() - t0
+    row.model_load_time_s = time.perf_counter() - t0
 
     records = load_records(cell.data.source, cell.data.builtin_size)
     train_records, held_out = split_records(records, cell.data.eval_size, cell.data.split_seed)
@@ -106,33 +101,37 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
     prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if not r.probes:
         layers = list(range(m.num_layers))
-        row["predicted_speedup"] = 1.0  # all-layer LoRA is the reference itself
+        row.predicted_speedup = 1.0  # all-layer LoRA is the reference itself
     else:
-        batches = _probe_batches(train_examples, collator, m.batch_size, r.probe.batches, cell.seed)
+        probe_batch_size = r.probe.batch_size or m.batch_size
+        batches = _probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
+                                 r.probe.loss_tokens)
         t0 = time.perf_counter()
         scores = probe_layer_scores(model, batches, family=family, mode=r.probe.mode,
-                                    chunk_size=r.probe.chunk_size)
-        row["probe_time_s"] = time.perf_counter() - t0
-        row["layer_scores"] = scores
+                                    chunk_size=r.probe.chunk_size, norm=r.probe.norm)
+        row.probe_time_s = time.perf_counter() - t0
+        row.probe = {"norm": r.probe.norm, "loss_tokens": r.probe.loss_tokens, "batch_size": probe_batch_size,
+                     "batches": len(batches), "mode": r.probe.mode}
+        row.layer_scores = scores
         cost = None
         if r.cost.calibration_steps:
             cost = calibrate_step_cost(model, batches, ranks, family=family, steps=r.cost.calibration_steps,
                                        warmup=r.cost.calibration_warmup, prepare=prepare,
                                        max_grad_norm=cell.train.max_grad_norm)
-            row["cost_calibration_time_s"] = cost.calibration_s
-            row["step_cost"] = cost.to_dict()
+            row.cost_calibration_time_s = cost.calibration_s
+            row.step_cost = cost.to_dict()
         if r.layers == "cost_aware":
             layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
         else:
             layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
         if cost is not None:
-            row["predicted_speedup"] = cost.speedup(layers)
-            row["predicted_step_time_s"] = cost.step_time(layers)
-    row["selected_layers"] = layers
+            row.predicted_speedup = cost.speedup(layers)
+            row.predicted_step_time_s = cost.step_time(layers)
+    row.selected_layers = layers
     model = apply_lora(model, family, layers, ranks)
     if prepare is not None:
         prepare(model)
-    row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
                          lr=cell.train.lr if cell.train.lr is not None else m.lr,
@@ -149,11 +148,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: dict, stop, progr
                     "require-grads hook added for activation checkpointing?); the selection's speedup is "
                     "partly lost", cell.cell_id, outcome.backward_layers, min(layers), expected_backward)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
-        row["gpu_name"] = " + ".join(outcome.hardware)
+        row.gpu_name = " + ".join(outcome.hardware)
     _evaluate(cell, model, tokenizer, eval_examples, collator, device, row, stop, progress)
 
 
-def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, device, row: dict, stop,
+def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, device, row: Row, stop,
               progress: bool) -> None:
     """Held-out loss, then the benchmarks; a stop request between them ends the attempt (training
     is checkpointed at its last step, so the next attempt only evaluates)."""
@@ -164,12 +163,12 @@ def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, collator, devic
             raise StopForRequeue(f"stop requested before evaluation phase {phase!r}")
 
     stop_point("held-out loss")
-    row["eval_loss"] = held_out_loss(model, eval_examples, collator, cell.model.batch_size, device)
+    row.eval_loss = held_out_loss(model, eval_examples, collator, cell.model.batch_size, device)
     if not cell.eval.benchmarks:
         return
     from aletheia_hpc.evaluation import run_benchmarks
 
-    row.update(run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress,
+    row.update(**run_benchmarks(model, tokenizer, cell.eval, device=device, progress=progress,
                               before_each=stop_point))
 
 
@@ -190,7 +189,7 @@ def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool =
         prepare_cell_dir(results_dir, cell)
     attempt = _next_attempt(work_dir)
     row = _base_row(cell)
-    row["attempts"] = attempt
+    row.attempts = attempt
     torch.manual_seed(cell.seed)
     try:
         if cell.faults.raise_on_attempt == attempt:
@@ -206,11 +205,11 @@ def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool =
     except Exception as exc:
         tail = "".join(traceback.format_exception(exc)[-3:]).strip()
         row.update(status="failed", failure_reason=f"exception: {type(exc).__name__}: {exc}\n{tail}")
-        row["finished_at"] = provenance.utc_now()
+        row.finished_at = provenance.utc_now()
         write_row(work_dir / ROW_FILENAME, row)
         raise
-    row["finished_at"] = provenance.utc_now()
+    row.finished_at = provenance.utc_now()
     write_row(work_dir / ROW_FILENAME, row)
     log.info("cell %s (%s/%s/seed %s) finished: %s", cell.cell_id, cell.model.name, cell.recipe.name,
-             cell.seed, row["status"])
-    return row
+             cell.seed, row.status)
+    return row.to_dict()
