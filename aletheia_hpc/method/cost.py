@@ -175,12 +175,14 @@ def calibrate_step_cost(
 ) -> StepCostModel:
     """Fit a StepCostModel to timed LoRA steps of ``model`` (not yet wrapped by peft).
 
-    For each calibration placement: wrap with adapters of ``ranks``, call ``prepare`` on the peft
-    model, run ``steps`` timed AdamW steps on ``batches`` (cycled; the same batches in the same
-    order for every placement, so sequence lengths match), unwrap. ``warmup`` untimed steps run
-    before the first placement's timed ones only: later placements find the machine warm. The
-    median timed step of each placement enters the fit. The model is left as it was (see the
-    module docstring)."""
+    ``steps`` rounds; in each, every calibration placement in turn is wrapped with adapters of
+    ``ranks``, given to ``prepare``, timed for one AdamW step on the round's batch (``batches``
+    cycled: all placements see the same batch, so sequence lengths match) and unwrapped.
+    Interleaving the placements round by round, as the benchmarks interleave arms, makes a load
+    that changes on a shared machine hit every placement alike instead of one (each timed step is
+    then a fresh optimizer's first, whose state allocation scales with the adapters and so counts
+    towards adapter_layer_s). ``warmup`` untimed all-layer steps run first. The median of each placement's timed steps enters the fit. The model is left
+    as it was (see the module docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"calibration needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     batches = list(batches)
@@ -190,28 +192,29 @@ def calibrate_step_cost(
     total = num_layers(model, family)
     device = model.get_input_embeddings().weight.device
     inputs = [_with_labels(b, device) for b in batches]
+    placements = calibration_layer_sets(total)
     t_start = time.perf_counter()
-    times: dict[tuple[int, ...], float] = {}
+    measured: dict[tuple[int, ...], list[float]] = {layers: [] for layers in placements}
     with _untouched(model):
         model.train()
-        for n, layers in enumerate(calibration_layer_sets(total)):
-            untimed = warmup if n == 0 else 0
-            peft_model = apply_lora(model, family, layers, ranks)
-            try:
-                if prepare is not None:
-                    prepare(peft_model)
-                optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-                measured = []
-                for i in range(untimed + steps):
-                    batch = inputs[(i - untimed) % len(inputs)]
+        rounds = [(None, inputs[i % len(inputs)]) for i in range(warmup)]
+        rounds += [(i, inputs[i % len(inputs)]) for i in range(steps)]
+        for timed_round, batch in rounds:
+            for layers in placements if timed_round is not None else placements[-1:]:
+                peft_model = apply_lora(model, family, layers, ranks)
+                try:
+                    if prepare is not None:
+                        prepare(peft_model)
+                    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                                  lr=1e-5)
                     _sync(device)
                     t0 = time.perf_counter()
                     _step(peft_model, batch, optimizer, max_grad_norm)
                     _sync(device)
-                    if i >= untimed:
-                        measured.append(time.perf_counter() - t0)
-                times[layers] = statistics.median(measured)
-                del optimizer
-            finally:
-                peft_model.unload()
+                    if timed_round is not None:
+                        measured[layers].append(time.perf_counter() - t0)
+                    del optimizer
+                finally:
+                    peft_model.unload()
+    times = {layers: statistics.median(values) for layers, values in measured.items()}
     return StepCostModel.fit(total, times, calibration_s=time.perf_counter() - t_start)
