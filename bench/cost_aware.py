@@ -33,7 +33,7 @@ from aletheia_hpc.data.instructions import PadCollator, load_records, split_reco
 from aletheia_hpc.method import (LoraRanks, apply_lora, calibrate_step_cost, get_family, probe_layer_scores,
                                  select_cost_aware, select_layers)
 from aletheia_hpc.models.loading import load_model
-from aletheia_hpc.worker.cell import _probe_batches
+from aletheia_hpc.worker.cell import probe_batches
 from aletheia_hpc.worker.training import held_out_loss
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -117,8 +117,8 @@ def main() -> None:
 
     for seed in args.seeds:
         t_seed = time.perf_counter()
-        batches = _probe_batches(train_examples, collator, r.probe.batch_size or m.batch_size, r.probe.batches,
-                                 seed, r.probe.loss_tokens)
+        batches = probe_batches(train_examples, collator, r.probe.batch_size or m.batch_size, r.probe.batches,
+                                seed, r.probe.loss_tokens)
         scores = probe_layer_scores(base, batches, family=family, mode=r.probe.mode, chunk_size=r.probe.chunk_size,
                                     norm=r.probe.norm)
         cost = calibrate_step_cost(base, batches, ranks, family=family, steps=r.cost.calibration_steps,

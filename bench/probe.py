@@ -1,6 +1,8 @@
-"""Single-pass vs chunked (8 layers at a time) gradient probe on llama-style models of 16 and 48 layers.
+"""Single-pass vs chunked (8 layers at a time) gradient probe on llama-style models of 16, 48 and 80
+layers (80: the depth of the paper's 70B and 72B models).
 
-Prints, per depth, both times, their ratio and the largest relative score difference.
+Prints, per depth, both times, their ratio and the largest relative score difference, then checks
+the floor at 80 layers: single-pass at least 4x faster than chunked-8, scores identical (1e-6).
     .venv/bin/python bench/probe.py [--hidden 256] [--batches 5] [--seq 128]
 """
 
@@ -13,13 +15,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from aletheia_hpc.method import probe_layer_scores
 
 
+FLOOR_SPEEDUP = 4.0
+FLOOR_SCORE_DIFF = 1e-6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--depths", type=int, nargs="+", default=[16, 48])
+    parser.add_argument("--depths", type=int, nargs="+", default=[16, 48, 80])
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 4096, (args.batch_size, args.seq), generator=g),
@@ -46,6 +52,11 @@ def main() -> None:
     for depth, t_single, t_chunked, diff in results:
         print(f"  {depth:3d} layers: chunked/single time ratio {t_chunked / t_single:.2f}x, "
               f"max relative score difference {diff:.1e}")
+    deepest = max(results)
+    depth, t_single, t_chunked, diff = deepest
+    ok = t_chunked / t_single >= FLOOR_SPEEDUP and diff <= FLOOR_SCORE_DIFF
+    print(f"floor at {depth} layers: single-pass >= {FLOOR_SPEEDUP:.0f}x faster than chunked-8 and scores equal "
+          f"to {FLOOR_SCORE_DIFF:.0e}: {'PASS' if ok else 'FAIL'} ({t_chunked / t_single:.2f}x, {diff:.1e})")
 
 
 if __name__ == "__main__":

@@ -74,9 +74,9 @@ def write_campaign(results_dir: Path, rows: list[dict], campaign: str = CAMPAIGN
     return results_dir / campaign
 
 
-def pair_rows(model: str, seeds, std_times, ale_times, **kw) -> list[dict]:
+def pair_rows(model: str, seeds, std_times, arm_times, **kw) -> list[dict]:
     rows = []
-    for seed, st, at in zip(seeds, std_times, ale_times):
+    for seed, st, at in zip(seeds, std_times, arm_times):
         rows.append(make_row(model, "standard", seed, time_s=float(st), **kw))
         rows.append(make_row(model, "aletheia", seed, time_s=float(at), **kw))
     return rows
@@ -127,7 +127,7 @@ def test_paper_ratios_reproduce_headline(tmp_path):
         assert round(block["speedup_pct_from_mean_ratio"], 1) == float(entry["speedup_pct"])
     # the 30-pair paired t-test against scipy
     std = result.pairs["std_train_time_s"].to_numpy()
-    ale = result.pairs["ale_train_time_s"].to_numpy()
+    ale = result.pairs["arm_train_time_s"].to_numpy()
     ref = sps.ttest_rel(std, ale)
     assert overall["t_stat"] == pytest.approx(ref.statistic, rel=1e-10)
     assert overall["p_value"] == pytest.approx(ref.pvalue, rel=1e-8)
@@ -183,7 +183,7 @@ def test_overall_and_per_model_stats_match_scipy():
         assert b["t_stat"] == pytest.approx(r.statistic, rel=1e-10)
         assert b["p_value"] == pytest.approx(r.pvalue, rel=1e-8)
         assert b["std_time_s_mean"] == pytest.approx(s.mean()) and b["std_time_s_sd"] == pytest.approx(s.std(ddof=1))
-        assert b["ale_time_s_sd"] == pytest.approx(a.std(ddof=1))
+        assert b["arm_time_s_sd"] == pytest.approx(a.std(ddof=1))
         assert b["speedup_pct_ci95"] == pytest.approx(list(scipy_ci((1 - a / s) * 100)), rel=1e-10)
         q = b["quality"]["eval_loss"]
         rq = sps.ttest_rel(la, ls)
@@ -208,15 +208,15 @@ def test_pairs_timed_on_different_hardware_leave_timing_and_stay_in_quality(tmp_
     result = aggregate_campaign(write_campaign(tmp_path, rows).parent, CAMPAIGN)
     block = result.stats["per_model"]["qwen2.5-7b"]["matched"]
     assert block["n_pairs"] == 2 and block["n_pairs_mixed_hardware"] == 2
-    assert block["std_time_s_mean"] == pytest.approx(105.0) and block["ale_time_s_mean"] == pytest.approx(82.5)
+    assert block["std_time_s_mean"] == pytest.approx(105.0) and block["arm_time_s_mean"] == pytest.approx(82.5)
     assert block["t_stat"] == pytest.approx(sps.ttest_rel([100, 110], [80, 85]).statistic)
-    assert "2 pair(s) timed Standard and Aletheia on different hardware" in block["note"]
+    assert "2 pair(s) timed Standard and the arm on different hardware" in block["note"]
     assert block["quality"]["eval_loss"]["n"] == 4  # quality does not depend on the clock
-    assert block["quality"]["eval_loss"]["ale_mean"] == pytest.approx((1 + 1 + 1 + 1.5) / 4)
+    assert block["quality"]["eval_loss"]["arm_mean"] == pytest.approx((1 + 1 + 1 + 1.5) / 4)
     assert result.stats["overall"]["n_pairs_mixed_hardware"] == 2
     pairs = pd.read_csv(tmp_path / CAMPAIGN / "pairs.csv").set_index("seed")
     assert pairs["same_hardware"].to_dict() == {1: True, 2: True, 3: False, 4: False}
-    assert pairs.loc[4, "ale_hardware"] == h100 and pairs.loc[3, "std_hardware"] == "cpu"
+    assert pairs.loc[4, "arm_hardware"] == h100 and pairs.loc[3, "std_hardware"] == "cpu"
     report = (tmp_path / CAMPAIGN / "REPORT.md").read_text()
     assert "## Pairs timed on different hardware" in report and f"| {h100} |" in report
 
@@ -383,7 +383,7 @@ def test_compute_matched_pairs_with_matched_standard():
     assert section["n_pairs"] == 3
     q = section["per_model"]["qwen2.5-3b"]["quality"]["eval_loss"]
     assert q["std_mean"] == pytest.approx(np.mean(std_loss))
-    assert q["ale_mean"] == pytest.approx(np.mean(cm_loss))
+    assert q["arm_mean"] == pytest.approx(np.mean(cm_loss))
     assert q["diff_mean"] == pytest.approx(np.mean(np.subtract(cm_loss, std_loss)))
     assert q["p_value"] == pytest.approx(sps.ttest_rel(cm_loss, std_loss).pvalue, rel=1e-8)
     # overall covers the matched variant only; compute_matched sits in by_variant
@@ -402,30 +402,30 @@ def test_no_compute_matched_section_is_explicit():
 def test_base_deltas_and_extra_forgetting_on_mmlu():
     rows = [make_row("qwen2.5-0.5b", "base", 0, mmlu=0.50, gsm8k=0.30)]
     std_mmlu = [0.48, 0.47, 0.49]
-    ale_mmlu = [0.49, 0.495, 0.485]
+    arm_mmlu = [0.49, 0.495, 0.485]
     for k, seed in enumerate((42, 123, 999)):
         rows.append(make_row("qwen2.5-0.5b", "standard", seed, time_s=130.0 + k, mmlu=std_mmlu[k], gsm8k=0.31))
-        rows.append(make_row("qwen2.5-0.5b", "aletheia", seed, time_s=100.0 - k, mmlu=ale_mmlu[k], gsm8k=0.29))
+        rows.append(make_row("qwen2.5-0.5b", "aletheia", seed, time_s=100.0 - k, mmlu=arm_mmlu[k], gsm8k=0.29))
     result = aggregate_rows(rows, report=False)
     p = result.pairs.sort_values("seed")
     std_delta = (np.array(std_mmlu) - 0.50) * 100
-    ale_delta = (np.array(ale_mmlu) - 0.50) * 100
-    extra = ale_delta - std_delta
+    arm_delta = (np.array(arm_mmlu) - 0.50) * 100
+    extra = arm_delta - std_delta
     by_seed = {42: 0, 123: 1, 999: 2}
     for _, r in p.iterrows():
         k = by_seed[r["seed"]]
         assert r["base_mmlu_pct"] == pytest.approx(50.0)
         assert r["std_mmlu_delta_pp"] == pytest.approx(std_delta[k])
-        assert r["ale_mmlu_delta_pp"] == pytest.approx(ale_delta[k])
+        assert r["arm_mmlu_delta_pp"] == pytest.approx(arm_delta[k])
         assert r["mmlu_extra_pp"] == pytest.approx(extra[k])
     q = result.stats["per_model"]["qwen2.5-0.5b"]["matched"]["quality"]["mmlu"]
     assert q["n_with_base"] == 3 and q["base_mean"] == pytest.approx(50.0)
     assert q["std_delta_pp_mean"] == pytest.approx(std_delta.mean())
-    assert q["ale_delta_pp_mean"] == pytest.approx(ale_delta.mean())
+    assert q["arm_delta_pp_mean"] == pytest.approx(arm_delta.mean())
     assert q["extra_pp_mean"] == pytest.approx(extra.mean())
     assert q["extra_pp_sd"] == pytest.approx(extra.std(ddof=1))
     assert q["extra_pp_ci95"] == pytest.approx(list(scipy_ci(extra)))
-    assert q["p_value"] == pytest.approx(sps.ttest_rel(np.array(ale_mmlu) * 100, np.array(std_mmlu) * 100).pvalue)
+    assert q["p_value"] == pytest.approx(sps.ttest_rel(np.array(arm_mmlu) * 100, np.array(std_mmlu) * 100).pvalue)
     g = result.stats["per_model"]["qwen2.5-0.5b"]["matched"]["quality"]["gsm8k"]
     assert g["diff_mean"] == pytest.approx(-2.0) and g["extra_pp_mean"] == pytest.approx(-2.0)
     assert g["note"].startswith("zero variance")

@@ -126,7 +126,8 @@ def test_figures_are_skipped_when_data_is_absent(tmp_path):
     write_campaign(tmp_path, rows)
     result = aggregate_campaign(tmp_path, CAMPAIGN)
     assert set(result.figures) == {"speedup_per_model", "speedup_by_family"}
-    assert set(result.skipped_figures) == {"benchmark_deltas", "speed_quality", "layer_scores"}
+    assert set(result.skipped_figures) == {"benchmark_deltas", "speed_quality", "layer_scores", "arms_pareto",
+                                           "compute_matched_deltas"}
     assert not stale.exists()
     report = result.report_md.read_text()
     assert "skipped (no Aletheia row carries layer_scores)" in report

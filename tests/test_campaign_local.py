@@ -63,7 +63,7 @@ def test_aggregate_writes_every_output_from_the_real_rows(smoke_eval):
     assert len(pairs) == 4
     # the base cell's MMLU is what both recipes' deltas refer to
     assert pairs["base_mmlu_pct"].notna().all()
-    expected = (pairs["ale_mmlu_pct"] - pairs["base_mmlu_pct"]) - (pairs["std_mmlu_pct"] - pairs["base_mmlu_pct"])
+    expected = (pairs["arm_mmlu_pct"] - pairs["base_mmlu_pct"]) - (pairs["std_mmlu_pct"] - pairs["base_mmlu_pct"])
     assert (pairs["mmlu_extra_pp"] - expected).abs().max() < 1e-9
     assert len(pd.read_csv(camp / "RESULTS_MASTER.csv")) == 4
     stats = json.loads((camp / "stats.json").read_text())

@@ -1,6 +1,8 @@
 """Every shipped config loads, types and validates; campaigns expand to the paper's matrices."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,12 +46,91 @@ def test_paper_models_match_the_papers_layer_counts():
         assert ours[name] == n, paper_name
 
 
-@pytest.mark.parametrize("campaign,cells", [("paper_c1", 60 + 10), ("paper_c2", 51 + 7), ("paper", 70 + 58),
-                                            ("smoke", 12), ("default", 2)])
-def test_every_campaign_expands_and_validates(campaign, cells):
+CAMPAIGN_CELLS = {"paper_c1": 60 + 10, "paper_c2": 51 + 7, "paper": 70 + 58, "smoke": 12, "default": 2,
+                  "demo": 7, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4}
+
+
+@pytest.mark.parametrize("campaign", option_names("campaign"))
+def test_every_shipped_campaign_expands_and_validates(campaign):
+    assert campaign in CAMPAIGN_CELLS, f"campaigns/{campaign}.yaml: add its cell count here"
     plan = expand([f"campaign={campaign}"])
-    assert len(plan.cells) == cells
-    assert len({c.cell_id for c in plan.cells}) == cells
+    assert len(plan.cells) == CAMPAIGN_CELLS[campaign]
+    assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
+
+
+def test_arms_over_any_setting_expand_into_distinct_cells():
+    plan = expand(["campaign=closeout"])
+    qwen = [c for c in plan.cells if c.model.name == "qwen2.5-3b" and c.recipe.name != "base"]
+    arms = {c.arm: {x.recipe.layer_pct for x in qwen if x.arm == c.arm} for c in qwen}
+    assert arms == {"standard": {50.0}, "aletheia": {50.0}, "aletheia@budget25": {25.0},
+                    "aletheia@budget75": {75.0}}
+    assert len({c.cell_id for c in qwen}) == 12
+    others = {c.model.name for c in plan.cells if c.arm == "aletheia"} - {"qwen2.5-3b"}
+    assert others == {"smollm2-1.7b", "yi-1.5-6b", "olmo-7b-0724"}
+
+
+def test_two_arms_that_resolve_to_the_same_cell_are_refused_with_both_names(tmp_path):
+    (tmp_path / "campaign").mkdir()
+    for group in ("model", "recipe", "cluster"):
+        (tmp_path / group).symlink_to(REPO_ROOT / "conf" / group)
+    (tmp_path / "config.yaml").write_text((REPO_ROOT / "conf" / "config.yaml").read_text())
+    (tmp_path / "campaign" / "default.yaml").write_text((REPO_ROOT / "campaigns" / "default.yaml").read_text())
+    (tmp_path / "campaign" / "arms.yaml").write_text(
+        "# @package _global_\ncampaign:\n  name: arms\n  models: [tiny-llama]\n  seeds: [1]\n  variants:\n"
+        "    - {name: matched}\n    - {name: half, recipes: [aletheia], overrides: ['recipe.layer_pct=50']}\n"
+        "    - {name: quarter, recipes: [aletheia], overrides: ['recipe.layer_pct=25', 'train.lr=1e-4']}\n")
+    env = {**os.environ, "ALETHEIA_CONF": str(tmp_path)}
+    code = ("from aletheia_hpc.campaign.matrix import expand; import sys; "
+            "plan = expand(sys.argv[1:]); print(sorted(c.arm for c in plan.cells))")
+    run = lambda *ov: subprocess.run([sys.executable, "-c", code, "campaign=arms", *ov], env=env,
+                                     capture_output=True, text=True, timeout=120)
+    refused = run()
+    assert refused.returncode != 0
+    assert "tiny-llama/aletheia@half/seed=1 resolves to the same settings as cell arms:tiny-llama/aletheia/seed=1" \
+        in refused.stderr, refused.stderr
+    ok = run("campaign.variants=[{name: matched}, {name: quarter, recipes: [aletheia], overrides: ['recipe.layer_pct=25']}]")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "['aletheia', 'aletheia@quarter', 'standard']"
+
+
+@pytest.mark.parametrize("override, instead", [("recipe=random_k", "campaign.recipes=[...]"),
+                                               ("model=tiny-qwen2", "campaign.models=[...]"),
+                                               ("seed=7", "campaign.seeds=[...]")])
+def test_cell_axes_given_with_a_campaign_are_refused_not_dropped(override, instead):
+    result = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "plan", "campaign=paper_c1", override],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nothing submitted" not in result.stdout
+    assert f"{override!r} does not apply to a campaign" in result.stderr and instead in result.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("recipe=bottom_k", "cannot be set per variant"),
+    ("seed=3", "cannot be set per variant"),
+    ("campaign.seeds=[1]", "cannot be set per variant"),
+    ("recipe.layer_pkt=25", "campaign.variants[x].overrides"),
+])
+def test_variant_overrides_that_cannot_work_are_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand(["campaign=default", f"campaign.variants=[{{name: matched}}, {{name: x, overrides: ['{override}']}}]"])
+
+
+def test_plan_json_lists_every_cell_with_its_arm():
+    result = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "plan", "campaign=paper_c2",
+                             "cluster=leonardo", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["campaign"] == "paper_c2" and plan["n_cells"] == len(plan["cells"]) == 58
+    cell = next(c for c in plan["cells"] if c["arm"] == "aletheia@compute_matched")
+    assert set(cell) == {"cell_id", "campaign", "model", "recipe", "arm", "variant", "seed", "steps", "resources"}
+    assert cell["steps"] == 250 and cell["variant"] == "compute_matched" and cell["resources"]["gpus"] == 1
+    assert {c["arm"] for c in plan["cells"]} == {"standard", "aletheia", "aletheia@compute_matched", "base"}
+
+
+def test_probe_norms_plan_accepts_are_the_method_librarys():
+    from aletheia_hpc.config import PROBE_NORMS
+    from aletheia_hpc.method import PROBE_NORMS as METHOD_NORMS
+
+    assert PROBE_NORMS == METHOD_NORMS
 
 
 def test_paper_c2_has_the_compute_matched_variant_at_250_steps():
@@ -105,6 +186,9 @@ def test_gpu_cells_check_validates_every_arm_without_a_gpu():
     ("data.eval_size=5000", "data.eval_size=5000 with data.builtin_size=600"),
     ("data.builtin_size=0", "data.builtin_size=0: the held-out split would leave no training records"),
     ("eval.source=local eval.data_dir=/nonexistent/eval", "eval.data_dir='/nonexistent/eval': no such directory"),
+    ("recipe.probe.norm=frobenius", "recipe.probe.norm='frobenius': use one of ('layer', 'tensor_sum')"),
+    ("recipe.probe.loss_tokens=prompt", "recipe.probe.loss_tokens='prompt': use one of ('response', 'all')"),
+    ("recipe.probe.batch_size=-1", "recipe.probe.batch_size=-1: use 0"),
 ])
 def test_values_that_would_fail_inside_a_job_fail_at_plan_time(override, message):
     with pytest.raises(ConfigError) as err:

@@ -194,3 +194,32 @@ def test_checkpointing_keeps_backward_above_the_lowest_adapted_layer():
     assert [reached[i] for i in range(6)] == [False, False, False, True, True, True]
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(family.layer_of(n) in (3, 5) for n in grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gptj", "gpt_neox"])
+def test_tensor_sum_probe_equals_the_authors_gradient_probe(family):
+    """Our ``norm="tensor_sum"`` over every token is the paper authors' own probe (aletheia-lora 0.1.2,
+    ``gradient_probe``: 5 batches of one sequence, per-tensor gradient norms summed, chunks of 8)."""
+    import copy
+
+    from aletheia_lora.probe import gradient_probe
+
+    model = build_tiny_model(family, num_layers=LAYERS)
+    g = torch.Generator().manual_seed(3)
+    sequences = [{"input_ids": torch.randint(0, 200, (n,), generator=g), "attention_mask": torch.ones(n, dtype=torch.long)}
+                 for n in (12, 9, 16, 7, 11)]
+    theirs = gradient_probe(copy.deepcopy(model), sequences, num_layers=LAYERS, probe_batches=5, chunk_size=8)
+    batches = [{k: v.unsqueeze(0) for k, v in s.items()} for s in sequences]
+    ours = probe_layer_scores(model, batches, norm="tensor_sum")
+    worst = max(abs(ours[i] - theirs[i]) / theirs[i] for i in range(LAYERS))
+    assert worst < 1e-5, f"tensor_sum vs aletheia-lora relative difference {worst}"
+    whole_layer = probe_layer_scores(model, batches, norm="layer")
+    assert max(abs(whole_layer[i] - theirs[i]) / theirs[i] for i in range(LAYERS)) > 1e-3  # the definitions differ
+    chunked = probe_layer_scores(model, batches, norm="tensor_sum", mode="chunked", chunk_size=4)
+    assert max(abs(a - b) / b for a, b in zip(chunked, ours)) < 1e-6
+
+
+def test_middle_k_takes_the_centre_of_the_stack():
+    assert select_layers([1.0] * 30, 50, "middle") == list(range(8, 23))
+    assert select_layers([1.0] * 10, 50, "middle") == [3, 4, 5, 6, 7]
+    assert select_layers([1.0] * 9, 34, "middle") == [3, 4, 5]

@@ -55,6 +55,21 @@ def test_standard_cell_adapts_every_layer_and_skips_the_probe(tmp_path):
     assert aletheia["trainable_params"] == row["trainable_params"] // 2
 
 
+def test_the_probe_definition_a_recipe_asks_for_is_the_one_that_runs_and_is_recorded(tmp_path):
+    """recipe.probe.norm / loss_tokens / batch_size reach the probe: the authors' definition (per-tensor
+    norms summed, every token, one sequence per batch) scores differently from ours, and the row says which."""
+    ours = run_cell(make_cell("model=tiny-llama", "recipe=aletheia", "train.steps=1"), tmp_path / "a", progress=False)
+    theirs = run_cell(make_cell("model=tiny-llama", "recipe=aletheia", "train.steps=1", "recipe.probe.norm=tensor_sum",
+                                "recipe.probe.loss_tokens=all", "recipe.probe.batch_size=1"), tmp_path / "b",
+                      progress=False)
+    assert ours["probe"] == {"norm": "layer", "loss_tokens": "response", "batch_size": 4, "batches": 5,
+                             "mode": "single_pass"}
+    assert theirs["probe"] == {"norm": "tensor_sum", "loss_tokens": "all", "batch_size": 1, "batches": 5,
+                               "mode": "single_pass"}
+    assert len(theirs["layer_scores"]) == 6 and theirs["layer_scores"] != ours["layer_scores"]
+    assert ours["arm"] == theirs["arm"] == "aletheia"
+
+
 def test_non_finite_loss_aborts_at_once_with_nan_abort(tmp_path):
     cell = make_cell("model=tiny-llama", "recipe=aletheia", faults=FaultConfig(nan_at_step=3))
     row = run_cell(cell, tmp_path, progress=False)

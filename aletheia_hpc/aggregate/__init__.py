@@ -34,13 +34,13 @@ stats.json layout (definitions in ``stats.CONVENTIONS``, also written under ``co
     compute_matched    {n_pairs, standard_variant, overall, per_model, note}
     failed_cells, unreadable_rows, cells_without_row, duplicate_runs_superseded, conventions
   timing block: n_pairs, n_pairs_mixed_hardware (left out: see conventions), std_time_s_mean/sd,
-    ale_time_s_mean/sd, time_saved_s_mean/sd,
+    arm_time_s_mean/sd, time_saved_s_mean/sd,
     ratio_mean/sd, speedup_pct_mean/sd, speedup_pct_ci95 [lo, hi], speedup_pct_min/max,
     speedup_pct_from_mean_ratio, t_stat, df, p_value, cohens_dz (d_z of paired differences),
     win_rate, note
-  quality: {eval_loss | mmlu | gsm8k | humaneval: {unit, n, std_mean/sd, ale_mean/sd, diff_mean/sd,
+  quality: {eval_loss | mmlu | gsm8k | humaneval: {unit, n, std_mean/sd, arm_mean/sd, diff_mean/sd,
     diff_ci95, t_stat, df, p_value, note, and with a base row: n_with_base, base_mean,
-    std_delta_pp_mean/sd, ale_delta_pp_mean/sd, extra_pp_mean/sd, extra_pp_ci95}}
+    std_delta_pp_mean/sd, arm_delta_pp_mean/sd, extra_pp_mean/sd, extra_pp_ci95}}
   n < 2: t_stat/p_value/cohens_dz/CIs null, note "n too small: ..."; n = 0: note "no pairs: ...".
   zero variance (all differences identical): t_stat/p_value/cohens_dz null, note "zero variance: ...",
     CI of a constant = [mean, mean]. The file never contains NaN or infinity.

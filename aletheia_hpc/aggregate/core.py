@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 
 from .paper import PaperReference, load_paper_reference, model_sort_key, paper_name
-from .stats import CONVENTIONS, clean_json, empty_timing_stats, metric_stats, timing_stats
+from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
+from .arms import arm_stats, ranking_stability
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
-                     TRAIN_RECIPES, BadRow, campaign2_rows, csv_text, frame_cells, load_rows, master_rows,
+                     PAPER_RECIPES, BadRow, paper_pairs, campaign2_rows, csv_text, frame_cells, load_rows, master_rows,
                      pairs_frame, pick, results_campaign2, results_master, runs_frame, superseded_runs)
 
 OUTPUT_FILES = {
@@ -85,46 +86,6 @@ class AggregateResult:
 
 # ---------------------------------------------------------------------------------------- stats
 
-_QUALITY = (("eval_loss", 1.0, "loss"),) + tuple((b, 100.0, "percent; differences in pp") for b in BENCH_FIELDS)
-
-
-class _PairArrays:
-    """The pair columns as numpy arrays, so that each group is a cheap fancy-index."""
-
-    def __init__(self, pairs: pd.DataFrame):
-        self.std_time = pairs["std_train_time_s"].to_numpy(float)
-        self.ale_time = pairs["ale_train_time_s"].to_numpy(float)
-        self.same_hardware = pairs["same_hardware"].to_numpy(bool)
-        self.cols = {}
-        for metric, scale, _ in _QUALITY:
-            if metric == "eval_loss":
-                std, ale, base = pairs["std_eval_loss"], pairs["ale_eval_loss"], None
-            else:  # pair tables hold percent; metric_stats scales, so hand it fractions back
-                std = pairs[f"std_{metric}_pct"] / 100.0
-                ale = pairs[f"ale_{metric}_pct"] / 100.0
-                base = pairs[f"base_{metric}_pct"] / 100.0
-            self.cols[metric] = (std.to_numpy(float), ale.to_numpy(float),
-                                 None if base is None else base.to_numpy(float))
-
-    def block(self, idx: np.ndarray) -> dict:
-        timed = idx[self.same_hardware[idx]]
-        out = timing_stats(self.std_time[timed], self.ale_time[timed])
-        mixed = int(idx.size - timed.size)
-        if mixed:
-            out["n_pairs_mixed_hardware"] = mixed
-            out["note"] = "; ".join(filter(None, [
-                out["note"], f"{mixed} pair(s) timed Standard and Aletheia on different hardware: left out of "
-                             "the timing figures, kept in the quality ones"]))
-        quality = {}
-        for metric, scale, unit in _QUALITY:
-            std, ale, base = self.cols[metric]
-            q = metric_stats(std[idx], ale[idx], None if base is None else base[idx], scale=scale, unit=unit)
-            if q is not None:
-                quality[metric] = q
-        out["quality"] = quality
-        return out
-
-
 def primary_variant(pairs: pd.DataFrame) -> str:
     """``matched`` when it has pairs; else the variant with most pairs (compute_matched last)."""
     counts = Counter(pairs["variant"])
@@ -145,8 +106,15 @@ def _ordered(names: Iterable) -> list:
 
 
 def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """The statistics part of ``stats.json`` (layout in the package docstring)."""
-    arrays = _PairArrays(pairs)
+    """The statistics part of ``stats.json`` (layout in the package docstring): the paper's
+    Aletheia-vs-Standard comparison, every arm against Standard, and the probe's ranking stability."""
+    return {**paper_stats(runs[runs["recipe"].isin(PAPER_RECIPES)], paper_pairs(pairs)),
+            "arms": arm_stats(runs, pairs), "stability": ranking_stability(runs)}
+
+
+def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    """overall, by_variant, per_model, per_family, compute_matched over the Aletheia pairs."""
+    arrays = PairBlocks(pairs)
     variant = primary_variant(pairs)
     variants = sorted(set(pairs["variant"]), key=lambda v: (v != DEFAULT_VARIANT, v == COMPUTE_MATCHED, v))
     seeds = pairs["seed"].to_numpy(object)
@@ -156,7 +124,7 @@ def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
                                        ["family", "variant"])
 
     per_model: dict[str, dict] = {}
-    train = runs[runs["recipe"].isin(TRAIN_RECIPES)]
+    train = runs
     all_models = _ordered(list(train["model"].dropna()) + list(pairs["model"]))
     families = dict(zip(train["model"], train["family"]))
     status_counts = train.groupby(["model", "variant"], dropna=False)["status"].value_counts()
@@ -341,7 +309,8 @@ def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir
     if report:
         from .report import render_report
 
-        result.report = render_report(result, rows, ref, figures_requested=figures)
+        made = (result.figures, result.skipped_figures) if result.out_dir is not None and figures else None
+        result.report = render_report(stats, runs, pairs, rows, ref, made)
         if result.out_dir is not None:
             _write_text(paths["report_md"], result.report)
             result.paths["report_md"] = paths["report_md"]
@@ -381,13 +350,13 @@ def summary_table(result: AggregateResult) -> str:
                 speed += f" +/- {b['speedup_pct_sd']:.1f}"
             lines.append((
                 str(model), str(v), str(b["n_pairs"]), _num(b["std_time_s_mean"], ".1f"),
-                _num(b["ale_time_s_mean"], ".1f"), speed,
-                f"{loss['std_mean']:.3f}/{loss['ale_mean']:.3f}" if loss else "-",
+                _num(b["arm_time_s_mean"], ".1f"), speed,
+                f"{loss['std_mean']:.3f}/{loss['arm_mean']:.3f}" if loss else "-",
                 _num(mmlu.get("extra_pp_mean", mmlu["diff_mean"]), "+.2f") if mmlu else "-",
             ))
     o = result.stats["overall"]
     lines.append(("ALL", str(o["variant"]), str(o["n_pairs"]), _num(o["std_time_s_mean"], ".1f"),
-                  _num(o["ale_time_s_mean"], ".1f"), _num(o["speedup_pct_mean"], ".1f"), "", ""))
+                  _num(o["arm_time_s_mean"], ".1f"), _num(o["speedup_pct_mean"], ".1f"), "", ""))
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
     fmt_row = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     rule = "  ".join("-" * w for w in widths)

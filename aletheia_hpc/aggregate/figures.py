@@ -19,6 +19,8 @@ FIGURE_FILES = {
     "benchmark_deltas": "benchmark_deltas.png",
     "speed_quality": "speed_quality_tradeoff.png",
     "layer_scores": "layer_scores_heatmap.png",
+    "arms_pareto": "arms_speed_quality.png",
+    "compute_matched_deltas": "compute_matched_deltas.png",
 }
 FIGURE_TITLES = {
     "speedup_per_model": "Training speedup per model (mean over seeds, 95% CI)",
@@ -26,6 +28,9 @@ FIGURE_TITLES = {
     "benchmark_deltas": "Benchmark differences, Aletheia - Standard (pp, 95% CI)",
     "speed_quality": "Speed-quality trade-off: speedup vs extra MMLU forgetting",
     "layer_scores": "Per-layer probe scores (normalised) with selected layers marked",
+    "arms_pareto": "Speed vs quality of every arm against Standard, per model (95% CIs)",
+    "compute_matched_deltas": "Benchmark change from base: Standard, Aletheia and compute-matched Aletheia "
+                              "(paper Figure 4)",
 }
 BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
 
@@ -165,6 +170,107 @@ def fig_speed_quality(stats: dict, variant: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _pareto_front(points: list[tuple[float, float]]) -> set[int]:
+    """Indices of the points no other point beats on both axes (higher speedup, lower loss)."""
+    front = set()
+    for i, (x, y) in enumerate(points):
+        if not any(xo >= x and yo <= y and (xo, yo) != (x, y) for xo, yo in points):
+            front.add(i)
+    return front
+
+
+def fig_arms_pareto(stats: dict, path: Path) -> Path:
+    """One panel per model: each arm's speedup vs its eval-loss difference from Standard (Standard
+    at the origin), 95% CI bars; the arms on the speed-quality front are filled."""
+    arms = stats.get("arms") or {}
+    models = list(dict.fromkeys(m for e in arms.values() for m in e["per_model"]))
+    panels = []
+    for model in models:
+        points = []
+        for arm, entry in arms.items():
+            b = entry["per_model"].get(model)
+            loss = ((b or {}).get("quality") or {}).get("eval_loss")
+            if b and b.get("speedup_pct_mean") is not None and loss:
+                points.append((arm, b, loss))
+        if points:
+            panels.append((model, points))
+    if not panels or all(len(p) < 2 for _, p in panels):
+        raise SkipFigure("fewer than two arms with timing and eval loss against Standard")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = _new_figure(5.2 * cols, 4.2 * rows)
+    for k, (model, points) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        xy = [(0.0, 0.0)] + [(b["speedup_pct_mean"], loss["diff_mean"]) for _, b, loss in points]
+        front = _pareto_front(xy)
+        ax.plot(0, 0, "s", color="black")
+        ax.annotate("standard", (0, 0), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i, (arm, b, loss) in enumerate(points, start=1):
+            xerr = np.array(_err(b, "speedup_pct_ci95")).reshape(2, 1)
+            yerr = np.array(_err(loss, "diff_ci95")).reshape(2, 1)
+            ax.errorbar(*xy[i], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
+                        markerfacecolor=None if i in front else "white")
+            ax.annotate(arm, xy[i], textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.axvline(0, color="grey", linewidth=0.6)
+        ax.set_xlabel("speedup vs standard % (mean, 95% CI)")
+        ax.set_ylabel("eval loss: arm - standard")
+        ax.set_title(model, fontsize=10)
+    fig.suptitle("Speed vs quality per arm (filled: on the front; up = worse loss)")
+    return _save(fig, path)
+
+
+def fig_compute_matched_deltas(stats: dict, path: Path) -> Path:
+    """The paper's Figure 4: per model and benchmark, the change from the base model of Standard,
+    matched Aletheia and compute-matched Aletheia (pp, mean and 95% CI over seeds)."""
+    cm = stats.get("compute_matched", {}).get("per_model") or {}
+    panels = []
+    for model, cm_block in cm.items():
+        matched = stats["per_model"].get(model, {}).get("matched") or {}
+        for bench in BENCH_FIELDS:
+            q_cm = (cm_block.get("quality") or {}).get(bench) or {}
+            q_m = (matched.get("quality") or {}).get(bench) or {}
+            if q_cm.get("arm_delta_pp_mean") is not None and q_m.get("std_delta_pp_mean") is not None:
+                panels.append((model, bench, [("Standard", q_m, "std_delta_pp"), ("Aletheia", q_m, "arm_delta_pp"),
+                                              ("Aletheia compute-matched", q_cm, "arm_delta_pp")]))
+    if not panels:
+        raise SkipFigure("no compute_matched pairs with benchmark results and a base-model row")
+    models = list(dict.fromkeys(m for m, _, _ in panels))
+    benches = [b for b in BENCH_FIELDS if any(b == pb for _, pb, _ in panels)]
+    fig = _new_figure(max(6.5, 3.6 * len(benches)), 3.0 + 0.9 * len(models))
+    colours = ("#4C72B0", "#DD8452", "#55A868")
+    for k, bench in enumerate(benches):
+        ax = fig.add_subplot(1, len(benches), k + 1)
+        mine = [(m, bars) for m, b, bars in panels if b == bench]
+        y = np.arange(len(mine))
+        for j, label in enumerate(("Standard", "Aletheia", "Aletheia compute-matched")):
+            means, errs = [], []
+            for _, bars in mine:
+                _, q, key = bars[j]
+                mean = q.get(f"{key}_mean")
+                sd, n = q.get(f"{key}_sd"), q.get("n_with_base") or 0
+                means.append(mean)
+                # a t-interval from the delta's SD over seeds (base is one row, so its SD is the delta's)
+                half = 0.0 if sd is None or n < 2 else float(sd) * _t975(n - 1) / np.sqrt(n)
+                errs.append(half)
+            ax.barh(y + (j - 1) * 0.27, means, height=0.27, xerr=errs, capsize=2, color=colours[j], label=label)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(y)
+        ax.set_yticklabels([m for m, _ in mine] if k == 0 else [""] * len(mine))
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{BENCH_LABELS[bench]}: fine-tuned - base (pp)")
+        if k == 0:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Benchmark change from the base model: Standard, Aletheia, compute-matched Aletheia")
+    return _save(fig, path)
+
+
+def _t975(df: int) -> float:
+    from scipy import stats as sps
+
+    return float(sps.t.ppf(0.975, df))
+
+
 def layer_score_summary(rows: list[dict]) -> dict[str, dict]:
     """Per model: mean per-layer probe score (each run scaled to max 1) and selection frequency."""
     acc: dict[str, dict] = {}
@@ -234,6 +340,8 @@ def make_figures(stats: dict, rows: list[dict], variant: str, ref: PaperReferenc
         "benchmark_deltas": lambda p: fig_benchmark_deltas(stats, variant, p),
         "speed_quality": lambda p: fig_speed_quality(stats, variant, p),
         "layer_scores": lambda p: fig_layer_scores(layer_score_summary(rows), model_order, p),
+        "arms_pareto": lambda p: fig_arms_pareto(stats, p),
+        "compute_matched_deltas": lambda p: fig_compute_matched_deltas(stats, p),
     }
     written: dict[str, Path] = {}
     skipped: dict[str, str] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -12,9 +11,6 @@ from .figures import FIGURE_FILES, FIGURE_TITLES, layer_score_summary
 from .paper import PAPER_TO_CONFIG, PaperReference, reference_key
 from .stats import CONVENTIONS
 from .tables import BENCH_FIELDS, COMPUTE_MATCHED
-
-if TYPE_CHECKING:
-    from .core import AggregateResult
 
 MAX_LISTED = 200  # failed cells / unreadable files listed in full up to this many
 BENCH_LABELS = {"mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval"}
@@ -91,6 +87,9 @@ def _headline(stats: dict, ref: PaperReference) -> list[str]:
         ["mean speedup % (per pair)", _msd(o["speedup_pct_mean"], o["speedup_pct_sd"], 1),
          _f(head.get("speedup_pct_mean"), 1)],
         ["95% CI of mean speedup %", _ci(o["speedup_pct_ci95"], 1), DASH],
+        ["mean speedup % with the probe's time counted", _msd(o["speedup_incl_probe_pct_mean"],
+                                                             o["speedup_incl_probe_pct_sd"], 1), DASH],
+        ["95% CI, probe counted", _ci(o["speedup_incl_probe_pct_ci95"], 1), DASH],
         ["per-model mean speedup range %", _range(o["per_model_speedup_pct_range"]),
          f"{_f(head.get('speedup_pct_min'), 1)} to {_f(head.get('speedup_pct_max'), 1)}" if head else DASH],
         ["win rate (pairs, Aletheia faster)", _f(o["win_rate"], 3), _f(head.get("win_rate"), 3)],
@@ -119,15 +118,18 @@ def _per_model_timing(stats: dict) -> list[str]:
                 continue
             rows.append([model, b.get("paper_model"), b.get("family"), b["n_pairs"],
                          _msd(b["std_time_s_mean"], b["std_time_s_sd"], 1),
-                         _msd(b["ale_time_s_mean"], b["ale_time_s_sd"], 1),
+                         _msd(b["arm_time_s_mean"], b["arm_time_s_sd"], 1),
                          _msd(b["ratio_mean"], b["ratio_sd"], 3),
                          _msd(b["speedup_pct_mean"], b["speedup_pct_sd"], 1),
-                         _ci(b["speedup_pct_ci95"], 1), _f(b["t_stat"], 2), _p(b["p_value"]),
+                         _ci(b["speedup_pct_ci95"], 1),
+                         _msd(b["speedup_incl_probe_pct_mean"], b["speedup_incl_probe_pct_sd"], 1),
+                         _f(b["t_stat"], 2), _p(b["p_value"]),
                          _f(b["cohens_dz"], 2), _f(b["win_rate"], 2), b.get("note")])
         out += ["", f"### Variant `{v}`" + (" (Aletheia 250 steps vs matched Standard)"
                                            if v == COMPUTE_MATCHED else ""), "",
                 _table(["model", "paper name", "family", "n", "std time s", "ale time s", "ratio",
-                        "speedup %", "95% CI", "t", "p", "d_z", "win rate", "note"], rows)]
+                        "speedup %", "95% CI", "speedup % incl. probe", "t", "p", "d_z", "win rate", "note"],
+                       rows)]
     return out
 
 
@@ -158,15 +160,15 @@ def _quality(stats: dict) -> list[str]:
             if "eval_loss" in q:
                 e = q["eval_loss"]
                 loss_rows.append([model, v, e["n"], _msd(e["std_mean"], e["std_sd"], 4),
-                                  _msd(e["ale_mean"], e["ale_sd"], 4), _f(e["diff_mean"], 4, True),
+                                  _msd(e["arm_mean"], e["arm_sd"], 4), _f(e["diff_mean"], 4, True),
                                   _ci(e["diff_ci95"], 4), _p(e["p_value"]), e.get("note")])
             for bench in BENCH_FIELDS:
                 if bench in q:
                     m = q[bench]
                     bench_rows[bench].append([
                         model, v, m["n"], _f(m.get("base_mean"), 1), _msd(m["std_mean"], m["std_sd"], 1),
-                        _msd(m["ale_mean"], m["ale_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
-                        _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("ale_delta_pp_mean"), 2, True),
+                        _msd(m["arm_mean"], m["arm_sd"], 1), _f(m["diff_mean"], 2, True), _ci(m["diff_ci95"], 2),
+                        _f(m.get("std_delta_pp_mean"), 2, True), _f(m.get("arm_delta_pp_mean"), 2, True),
                         _f(m.get("extra_pp_mean"), 2, True), _ci(m.get("extra_pp_ci95"), 2)])
     if loss_rows:
         out += ["", "### Eval loss", "", _table(["model", "variant", "n", "Standard", "Aletheia",
@@ -190,7 +192,7 @@ def _compute_matched(stats: dict) -> list[str]:
     for model, b in cm["per_model"].items():
         q = b.get("quality") or {}
         e = q.get("eval_loss") or {}
-        rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("ale_mean"), 4),
+        rows.append([model, b["n_pairs"], _f(e.get("std_mean"), 4), _f(e.get("arm_mean"), 4),
                      _f(e.get("diff_mean"), 4, True), _ci(e.get("diff_ci95"), 4),
                      *[_f((q.get(bn) or {}).get("diff_mean"), 2, True) for bn in BENCH_FIELDS],
                      _f(b["ratio_mean"], 3)])
@@ -238,7 +240,7 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
         m = (measured(key, primary).get("quality") or {}).get("mmlu", {})
         rows.append([p["paper_model"], ours(key), _f(p["base_mmlu_pct"], 1), _f(m.get("base_mean"), 1),
                      _f(p["std_delta_pp"], 1, True), _f(m.get("std_delta_pp_mean"), 1, True),
-                     _f(p["ale_delta_pp"], 1, True), _f(m.get("ale_delta_pp_mean"), 1, True),
+                     _f(p["ale_delta_pp"], 1, True), _f(m.get("arm_delta_pp_mean"), 1, True),
                      _f(p["extra_pp"], 1, True), _f(m.get("extra_pp_mean", m.get("diff_mean")), 1, True)])
     out += ["", "### MMLU forgetting (paper Table 3; pp, delta = FT - base, extra = ale delta - std delta)", "",
             _table(["paper model", "our model", "paper base %", "measured base %", "paper std delta",
@@ -262,7 +264,7 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
     for key, p in ref.compute_matched.items():
         e = (measured(key, COMPUTE_MATCHED).get("quality") or {}).get("eval_loss", {})
         rows.append([p["paper_model"], ours(key), _f(p["std_eval_loss"], 3), _f(e.get("std_mean"), 3),
-                     _f(p["cm_ale_eval_loss"], 3), _f(e.get("ale_mean"), 3), p.get("downstream")])
+                     _f(p["cm_ale_eval_loss"], 3), _f(e.get("arm_mean"), 3), p.get("downstream")])
     out += ["", "### Compute-matched eval loss (paper Table 5; Standard 200 steps vs Aletheia 250 steps)", "",
             _table(["paper model", "our model", "paper std", "measured std", "paper CM Aletheia",
                     "measured CM Aletheia", "paper downstream verdict"], rows)]
@@ -270,6 +272,56 @@ def _paper_vs_run(stats: dict, ref: PaperReference) -> list[str]:
     if unknown:
         out += ["", "Models of this run that the paper does not report: " + ", ".join(unknown) + "."]
     return out
+
+
+def _arm_row(arm: str, model: str, b: dict, vs: dict | None) -> list:
+    loss = (b.get("quality") or {}).get("eval_loss") or {}
+    vs_loss = ((vs or {}).get("quality") or {}).get("eval_loss") or {}
+    return [arm, model, b["n_pairs"], _f(b["speedup_pct_mean"], 1, True), _ci(b["speedup_pct_ci95"], 1),
+            _f(b["speedup_incl_probe_pct_mean"], 1, True), _p(b.get("p_value_holm")),
+            _f(loss.get("diff_mean"), 4, True), _ci(loss.get("diff_ci95"), 4), _p(loss.get("p_value_holm")),
+            _f(vs_loss.get("diff_mean"), 4, True) if vs else DASH, _ci(vs_loss.get("diff_ci95"), 4) if vs else DASH,
+            _p(vs_loss.get("p_value_holm")) if vs else DASH]
+
+
+def _arms(stats: dict) -> list[str]:
+    """Every arm against Standard LoRA (and the selection controls against Aletheia)."""
+    arms = stats.get("arms") or {}
+    if not arms or set(arms) == {"aletheia"}:
+        return []
+    rows = []
+    for arm, entry in arms.items():
+        vs = entry.get("vs_aletheia")
+        rows.append(_arm_row(arm, "all", entry["overall"], vs["overall"] if vs else None))
+        if len(entry["per_model"]) > 1:
+            for model, b in entry["per_model"].items():
+                rows.append(_arm_row(arm, model, b, (vs or {}).get("per_model", {}).get(model) if vs else None))
+    out = ["## Every arm against Standard LoRA", "",
+           "Each arm's runs are paired with the Standard run of the same model and seed. Speedup = "
+           "(1 - t_arm / t_std) x 100, without and with the arm's probe time; loss d = held-out eval loss, "
+           "arm - Standard (negative: better). For the selection controls, 'vs Aletheia' pairs each run "
+           "with the Aletheia run of the same model and seed at the same number of adapted layers: a "
+           "negative loss d there means the control beat the gradient ranking. p (Holm) = two-sided "
+           "paired t-test, Holm-adjusted across the arms of each comparison. 95% CIs are t-intervals "
+           "over seeds.", "",
+           _table(["arm", "model", "n", "speedup %", "95% CI", "incl. probe %", "p time (Holm)",
+                   "loss d vs std", "95% CI", "p (Holm)", "loss d vs Aletheia", "95% CI", "p (Holm)"], rows)]
+    return out
+
+
+def _stability(stats: dict) -> list[str]:
+    """The referee's second point: does the probe pick the same layers for every seed?"""
+    stab = stats.get("stability") or {}
+    if not stab:
+        return []
+    rows = [[model, s["arm"], s["n_seeds"], _f(s.get("jaccard_mean"), 3), _f(s.get("jaccard_min"), 3),
+             _f(s.get("spearman_mean"), 3), _f(s.get("spearman_min"), 3)] for model, s in stab.items()]
+    return ["## Ranking stability across seeds", "",
+            "Every seed draws its own probe batches. Jaccard = |A and B| / |A or B| of the layer sets two "
+            "seeds selected (1: the same layers); Spearman = rank correlation of their per-layer probe "
+            "scores; mean and minimum over every two seeds.", "",
+            _table(["model", "arm", "seeds", "Jaccard mean", "Jaccard min", "Spearman mean", "Spearman min"],
+                   rows)]
 
 
 def _layer_selection(rows: list[dict]) -> list[str]:
@@ -334,15 +386,16 @@ def _setting_differences(rows: list[dict]) -> list[str]:
     return out
 
 
-def _figures(result: "AggregateResult", requested: bool) -> list[str]:
+def _figures(figures: tuple[dict, dict] | None) -> list[str]:
     out = ["## Figures", ""]
-    if not requested or result.out_dir is None:
+    if figures is None:
         return out + ["Figures were not generated for this aggregation."]
+    written, skipped = figures
     for name, filename in FIGURE_FILES.items():
-        if name in result.figures:
+        if name in written:
             out += [f"![{FIGURE_TITLES[name]}](figures/{filename})", ""]
         else:
-            out += [f"- *{FIGURE_TITLES[name]}*: skipped ({result.skipped_figures.get(name, 'not made')}).", ""]
+            out += [f"- *{FIGURE_TITLES[name]}*: skipped ({skipped.get(name, 'not made')}).", ""]
     return out
 
 
@@ -351,18 +404,17 @@ def _mixed_hardware(pairs: pd.DataFrame) -> list[str]:
     mixed = pairs[~pairs["same_hardware"].astype(bool)] if len(pairs) else pairs
     if mixed.empty:
         return []
-    rows = [[r.model, r.variant, r.seed, r.std_hardware, r.ale_hardware, _f(r.time_ratio, 3)]
+    rows = [[r.model, r.arm, r.seed, r.std_hardware, r.arm_hardware, _f(r.time_ratio, 3)]
             for r in mixed.head(MAX_LISTED).itertuples()]
     return ["## Pairs timed on different hardware", "",
-            f"> **{len(mixed)} pair(s)** ran Standard and Aletheia on different hardware. Their time ratio "
+            f"> **{len(mixed)} pair(s)** ran Standard and another arm on different hardware. Their time ratio "
             "compares the machines, not the recipes, so they are left out of every timing figure in this "
             "report and in stats.json (`n_pairs_mixed_hardware`); their quality figures are kept. Pin a "
             "campaign to one GPU type (a partition or constraint in the cluster profile) to avoid this.", "",
-            _table(["model", "variant", "seed", "Standard on", "Aletheia on", "ratio (not used)"], rows)]
+            _table(["model", "arm", "seed", "Standard on", "arm on", "ratio (not used)"], rows)]
 
 
-def _failures(result: "AggregateResult") -> list[str]:
-    stats = result.stats
+def _failures(stats: dict) -> list[str]:
     failed = stats["failed_cells"]
     out = ["## Failed cells", ""]
     if not failed:
@@ -408,8 +460,7 @@ def _counts(series: pd.Series, limit: int = 20) -> list[list]:
     return rows
 
 
-def _provenance(result: "AggregateResult") -> list[str]:
-    runs = result.runs
+def _provenance(runs: pd.DataFrame) -> list[str]:
     out = ["## Provenance", ""]
     if runs.empty:
         return out + ["No rows."]
@@ -441,29 +492,30 @@ def _provenance(result: "AggregateResult") -> list[str]:
     return out
 
 
-def render_report(result: "AggregateResult", rows: list[dict], ref: PaperReference,
-                  figures_requested: bool = True) -> str:
-    """The Markdown text of REPORT.md for ``result`` (figure links are relative to the campaign dir)."""
-    stats = result.stats
+def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: list[dict], ref: PaperReference,
+                  figures: tuple[dict, dict] | None = None) -> str:
+    """The Markdown text of REPORT.md from the statistics, the runs and pairs frames and the rows;
+    ``figures`` = (name -> path written, name -> why skipped), None when no figures were made
+    (figure links are relative to the campaign dir)."""
     by_status = ", ".join(f"{k} {v}" for k, v in sorted(stats["n_rows_by_status"].items())) or "none"
-    lines = [f"# Campaign `{result.campaign}`: aggregate report", ""]
-    if result.partial:
-        lines += [f"> **PARTIAL CAMPAIGN**: {result.completeness}. Every figure below covers only the "
+    lines = [f"# Campaign `{stats['campaign']}`: aggregate report", ""]
+    if stats["partial"]:
+        lines += [f"> **PARTIAL CAMPAIGN**: {stats['completeness']}. Every figure below covers only the "
                   "rows present so far.", ""]
     lines += [
-        f"- Completeness: {result.completeness}" + (" (partial)" if result.partial else ""),
+        f"- Completeness: {stats['completeness']}" + (" (partial)" if stats["partial"] else ""),
         f"- Rows by status: {by_status}; rows by recipe: "
         + (", ".join(f"{k} {v}" for k, v in sorted(stats["n_rows_by_recipe"].items())) or "none"),
-        f"- Standard/Aletheia pairs: {stats['n_pairs_total']} (variants: "
-        + (", ".join(stats["variants"]) or "none") + ")",
+        f"- Pairs with Standard: {stats['n_pairs_total']} over {len(stats['arms'])} arm(s) ("
+        + (", ".join(stats["arms"]) or "none") + "); paper variants: " + (", ".join(stats["variants"]) or "none"),
         f"- Generated {stats['generated_at']}; files: runs.csv, pairs.csv, RESULTS_MASTER.csv, "
         "RESULTS_CAMPAIGN2.csv, stats.json",
         "",
     ]
-    sections = [_headline(stats, ref), _mixed_hardware(result.pairs), _per_model_timing(stats),
-                _per_family(stats), _quality(stats), _compute_matched(stats), _layer_selection(rows), _paper_vs_run(stats, ref),
-                _setting_differences(rows), _figures(result, figures_requested),
-                _failures(result), _provenance(result)]
+    sections = [_headline(stats, ref), _mixed_hardware(pairs), _per_model_timing(stats),
+                _per_family(stats), _quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
+                _layer_selection(rows), _paper_vs_run(stats, ref), _setting_differences(rows), _figures(figures),
+                _failures(stats), _provenance(runs)]
     for section in sections:
         if section:
             lines += section + [""]

@@ -1,30 +1,34 @@
-"""Paired statistics for Standard-vs-Aletheia pairs.
+"""Paired statistics for arm-vs-Standard pairs (the Aletheia pairs in the paper's tables).
 
 Conventions (they are also written into ``stats.json`` under ``conventions``):
 
-* A *pair* is one Standard run and one Aletheia run of the same model and seed (see ``tables``).
-* ``time_ratio`` = standard time / aletheia time; ``speedup_pct`` = (1 - aletheia / standard) x 100,
+* A *pair* is one Standard run and one run of another arm of the same model and seed (see ``tables``).
+* ``time_ratio`` = standard time / arm time; ``speedup_pct`` = (1 - arm / standard) x 100,
   the paper's definition. ``*_mean`` / ``*_sd`` are the mean and the sample SD (ddof=1) over pairs;
   an SD of fewer than 2 values is null.
-* Timing test: paired t-test of standard vs aletheia train time (the differences are
-  standard - aletheia, so t > 0 means Aletheia was faster), two-sided p-value, df = n - 1. Identical
-  to ``scipy.stats.ttest_rel(standard, aletheia)``.
-* Effect size: Cohen's d for paired samples, ``cohens_dz`` = mean(standard - aletheia) /
-  SD(standard - aletheia) (the "d_z" of the paired differences, not the pooled-SD d_av).
+* Timing test: paired t-test of standard vs arm train time (the differences are
+  standard - arm, so t > 0 means the arm was faster), two-sided p-value, df = n - 1. Identical
+  to ``scipy.stats.ttest_rel(standard, arm)``.
+* Effect size: Cohen's d for paired samples, ``cohens_dz`` = mean(standard - arm) /
+  SD(standard - arm) (the "d_z" of the paired differences, not the pooled-SD d_av).
 * ``speedup_pct_ci95``: 95% t-interval of the mean per-pair speedup,
   mean +/- t_{0.975, n-1} x SD / sqrt(n).
-* ``win_rate``: share of pairs where Aletheia's train time is strictly lower.
+* ``win_rate``: share of pairs where the arm's train time is strictly lower.
 * Hardware: timing figures use only pairs whose two runs ran on the same hardware (GPU name, else
   device type); the others are counted in ``n_pairs_mixed_hardware`` and stay in the quality figures.
-* Quality metrics are compared as aletheia - standard (eval loss in loss units, benchmarks in
-  percentage points, accuracies as percent); their paired test is ``ttest_rel(aletheia, standard)``.
+* Quality metrics are compared as arm - standard (eval loss in loss units, benchmarks in
+  percentage points, accuracies as percent); their paired test is ``ttest_rel(arm, standard)``.
   With a base-model row: ``*_delta_pp`` = fine-tuned - base, and
-  ``extra_pp`` = aletheia delta - standard delta (positive: Aletheia forgot less).
+  ``extra_pp`` = arm delta - standard delta (positive: the arm forgot less).
 * n too small: with fewer than 2 pairs the test, d_z and CI are null and ``note`` starts with
   ``"n too small"``; with 0 pairs every figure is null and ``note`` starts with ``"no pairs"``.
 * Zero variance: when every paired difference is identical (to a relative 1e-9), the t statistic,
   p-value and d_z are undefined; they are null and ``note`` starts with ``"zero variance"``. The CI
   of a quantity with zero spread is the degenerate interval [mean, mean].
+* ``speedup_incl_probe_pct``: the speedup with the arm's probe time added to its train time
+  ((1 - (arm + probe) / standard) x 100); arms without a probe count 0 s.
+* Holm: ``p_value_holm`` is Holm's step-down adjustment across the arms of a campaign (or of one
+  model), per comparison and metric (``arms`` module).
 * No NaN or infinity is ever written: undefined values are null.
 """
 
@@ -39,36 +43,43 @@ ZERO_VARIANCE_RTOL = 1e-9
 BENCHMARKS = ("mmlu", "gsm8k", "humaneval")
 
 CONVENTIONS = {
-    "pair": "one Standard and one Aletheia run (status ok) of the same model and seed; "
-            "compute_matched Aletheia runs are paired with the Standard run of the matched variant",
-    "time_ratio": "standard train_time_s / aletheia train_time_s",
-    "speedup_pct": "(1 - aletheia train_time_s / standard train_time_s) * 100 (the paper's definition)",
+    "pair": "one Standard run and one run of another arm (status ok) of the same model and seed; "
+            "compute_matched runs and Standard runs of other variants are paired with the Standard run of "
+            "the matched variant; the paper's tables use the Aletheia pairs",
+    "time_ratio": "standard train_time_s / arm train_time_s",
+    "speedup_pct": "(1 - arm train_time_s / standard train_time_s) * 100 (the paper's definition)",
     "speedup_pct_from_mean_ratio": "(1 - 1 / ratio_mean) * 100, how the paper derives its per-model speedup",
     "mean_sd": "*_mean and *_sd are the mean and sample SD (ddof=1) over pairs; SD of < 2 values is null",
-    "t_test": "paired t-test of standard vs aletheia train time, differences standard - aletheia, "
-              "two-sided, df = n - 1 (scipy.stats.ttest_rel(standard, aletheia))",
-    "cohens_dz": "Cohen's d for paired samples: mean(standard - aletheia) / SD(standard - aletheia)",
+    "t_test": "paired t-test of standard vs arm train time, differences standard - arm, "
+              "two-sided, df = n - 1 (scipy.stats.ttest_rel(standard, arm))",
+    "cohens_dz": "Cohen's d for paired samples: mean(standard - arm) / SD(standard - arm)",
     "speedup_pct_ci95": "95% t-interval of the mean per-pair speedup: mean +/- t(0.975, n-1) * SD / sqrt(n)",
-    "win_rate": "share of pairs in which the Aletheia train time is strictly lower",
+    "win_rate": "share of pairs in which the arm's train time is strictly lower",
     "hardware": "a pair whose two runs were timed on different hardware (GPU name, else device type) "
                 "is left out of every timing figure and counted in n_pairs_mixed_hardware; its quality "
                 "figures are kept",
-    "quality": "metric differences are aletheia - standard; eval loss in loss units, benchmark "
+    "quality": "metric differences are arm - standard; eval loss in loss units, benchmark "
                "accuracies in percent and differences in percentage points (pp); paired test is "
-               "ttest_rel(aletheia, standard)",
-    "base_deltas": "*_delta_pp = fine-tuned - base model (pp); extra_pp = aletheia delta - standard delta "
-                   "(positive: Aletheia forgot less)",
+               "ttest_rel(arm, standard)",
+    "base_deltas": "*_delta_pp = fine-tuned - base model (pp); extra_pp = arm delta - standard delta "
+                   "(positive: the arm forgot less)",
     "n_too_small": "n < 2: t_stat, p_value, cohens_dz and CIs are null, note starts with 'n too small'; "
                    "n = 0: all figures null, note starts with 'no pairs'",
     "zero_variance": "all paired differences identical (relative 1e-9): t_stat, p_value, cohens_dz are "
                      "null and note starts with 'zero variance'; a CI of values with zero spread is "
                      "[mean, mean]",
+    "speedup_incl_probe_pct": "(1 - (arm train_time_s + probe_time_s) / standard train_time_s) * 100; no probe: 0 s",
+    "holm": "p_value_holm: Holm step-down adjustment across the arms of the campaign (arms.*.overall) or "
+            "of one model (arms.*.per_model), within each comparison (timing vs standard, a quality metric "
+            "vs standard, a quality metric vs aletheia)",
+    "stability": "per model, over every two seeds of one probing arm: Jaccard index of the selected "
+                 "layer sets and Spearman's rho of the probe scores",
     "per_model": "per_model[model][variant] and per_family[family][variant]; overall covers the "
                  "primary variant (matched when present), by_variant every variant",
 }
 
 
-def _finite(x) -> float | None:
+def finite_or_none(x) -> float | None:
     """A plain float, or None for None / NaN / inf."""
     if x is None:
         return None
@@ -77,11 +88,11 @@ def _finite(x) -> float | None:
 
 
 def _mean(x: np.ndarray) -> float | None:
-    return _finite(x.mean()) if x.size else None
+    return finite_or_none(x.mean()) if x.size else None
 
 
 def _sd(x: np.ndarray) -> float | None:
-    return _finite(x.std(ddof=1)) if x.size >= 2 else None
+    return finite_or_none(x.std(ddof=1)) if x.size >= 2 else None
 
 
 def _is_constant(x: np.ndarray) -> bool:
@@ -123,60 +134,68 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
     mean = float(d.mean())
     sd = float(d.std(ddof=1))
     t = mean / (sd / math.sqrt(n))
-    out["t_stat"] = _finite(t)
-    out["p_value"] = _finite(2.0 * sps.t.sf(abs(t), n - 1))
-    out["cohens_dz"] = _finite(mean / sd)
+    out["t_stat"] = finite_or_none(t)
+    out["p_value"] = finite_or_none(2.0 * sps.t.sf(abs(t), n - 1))
+    out["cohens_dz"] = finite_or_none(mean / sd)
     return out
 
 
-def timing_stats(std_time: np.ndarray, ale_time: np.ndarray) -> dict:
-    """The timing block of one group of pairs (see the module docstring)."""
+def timing_stats(std_time: np.ndarray, arm_time: np.ndarray, probe_time: np.ndarray | None = None) -> dict:
+    """The timing block of one group of pairs (see the module docstring). ``probe_time``: the arm's
+    probe seconds per pair (missing = no probe), for the speedup with the probe counted."""
     std_time = np.asarray(std_time, dtype=float)
-    ale_time = np.asarray(ale_time, dtype=float)
+    arm_time = np.asarray(arm_time, dtype=float)
     n = int(std_time.size)
-    ratio = std_time / ale_time if n else std_time
-    speedup = (1.0 - ale_time / std_time) * 100.0 if n else std_time
-    saved = std_time - ale_time
-    test = paired_test(std_time, ale_time)
+    probe = np.zeros(n) if probe_time is None else np.nan_to_num(np.asarray(probe_time, dtype=float))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        speedup_incl_probe = (1.0 - (arm_time + probe) / std_time) * 100.0
+    ratio = std_time / arm_time if n else std_time
+    speedup = (1.0 - arm_time / std_time) * 100.0 if n else std_time
+    saved = std_time - arm_time
+    test = paired_test(std_time, arm_time)
     ratio_mean = _mean(ratio)
     out = {
         "n_pairs": n,
         "n_pairs_mixed_hardware": 0,
         "std_time_s_mean": _mean(std_time), "std_time_s_sd": _sd(std_time),
-        "ale_time_s_mean": _mean(ale_time), "ale_time_s_sd": _sd(ale_time),
+        "arm_time_s_mean": _mean(arm_time), "arm_time_s_sd": _sd(arm_time),
         "time_saved_s_mean": _mean(saved), "time_saved_s_sd": _sd(saved),
         "ratio_mean": ratio_mean, "ratio_sd": _sd(ratio),
         "speedup_pct_mean": _mean(speedup), "speedup_pct_sd": _sd(speedup),
         "speedup_pct_ci95": mean_ci95(speedup),
-        "speedup_pct_min": _finite(speedup.min()) if n else None,
-        "speedup_pct_max": _finite(speedup.max()) if n else None,
-        "speedup_pct_from_mean_ratio": _finite((1.0 - 1.0 / ratio_mean) * 100.0) if ratio_mean else None,
+        "speedup_pct_min": finite_or_none(speedup.min()) if n else None,
+        "speedup_pct_max": finite_or_none(speedup.max()) if n else None,
+        "speedup_pct_from_mean_ratio": finite_or_none((1.0 - 1.0 / ratio_mean) * 100.0) if ratio_mean else None,
         "t_stat": test["t_stat"], "df": test["df"], "p_value": test["p_value"],
         "cohens_dz": test["cohens_dz"],
-        "win_rate": _finite(np.mean(ale_time < std_time)) if n else None,
+        "win_rate": finite_or_none(np.mean(arm_time < std_time)) if n else None,
+        "probe_time_s_mean": _mean(probe),
+        "speedup_incl_probe_pct_mean": _mean(speedup_incl_probe), "speedup_incl_probe_pct_sd": _sd(speedup_incl_probe),
+        "speedup_incl_probe_pct_ci95": mean_ci95(speedup_incl_probe),
         "note": test["note"],
     }
     return out
 
 
-def metric_stats(std: np.ndarray, ale: np.ndarray, base: np.ndarray | None = None,
-                 scale: float = 1.0, unit: str = "loss") -> dict | None:
-    """Quality block of one metric: std / ale means, aletheia - standard difference, base deltas.
+def metric_stats(std: np.ndarray, arm: np.ndarray, base: np.ndarray | None = None,
+                 scale: float = 1.0, unit: str = "loss", ref: str = "std") -> dict | None:
+    """Quality block of one metric: reference / arm means, arm - reference difference, base deltas.
 
-    ``std``, ``ale`` and ``base`` are raw row values (benchmarks as fractions); ``scale`` = 100 turns
-    them into percent. Pairs where either value is missing are left out; None if none is left.
+    ``std`` (the reference: Standard, or another arm named by ``ref``, which prefixes its fields),
+    ``arm`` and ``base`` are raw row values (benchmarks as fractions); ``scale`` = 100 turns them
+    into percent. Pairs where either value is missing are left out; None if none is left.
     """
     std = np.asarray(std, dtype=float) * scale
-    ale = np.asarray(ale, dtype=float) * scale
-    keep = np.isfinite(std) & np.isfinite(ale)
+    arm = np.asarray(arm, dtype=float) * scale
+    keep = np.isfinite(std) & np.isfinite(arm)
     if not keep.any():
         return None
-    std, ale = std[keep], ale[keep]
-    diff = ale - std
-    test = paired_test(ale, std)
+    std, arm = std[keep], arm[keep]
+    diff = arm - std
+    test = paired_test(arm, std)
     out = {
         "unit": unit, "n": int(keep.sum()),
-        "std_mean": _mean(std), "std_sd": _sd(std), "ale_mean": _mean(ale), "ale_sd": _sd(ale),
+        f"{ref}_mean": _mean(std), f"{ref}_sd": _sd(std), "arm_mean": _mean(arm), "arm_sd": _sd(arm),
         "diff_mean": _mean(diff), "diff_sd": _sd(diff), "diff_ci95": mean_ci95(diff),
         "t_stat": test["t_stat"], "df": test["df"], "p_value": test["p_value"], "note": test["note"],
     }
@@ -185,16 +204,70 @@ def metric_stats(std: np.ndarray, ale: np.ndarray, base: np.ndarray | None = Non
         has = np.isfinite(base)
         if has.any():
             std_delta = std[has] - base[has]
-            ale_delta = ale[has] - base[has]
-            extra = ale_delta - std_delta
+            arm_delta = arm[has] - base[has]
+            extra = arm_delta - std_delta
             out.update({
                 "n_with_base": int(has.sum()), "base_mean": _mean(base[has]),
                 "std_delta_pp_mean": _mean(std_delta), "std_delta_pp_sd": _sd(std_delta),
-                "ale_delta_pp_mean": _mean(ale_delta), "ale_delta_pp_sd": _sd(ale_delta),
+                "arm_delta_pp_mean": _mean(arm_delta), "arm_delta_pp_sd": _sd(arm_delta),
                 "extra_pp_mean": _mean(extra), "extra_pp_sd": _sd(extra),
                 "extra_pp_ci95": mean_ci95(extra),
             })
     return out
+
+
+def holm(p_values: list) -> list:
+    """Holm's step-down adjustment of a family of p-values (None stays None and is not counted):
+    the i-th smallest of m becomes max over j <= i of min(1, (m - j) p_(j)), j from 0."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list = [None] * len(p_values)
+    running = 0.0
+    for j, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - j) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+QUALITY_METRICS = (("eval_loss", 1.0, "loss"),) + tuple((b, 100.0, "percent; differences in pp") for b in BENCHMARKS)
+
+
+class PairBlocks:
+    """The columns of a pairs frame as numpy arrays, so that the statistics of any group of pairs
+    (a model, an arm, a family) are a cheap fancy-index: ``block(positions)``."""
+
+    def __init__(self, pairs):
+        self.std_time = pairs["std_train_time_s"].to_numpy(float)
+        self.arm_time = pairs["arm_train_time_s"].to_numpy(float)
+        self.probe_time = pairs["arm_probe_time_s"].to_numpy(float)
+        self.same_hardware = pairs["same_hardware"].to_numpy(bool)
+        self.cols = {}
+        for metric, _, _ in QUALITY_METRICS:
+            if metric == "eval_loss":
+                std, arm, base = pairs["std_eval_loss"], pairs["arm_eval_loss"], None
+            else:  # pair tables hold percent; metric_stats scales, so hand it fractions back
+                std = pairs[f"std_{metric}_pct"] / 100.0
+                arm = pairs[f"arm_{metric}_pct"] / 100.0
+                base = pairs[f"base_{metric}_pct"] / 100.0
+            self.cols[metric] = (std.to_numpy(float), arm.to_numpy(float),
+                                 None if base is None else base.to_numpy(float))
+
+    def block(self, idx: np.ndarray) -> dict:
+        timed = idx[self.same_hardware[idx]]
+        out = timing_stats(self.std_time[timed], self.arm_time[timed], self.probe_time[timed])
+        mixed = int(idx.size - timed.size)
+        if mixed:
+            out["n_pairs_mixed_hardware"] = mixed
+            out["note"] = "; ".join(filter(None, [
+                out["note"], f"{mixed} pair(s) timed Standard and the arm on different hardware: left out of "
+                             "the timing figures, kept in the quality ones"]))
+        quality = {}
+        for metric, scale, unit in QUALITY_METRICS:
+            std, arm, base = self.cols[metric]
+            q = metric_stats(std[idx], arm[idx], None if base is None else base[idx], scale=scale, unit=unit)
+            if q is not None:
+                quality[metric] = q
+        out["quality"] = quality
+        return out
 
 
 def empty_timing_stats(note: str) -> dict:
@@ -217,5 +290,5 @@ def clean_json(value):
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
-        return _finite(value)
+        return finite_or_none(value)
     return value

@@ -1,10 +1,16 @@
-"""Rows -> tables: reading row files, the per-run table, the Standard/Aletheia pairs, the paper's CSVs.
+"""Rows -> tables: reading row files, the per-run table, the arm/Standard pairs, the paper's CSVs.
 
-Pairing rule. Training runs are the rows with recipe ``standard`` or ``aletheia``; only ``ok`` rows
-pair. For each Aletheia run, its Standard partner is the ok Standard run of the same model and seed
-in the *standard variant*: ``matched`` for the ``compute_matched`` variant, the Aletheia run's own
-variant when that variant has Standard runs, else ``matched``. Should a key (model, recipe, variant,
-seed) have several ok rows (different cell ids), the one that finished last is used.
+Arms. A run's arm is ``recipe`` or ``recipe@variant`` (aletheia_hpc.row.arm_name). The paper's two
+arms are ``standard`` and ``aletheia``; a study adds any others (``random_k``,
+``aletheia@budget25``, ``aletheia@compute_matched``, ...).
+
+Pairing rule. Training runs are the rows of every recipe but ``base``; only ``ok`` rows pair. Every
+run of an arm other than ``standard`` is paired with the ok Standard run of the same model and seed
+in its *standard variant*: ``matched`` for the ``compute_matched`` variant and for Standard runs of
+other variants, the run's own variant when that variant has Standard runs, else ``matched``.
+Should a key (model, arm, seed) have several ok rows (different cell ids), the one that finished
+last is used. The paper's tables (RESULTS_MASTER, RESULTS_CAMPAIGN2, the headline statistics) use
+the pairs of recipe ``aletheia`` only.
 
 Base rows (recipe ``base``) are matched to pairs by model alone (latest ok base row per model).
 Benchmark accuracies are fractions in rows; the pair tables carry them as percent (``*_pct``) and
@@ -21,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aletheia_hpc.row import CSV_JSON_FIELDS, arm_name, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, read_row
+from aletheia_hpc.row import BASE_RECIPE, CSV_JSON_FIELDS, arm_name, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, read_row
 
 from .paper import model_sort_key, paper_name
 
-TRAIN_RECIPES = ("standard", "aletheia")
+PAPER_RECIPES = ("standard", "aletheia")  # the two arms of the paper's tables
+STANDARD, ALETHEIA = PAPER_RECIPES
 DEFAULT_VARIANT = "matched"
 COMPUTE_MATCHED = "compute_matched"
 # benchmark short name -> row field
@@ -244,7 +251,7 @@ def _tidy_seeds(seeds: pd.Series) -> pd.Series:
     return pd.Series([tidy(s) for s in seeds.tolist()], index=seeds.index, dtype=object)
 
 
-def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def latest_per_key(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Keep, per key, the row that finished last (ties: the later cell id)."""
     if df.empty:
         return df
@@ -254,20 +261,24 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return order.drop_duplicates(keys, keep="last").drop(columns="_fin")
 
 
+def training_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that trained (every recipe but base), every status."""
+    return runs[runs["recipe"] != BASE_RECIPE]
+
+
 def superseded_runs(runs: pd.DataFrame) -> int:
-    """How many ok training runs are unused because a later row has the same (model, recipe,
-    variant, seed)."""
-    ok = runs[(runs["status"] == "ok") & runs["recipe"].isin(TRAIN_RECIPES)]
+    """How many ok training runs are unused because a later row has the same (model, arm, seed)."""
+    ok = training_runs(runs)
+    ok = ok[ok["status"] == "ok"]
     if ok.empty:
         return 0
-    keys = pd.DataFrame({"m": ok["model"].astype(str), "r": ok["recipe"].astype(str),
-                         "v": ok["variant"].astype(str), "s": ok["seed"].astype(str)})
+    keys = pd.DataFrame({"m": ok["model"].astype(str), "a": ok["arm"].astype(str), "s": ok["seed"].astype(str)})
     return int(keys.duplicated().sum())
 
 
-def standard_variant_of(variant: str, variants_with_standard: set) -> str:
-    """The variant whose Standard runs pair with Aletheia runs of ``variant`` (module docstring)."""
-    if variant == COMPUTE_MATCHED:
+def standard_variant_of(recipe: str, variant: str, variants_with_standard: set) -> str:
+    """The variant whose Standard runs pair with runs of ``recipe`` in ``variant`` (module docstring)."""
+    if recipe == STANDARD or variant == COMPUTE_MATCHED:
         return DEFAULT_VARIANT
     return variant if variant in variants_with_standard else DEFAULT_VARIANT
 
@@ -282,83 +293,91 @@ def hardware_label(device: pd.Series, gpu_name: pd.Series) -> pd.Series:
 
 
 def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, seed, variant) with an ok Standard and an ok Aletheia run."""
+    """One row per (model, arm, seed): an ok run of an arm other than ``standard`` beside the ok
+    Standard run it is compared with (module docstring)."""
     ok = runs[runs["status"] == "ok"]
-    train = ok[ok["recipe"].isin(TRAIN_RECIPES)].assign(seed_key=lambda d: d["seed"].astype(str))
-    train = _latest(train, ["model", "recipe", "variant", "seed_key"])
-    std = train[train["recipe"] == "standard"]
-    ale = train[train["recipe"] == "aletheia"]
+    train = training_runs(ok).assign(seed_key=lambda d: d["seed"].astype(str))
+    train = latest_per_key(train, ["model", "arm", "seed_key"])
+    std = train[train["recipe"] == STANDARD]
+    arms = train[train["arm"] != STANDARD]
     with_std = set(std["variant"])
-    ale = ale.assign(standard_variant=pd.Series(
-        [standard_variant_of(v, with_std) for v in ale["variant"]], index=ale.index, dtype=object))
-    left = ale[["model", "family", "paper_model", "variant", "standard_variant", "seed", "seed_key",
-                "num_layers", "n_selected_layers", "selected_layers", "probe_time_s",
-                *PAIR_SIDE_FIELDS]].rename(columns={f: f"ale_{f}" for f in PAIR_SIDE_FIELDS})
-    left = left.rename(columns={"probe_time_s": "ale_probe_time_s"})
+    arms = arms.assign(standard_variant=pd.Series(
+        [standard_variant_of(r, v, with_std) for r, v in zip(arms["recipe"], arms["variant"])],
+        index=arms.index, dtype=object))
+    left = arms[["model", "family", "paper_model", "arm", "recipe", "variant", "standard_variant", "seed",
+                 "seed_key", "num_layers", "n_selected_layers", "selected_layers", "probe_time_s",
+                 *PAIR_SIDE_FIELDS]].rename(columns={f: f"arm_{f}" for f in PAIR_SIDE_FIELDS})
+    left = left.rename(columns={"probe_time_s": "arm_probe_time_s"})
     right = std[["model", "variant", "seed_key", *PAIR_SIDE_FIELDS]].rename(
         columns={"variant": "standard_variant", **{f: f"std_{f}" for f in PAIR_SIDE_FIELDS}})
     pairs = left.merge(right, on=["model", "standard_variant", "seed_key"], how="inner")
 
-    base = _latest(ok[ok["recipe"] == "base"], ["model"])
+    base = latest_per_key(ok[ok["recipe"] == BASE_RECIPE], ["model"])
     base = base[["model", *BENCH_FIELDS.values()]].rename(
         columns={f: f"base_{f}" for f in BENCH_FIELDS.values()})
     pairs = pairs.merge(base, on="model", how="left")
 
     out = pd.DataFrame({
         "model": pairs["model"], "paper_model": pairs["paper_model"], "family": pairs["family"],
+        "arm": pairs["arm"], "recipe": pairs["recipe"],
         "variant": pairs["variant"], "standard_variant": pairs["standard_variant"],
-        "seed": pairs["seed"], "std_cell_id": pairs["std_cell_id"], "ale_cell_id": pairs["ale_cell_id"],
+        "seed": pairs["seed"], "std_cell_id": pairs["std_cell_id"], "arm_cell_id": pairs["arm_cell_id"],
     })
     st = pairs["std_train_time_s"].astype(float).to_numpy()
-    at = pairs["ale_train_time_s"].astype(float).to_numpy()
-    probe = pairs["ale_probe_time_s"].astype(float).to_numpy()
+    at = pairs["arm_train_time_s"].astype(float).to_numpy()
+    probe = pairs["arm_probe_time_s"].astype(float).to_numpy()
     out["std_train_time_s"] = st
-    out["ale_train_time_s"] = at
+    out["arm_train_time_s"] = at
     # a ratio of times taken on two kinds of hardware compares the machines, not the recipes
     out["std_hardware"] = hardware_label(pairs["std_device"], pairs["std_gpu_name"]).to_numpy()
-    out["ale_hardware"] = hardware_label(pairs["ale_device"], pairs["ale_gpu_name"]).to_numpy()
-    out["same_hardware"] = out["std_hardware"] == out["ale_hardware"]
+    out["arm_hardware"] = hardware_label(pairs["arm_device"], pairs["arm_gpu_name"]).to_numpy()
+    out["same_hardware"] = out["std_hardware"] == out["arm_hardware"]
     out["time_saved_s"] = st - at
     with np.errstate(divide="ignore", invalid="ignore"):
         out["time_ratio"] = st / at
         out["speedup_pct"] = (1.0 - at / st) * 100.0
-        out["ale_probe_time_s"] = probe
+        out["arm_probe_time_s"] = probe
         out["speedup_incl_probe_pct"] = (1.0 - (at + np.nan_to_num(probe)) / st) * 100.0
     for f in ("train_steps", "trainable_params"):
         out[f"std_{f}"] = pairs[f"std_{f}"].to_numpy()
-        out[f"ale_{f}"] = pairs[f"ale_{f}"].to_numpy()
+        out[f"arm_{f}"] = pairs[f"arm_{f}"].to_numpy()
     out["num_layers"] = pairs["num_layers"].to_numpy()
     out["n_selected_layers"] = pairs["n_selected_layers"].to_numpy()
     out["selected_layers"] = pairs["selected_layers"].to_numpy()
     for f in ("eval_loss", "final_train_loss"):
         out[f"std_{f}"] = pairs[f"std_{f}"].astype(float).to_numpy()
-        out[f"ale_{f}"] = pairs[f"ale_{f}"].astype(float).to_numpy()
+        out[f"arm_{f}"] = pairs[f"arm_{f}"].astype(float).to_numpy()
         if f == "eval_loss":
-            out["eval_loss_diff"] = out["ale_eval_loss"] - out["std_eval_loss"]
+            out["eval_loss_diff"] = out["arm_eval_loss"] - out["std_eval_loss"]
     for short, fld in BENCH_FIELDS.items():
         base_v = pairs[f"base_{fld}"].astype(float).to_numpy() * 100.0
         std_v = pairs[f"std_{fld}"].astype(float).to_numpy() * 100.0
-        ale_v = pairs[f"ale_{fld}"].astype(float).to_numpy() * 100.0
+        arm_v = pairs[f"arm_{fld}"].astype(float).to_numpy() * 100.0
         out[f"base_{short}_pct"] = base_v
         out[f"std_{short}_pct"] = std_v
-        out[f"ale_{short}_pct"] = ale_v
-        out[f"{short}_diff_pp"] = ale_v - std_v
+        out[f"arm_{short}_pct"] = arm_v
+        out[f"{short}_diff_pp"] = arm_v - std_v
         out[f"std_{short}_delta_pp"] = std_v - base_v
-        out[f"ale_{short}_delta_pp"] = ale_v - base_v
-        out[f"{short}_extra_pp"] = (ale_v - base_v) - (std_v - base_v)
-    return _sorted(out, ["variant", "seed"])
+        out[f"arm_{short}_delta_pp"] = arm_v - base_v
+        out[f"{short}_extra_pp"] = (arm_v - base_v) - (std_v - base_v)
+    return _sorted(out, ["arm", "seed"])
+
+
+def paper_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The pairs of the paper's comparison: Aletheia (every variant) against Standard."""
+    return pairs[pairs["recipe"] == ALETHEIA].reset_index(drop=True)
 
 
 # RESULTS_MASTER.csv column -> pairs column
 MASTER_COLUMNS = {
     "model": "model", "paper_model": "paper_model", "family": "family", "variant": "variant",
-    "seed": "seed", "std_time_s": "std_train_time_s", "ale_time_s": "ale_train_time_s",
+    "seed": "seed", "std_time_s": "std_train_time_s", "ale_time_s": "arm_train_time_s",
     "time_ratio": "time_ratio", "speedup_pct": "speedup_pct", "std_eval_loss": "std_eval_loss",
-    "ale_eval_loss": "ale_eval_loss", "eval_loss_diff": "eval_loss_diff", "num_layers": "num_layers",
+    "ale_eval_loss": "arm_eval_loss", "eval_loss_diff": "eval_loss_diff", "num_layers": "num_layers",
     "n_selected_layers": "n_selected_layers", "selected_layers": "selected_layers",
-    "base_mmlu_pct": "base_mmlu_pct", "std_mmlu_pct": "std_mmlu_pct", "ale_mmlu_pct": "ale_mmlu_pct",
-    "std_mmlu_delta_pp": "std_mmlu_delta_pp", "ale_mmlu_delta_pp": "ale_mmlu_delta_pp",
-    "mmlu_extra_pp": "mmlu_extra_pp", "std_cell_id": "std_cell_id", "ale_cell_id": "ale_cell_id",
+    "base_mmlu_pct": "base_mmlu_pct", "std_mmlu_pct": "std_mmlu_pct", "ale_mmlu_pct": "arm_mmlu_pct",
+    "std_mmlu_delta_pp": "std_mmlu_delta_pp", "ale_mmlu_delta_pp": "arm_mmlu_delta_pp",
+    "mmlu_extra_pp": "mmlu_extra_pp", "std_cell_id": "std_cell_id", "ale_cell_id": "arm_cell_id",
 }
 # RESULTS_CAMPAIGN2.csv columns copied unchanged from runs (the rest are derived)
 CAMPAIGN2_FROM_RUNS = ("model", "paper_model", "family", "recipe", "variant", "seed", "status",
@@ -367,13 +386,13 @@ CAMPAIGN2_FROM_RUNS = ("model", "paper_model", "family", "recipe", "variant", "s
 
 
 def master_rows(pairs: pd.DataFrame, variant: str) -> np.ndarray:
-    """Positions in ``pairs`` of the RESULTS_MASTER rows."""
-    return np.flatnonzero((pairs["variant"] == variant).to_numpy(dtype=bool))
+    """Positions in ``pairs`` of the RESULTS_MASTER rows (Aletheia pairs of ``variant``)."""
+    return np.flatnonzero(((pairs["variant"] == variant) & (pairs["recipe"] == ALETHEIA)).to_numpy(dtype=bool))
 
 
 def campaign2_rows(runs: pd.DataFrame) -> np.ndarray:
-    """Positions in ``runs`` of the RESULTS_CAMPAIGN2 rows (every run but base evaluations)."""
-    return np.flatnonzero((runs["recipe"] != "base").to_numpy(dtype=bool))
+    """Positions in ``runs`` of the RESULTS_CAMPAIGN2 rows (every run of the paper's two recipes)."""
+    return np.flatnonzero(runs["recipe"].isin(PAPER_RECIPES).to_numpy(dtype=bool))
 
 
 def results_master(pairs: pd.DataFrame, variant: str) -> pd.DataFrame:
@@ -388,7 +407,7 @@ def results_campaign2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     Aletheia rows that paired also carry their Standard partner, speedup and benchmark differences.
     """
     r = runs.iloc[campaign2_rows(runs)]
-    base = _latest(runs[(runs["recipe"] == "base") & (runs["status"] == "ok")], ["model"])
+    base = latest_per_key(runs[(runs["recipe"] == "base") & (runs["status"] == "ok")], ["model"])
     base = base.set_index("model")
     out = pd.DataFrame({name: r[name] for name in CAMPAIGN2_FROM_RUNS})
     for short, fld in BENCH_FIELDS.items():
@@ -397,12 +416,12 @@ def results_campaign2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
         out[f"{short}_pct"] = value
         out[f"base_{short}_pct"] = base_v
         out[f"{short}_delta_pp"] = value - base_v
-    link = pairs[["ale_cell_id", "std_cell_id", "speedup_pct",
+    link = pairs[["arm_cell_id", "std_cell_id", "speedup_pct",
                   *(f"{s}_diff_pp" for s in BENCH_FIELDS)]]
     link = link.rename(columns={"std_cell_id": "paired_std_cell_id",
                                 **{f"{s}_diff_pp": f"{s}_vs_std_pp" for s in BENCH_FIELDS}})
     out["cell_id"] = r["cell_id"]
-    out = out.merge(link, left_on="cell_id", right_on="ale_cell_id", how="left").drop(columns="ale_cell_id")
+    out = out.merge(link, left_on="cell_id", right_on="arm_cell_id", how="left").drop(columns="arm_cell_id")
     return out.reset_index(drop=True)
 
 

@@ -48,7 +48,7 @@ def _base_row(cell: CellConfig) -> Row:
         config=cell.to_dict())
 
 
-def _probe_batches(train_examples, collator, batch_size: int, n_batches: int, seed: int, loss_tokens: str):
+def probe_batches(train_examples, collator, batch_size: int, n_batches: int, seed: int, loss_tokens: str):
     """The probe's batches, drawn by the cell's seed; ``loss_tokens=all`` makes every non-padding
     token a target instead of the response only."""
     order = list(range(len(train_examples)))
@@ -104,7 +104,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         row.predicted_speedup = 1.0  # all-layer LoRA is the reference itself
     else:
         probe_batch_size = r.probe.batch_size or m.batch_size
-        batches = _probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
+        batches = probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
                                  r.probe.loss_tokens)
         t0 = time.perf_counter()
         scores = probe_layer_scores(model, batches, family=family, mode=r.probe.mode,
