@@ -24,7 +24,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # train.report_to -> the package the Trainer's callback needs
 REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 QUANTIZATIONS = ("none", "nf4", "int8")
-LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle")
+LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle", "cost_aware")
 PROBE_NORMS = ("layer", "tensor_sum")
 PROBE_LOSS_TOKENS = ("response", "all")
 # transformers' SchedulerType values a cell may use (tests/test_configs.py keeps them in step with
@@ -89,15 +89,26 @@ class ProbeConfig:
 
 
 @dataclass
+class CostConfig:
+    """The step-cost model (aletheia_hpc/method/cost.py), calibrated by timed LoRA steps before a
+    selection cell trains, and the speed target of the cost_aware rule."""
+    calibration_steps: int = 2  # timed steps per calibration placement; 0: no model, no predicted_speedup
+    calibration_warmup: int = 1  # untimed steps before the first timed one
+    target_speedup: float = 1.5  # cost_aware: least predicted step-time ratio all-layer LoRA / selection
+
+
+@dataclass
 class RecipeConfig:
     name: str = MISSING
-    layers: str = "all"  # all (standard LoRA) | a selection strategy: top | bottom | random | last
-    layer_pct: float = 50.0
+    # all (standard LoRA) | a selection strategy: top | bottom | random | last | cost_aware
+    layers: str = "all"
+    layer_pct: float = 50.0  # layers to adapt (cost_aware: at most this many)
     attention_rank: int = 16
     mlp_rank: int = 64
     alpha_factor: float = 2.0
     dropout: float = 0.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     @property
     def evaluates_only(self) -> bool:
@@ -343,6 +354,20 @@ def validate_cell(cell: CellConfig) -> None:
         problems.append(f"recipe.probe.norm={r.probe.norm!r}: use one of {PROBE_NORMS}")
     if r.probe.loss_tokens not in PROBE_LOSS_TOKENS:
         problems.append(f"recipe.probe.loss_tokens={r.probe.loss_tokens!r}: use one of {PROBE_LOSS_TOKENS}")
+    c = r.cost
+    if c.calibration_steps < 0 or c.calibration_warmup < 0:
+        problems.append(f"recipe.cost.calibration_steps={c.calibration_steps}, recipe.cost.calibration_warmup="
+                        f"{c.calibration_warmup}: must be >= 0 (calibration_steps=0: no step-cost model)")
+    if r.probes and c.calibration_steps > 0 and m.num_layers == 1:
+        problems.append("model.num_layers=1: the step-cost model needs at least 2 layers; set "
+                        "recipe.cost.calibration_steps=0")
+    if r.layers == "cost_aware":
+        if c.calibration_steps == 0:
+            problems.append("recipe.cost.calibration_steps=0 with recipe.layers=cost_aware: the rule needs "
+                            "a calibrated step-cost model; set recipe.cost.calibration_steps >= 1")
+        if not c.target_speedup >= 1.0:
+            problems.append(f"recipe.cost.target_speedup={c.target_speedup}: must be >= 1.0 (the predicted "
+                            "step-time ratio of all-layer LoRA to the selection; 1.0 gives aletheia's choice)")
     if t.steps <= 0:
         problems.append(f"train.steps={t.steps}: must be > 0")
     if t.grad_accum <= 0:

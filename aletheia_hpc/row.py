@@ -68,6 +68,17 @@ class Row:
     # what the probe computed: {norm, loss_tokens, batch_size, batches, mode}; None without a probe
     probe: Optional[dict] = _f(None, group="method", csv="json")
     trainable_params: Optional[int] = _f(None, group="method", required=True)
+    # the step-cost model's predicted step-time ratio of all-layer LoRA to this selection
+    # (aletheia_hpc/method/cost.py): 1.0 for standard, None without calibration; the measured
+    # ratio comes from step_time_median_s of the paired standard cell
+    predicted_speedup: Optional[float] = _f(None, group="method")
+    predicted_step_time_s: Optional[float] = _f(None, group="method")  # the model's seconds per step
+    # the calibrated model: {num_layers, fixed_s, backward_layer_s, adapter_layer_s, calibration_s}
+    step_cost: Optional[dict] = _f(None, group="method", csv="json")
+    cost_calibration_time_s: Optional[float] = _f(None, group="method")  # not part of train_time_s
+    # layers whose output received an activation gradient in the first training step; more than
+    # num_layers - min(selected_layers): backward ran below the lowest adapted layer (the cell warned)
+    backward_layers: Optional[int] = _f(None, group="method")
     # ----------------------------------------------------------------------------- training
     train_steps: Optional[int] = _f(0, group="training", required=True)  # optimizer steps completed
     planned_steps: Optional[int] = _f(None, group="training")

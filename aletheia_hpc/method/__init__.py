@@ -5,6 +5,9 @@
     family = family_of(model)                                # from config.model_type
     scores = probe_layer_scores(model, probe_batches)        # one score per layer
     layers = select_layers(scores, pct=50)                   # top half, sorted
+    # or: the best-scoring set predicted >= 1.5x faster than all-layer LoRA on this machine
+    #   cost = calibrate_step_cost(model, probe_batches, LoraRanks(16, 64))
+    #   layers = select_cost_aware(scores, cost, target_speedup=1.5, pct=50)
     model = apply_lora(model, family, layers, LoraRanks(attention=16, mlp=64))
     # ...train model as any peft model
 """
@@ -14,13 +17,15 @@ import importlib
 # name -> submodule; resolved on first use (PEP 562) so that importing one submodule, e.g. the
 # family registry for config validation, does not pull in torch and peft.
 _EXPORTS = {
-    "enable_selective_checkpointing": "checkpointing",
+    **dict.fromkeys(("BackwardLayerCounter", "enable_selective_checkpointing"), "checkpointing"),
+    **dict.fromkeys(("StepCostModel", "calibrate_step_cost", "calibration_layer_sets"), "cost"),
     **dict.fromkeys(("FamilySpec", "UnknownFamily", "family_of", "get_family", "known_families",
                      "num_layers", "register_family"), "families"),
     **dict.fromkeys(("AdapterPlacementError", "LoraRanks", "adapted_modules", "apply_lora",
                      "build_lora_config", "expected_adapters", "verify_adapters"), "lora"),
     **dict.fromkeys(("PROBE_MODES", "PROBE_NORMS", "QuantizedProbeError", "probe_layer_scores"), "probe"),
-    **dict.fromkeys(("STRATEGIES", "layer_budget", "select_layers"), "selection"),
+    **dict.fromkeys(("STRATEGIES", "InfeasibleSpeedup", "layer_budget", "select_cost_aware", "select_layers"),
+                    "selection"),
 }
 __all__ = list(_EXPORTS)
 

@@ -10,11 +10,18 @@ input gradients too, and registers the input-gradient hook twice, losing the han
 ``enable_selective_checkpointing`` removes both. The worker does not call that preparation at all:
 besides the hook, it casts every 16-bit weight bitsandbytes left unquantized to fp32 (embeddings,
 LM head and, for Mixtral, all fused experts: 4 instead of 2 bytes x 45B parameters).
+
+``BackwardLayerCounter`` checks the outcome instead of trusting it: while active it counts the
+layers whose output actually receives an activation gradient. With LoRA whose lowest adapted layer
+is m, that count should be L - m; more means backward runs below m (an input-require-grads hook,
+a trainable embedding, ...) and the selection's saving is partly lost.
 """
 
 from __future__ import annotations
 
 import torch
+
+from aletheia_hpc.method.families import FamilySpec, family_of
 
 # transformers' enable_input_require_grads hook, and peft's fallback for models without that method
 _INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
@@ -30,3 +37,45 @@ def enable_selective_checkpointing(model: torch.nn.Module) -> None:
     for key, hook in list(hooks.items()):
         if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
             del hooks[key]
+
+
+class BackwardLayerCounter:
+    """Context manager: the transformer layers whose output receives a gradient in the backward
+    passes run inside it (``layers``: sorted indices; ``count``).
+
+    A forward hook on every layer registers a gradient hook on the layer's output tensor when that
+    output takes part in autograd; the gradient hook records the layer once a gradient reaches it.
+    transformers checkpoints a layer's ``forward``, not its ``__call__``, so the hooks see the real
+    outputs under activation checkpointing too."""
+
+    def __init__(self, model: torch.nn.Module, family: FamilySpec | None = None):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        family = family or family_of(base)
+        self._stack = base.get_submodule(family.layers_path)
+        self._reached: set[int] = set()
+        self._handles: list = []
+
+    def _on_forward(self, index: int):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda grad: self._reached.add(index))
+        return hook
+
+    def __enter__(self) -> "BackwardLayerCounter":
+        self._reached.clear()
+        self._handles = [layer.register_forward_hook(self._on_forward(i)) for i, layer in enumerate(self._stack)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._reached)
+
+    @property
+    def count(self) -> int:
+        return len(self._reached)

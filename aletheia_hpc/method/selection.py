@@ -1,6 +1,7 @@
 """Layer selection: which layers get adapters, given the probe scores.
 
-Every strategy returns a sorted list of distinct layer indices and is deterministic: score ties
+``select_layers`` applies a strategy that needs the scores alone; ``select_cost_aware`` also weighs
+each candidate set's predicted step time (method/cost.py). Every strategy returns a sorted list of distinct layer indices and is deterministic: score ties
 break towards the lower layer index, and the random baseline draws from its own seeded generator.
 The number of layers is round(L * pct / 100), at least one.
 """
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aletheia_hpc.method.cost import StepCostModel
 
 STRATEGIES: dict[str, Callable[[Sequence[float], int, int], list[int]]] = {}
 
@@ -66,3 +71,46 @@ def select_layers(scores: Sequence[float], pct: float = 50.0, strategy: str = "t
     if not scores:
         raise ValueError("no layer scores to select from")
     return sorted(STRATEGIES[strategy](list(scores), layer_budget(len(scores), pct), seed))
+
+
+class InfeasibleSpeedup(ValueError):
+    """No layer set is predicted to reach the requested speedup."""
+
+
+def select_cost_aware(scores: Sequence[float], cost: "StepCostModel", target_speedup: float = 1.5,
+                      pct: float = 50.0) -> list[int]:
+    """The layer set with the largest probe score mass among those of at most round(L * pct / 100)
+    layers (aletheia's budget) whose predicted speedup over all-layer LoRA, ``cost.speedup``, is at
+    least ``target_speedup``.
+
+    Under the step-cost model a set's time depends only on its lowest layer m and its size k, so the
+    search is exact: for every (m, k) the best set is m plus the k - 1 highest-scoring layers above
+    m; among the (m, k) that meet the target, the largest score mass wins (ties: the faster set,
+    then the higher m). When aletheia's own choice (the top k) is fast enough it is the answer.
+    Raises InfeasibleSpeedup when even the fastest single layer misses the target."""
+    if not scores:
+        raise ValueError("no layer scores to select from")
+    if len(scores) != cost.num_layers:
+        raise ValueError(f"{len(scores)} layer scores for a cost model of {cost.num_layers} layers")
+    if not target_speedup > 0:
+        raise ValueError(f"target_speedup must be > 0, got {target_speedup}")
+    scores = [float(s) for s in scores]
+    total = len(scores)
+    budget = layer_budget(total, pct)
+    best, best_key = None, None
+    for lowest in range(total):
+        above = sorted(range(lowest + 1, total), key=lambda i: (-scores[i], i))
+        for size in range(1, min(budget, total - lowest) + 1):
+            layers = [lowest] + above[:size - 1]
+            speedup = cost.speedup(layers)
+            if speedup < target_speedup:
+                continue
+            key = (sum(scores[i] for i in layers), speedup, lowest)
+            if best_key is None or key > best_key:
+                best, best_key = layers, key
+    if best is None:
+        fastest = cost.speedup([total - 1])
+        raise InfeasibleSpeedup(f"no layer set is predicted to reach a {target_speedup}x speedup over "
+                                f"all-layer LoRA on this model and hardware (at most {fastest:.2f}x, with "
+                                "the top layer alone); lower the target speedup")
+    return sorted(best)

@@ -65,8 +65,8 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
                         cpu_fallback: bool) -> None:
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
-    from aletheia_hpc.method import (LoraRanks, apply_lora, enable_selective_checkpointing, get_family,
-                                     probe_layer_scores, select_layers)
+    from aletheia_hpc.method import (LoraRanks, apply_lora, calibrate_step_cost, enable_selective_checkpointing,
+                                     get_family, probe_layer_scores, select_cost_aware, select_layers)
     from aletheia_hpc.models.loading import load_model, resolve_device
     from aletheia_hpc.worker.training import train_cell
 
@@ -101,8 +101,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         return
 
     family = get_family(m.family)
+    ranks = LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout)
+    prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if not r.probes:
         layers = list(range(m.num_layers))
+        row.predicted_speedup = 1.0  # all-layer LoRA is the reference itself
     else:
         probe_batch_size = r.probe.batch_size or m.batch_size
         batches = probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
@@ -114,23 +117,43 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         row.probe = {"norm": r.probe.norm, "loss_tokens": r.probe.loss_tokens, "batch_size": probe_batch_size,
                      "batches": len(batches), "mode": r.probe.mode}
         row.layer_scores = scores
-        layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+        cost = None
+        if r.cost.calibration_steps:
+            cost = calibrate_step_cost(model, batches, ranks, family=family, steps=r.cost.calibration_steps,
+                                       warmup=r.cost.calibration_warmup, prepare=prepare,
+                                       max_grad_norm=cell.train.max_grad_norm)
+            row.cost_calibration_time_s = cost.calibration_s
+            row.step_cost = cost.to_dict()
+        if r.layers == "cost_aware":
+            layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
+        else:
+            layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+        if cost is not None:
+            row.predicted_speedup = cost.speedup(layers)
+            row.predicted_step_time_s = cost.step_time(layers)
     row.selected_layers = layers
-    model = apply_lora(model, family, layers, LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout))
-    if m.gradient_checkpointing:
-        enable_selective_checkpointing(model)
+    model = apply_lora(model, family, layers, ranks)
+    if prepare is not None:
+        prepare(model)
     row.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
                          lr=cell.train.lr if cell.train.lr is not None else m.lr,
                          batch_size=m.batch_size, precision=m.precision, seed=cell.seed,
                          work_dir=work_dir, device=device, stop=stop, faults=cell.faults,
-                         progress=progress)
+                         progress=progress, family=family)
     row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
                step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
-               final_train_loss=outcome.final_train_loss, warnings=row.warnings + outcome.warnings)
+               final_train_loss=outcome.final_train_loss, warnings=row.warnings + outcome.warnings,
+               backward_layers=outcome.backward_layers)
     for warning in outcome.warnings:
         log.warning("cell %s: %s", cell.cell_id, warning)
+    expected_backward = m.num_layers - min(layers)
+    if outcome.backward_layers is not None and outcome.backward_layers > expected_backward:
+        log.warning("cell %s: backward ran through %d layers in the first step, but the lowest adapted layer "
+                    "is %d, so %d would do: something below it requires grad (an input-embedding "
+                    "require-grads hook added for activation checkpointing?); the selection's speedup is "
+                    "partly lost", cell.cell_id, outcome.backward_layers, min(layers), expected_backward)
     if len(outcome.hardware) > 1:  # requeued onto other hardware: the train time mixes both
         row.gpu_name = " + ".join(outcome.hardware)
     _evaluate(cell, model, tokenizer, eval_examples, held_out, collator, device, row, stop, progress,

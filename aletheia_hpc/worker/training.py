@@ -1,6 +1,7 @@
 """LoRA training of one cell with the Hugging Face Trainer, plus what the paper's protocol needs on top:
 per-step wall times, an immediate stop on a non-finite loss, time accounting across requeued
-attempts, and a checkpoint on demand (preemption)."""
+attempts, a checkpoint on demand (preemption), and the number of layers backward actually ran
+through in the first step (the truncation guard)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from aletheia_hpc.campaign.store import CHECKPOINT_DIR, PROGRESS_FILE, unique_stamp
 from aletheia_hpc.files import atomic_write
 from aletheia_hpc.config import FaultConfig, TrainConfig
+from aletheia_hpc.method.checkpointing import BackwardLayerCounter
+from aletheia_hpc.method.families import FamilySpec
 from aletheia_hpc.worker.stop import StopSignal
 
 
@@ -39,6 +42,7 @@ class TrainOutcome:
     final_train_loss: float | None
     step_hardware: list[str] = field(default_factory=list)  # what timed each step (GPU name or cpu)
     warnings: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was set aside
+    backward_layers: int | None = None  # layers whose output got an activation gradient in step 1
 
     @property
     def hardware(self) -> list[str]:
@@ -81,17 +85,23 @@ class _CellTrainer(Trainer):
 class _Clock(TrainerCallback):
     """Per-optimizer-step wall times, kept in progress.json after every step (so a checkpoint never
     holds more steps than the file has times); honours stop requests; checkpoints the last step, so
-    that a stop or a kill during evaluation never costs the training."""
+    that a stop or a kill during evaluation never costs the training. The first step also counts
+    the layers backward reaches (``backward_counter``), kept in progress.json for later attempts."""
 
-    def __init__(self, device, progress_path: Path, prior: "_Progress", stop: StopSignal, faults: FaultConfig):
+    def __init__(self, device, progress_path: Path, prior: "_Progress", stop: StopSignal, faults: FaultConfig,
+                 backward_counter: BackwardLayerCounter | None = None):
         self.device, self.progress_path, self.stop, self.faults = device, progress_path, stop, faults
         self.step_times, self.step_hardware = list(prior.step_times), list(prior.step_hardware)
+        self.backward_layers = prior.backward_layers
+        self._counter = backward_counter if prior.backward_layers is None else None
         self.hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.losses: list[float] = []
         self._t0 = 0.0
         self.stopped_for_requeue = False
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._counter is not None:
+            self._counter.__enter__()
         _sync(self.device)
         self._t0 = time.perf_counter()
 
@@ -101,6 +111,9 @@ class _Clock(TrainerCallback):
         _sync(self.device)
         self.step_times.append(time.perf_counter() - self._t0)
         self.step_hardware.append(self.hardware)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.backward_layers, self._counter = self._counter.count, None
         self._write_progress(state.global_step)
         if state.global_step >= args.max_steps:
             control.should_save = True
@@ -115,7 +128,8 @@ class _Clock(TrainerCallback):
 
     def _write_progress(self, step: int) -> None:
         atomic_write(self.progress_path, json.dumps({"step": step, "step_times_s": self.step_times[:step],
-                                                     "step_hardware": self.step_hardware[:step]}), fsync=False)
+                                                     "step_hardware": self.step_hardware[:step],
+                                                     "backward_layers": self.backward_layers}), fsync=False)
 
 
 # Written into a checkpoint once the Trainer has saved all of it: its files' sizes and sha256. A
@@ -165,6 +179,7 @@ def _checkpoint_step(checkpoint: str | Path) -> int:
 class _Progress:
     step_times: list[float]
     step_hardware: list[str]
+    backward_layers: int | None = None
 
 
 def _saved_progress(progress_path: Path) -> dict:
@@ -190,7 +205,8 @@ def _resume_point(checkpoints: Path, progress_path: Path, warnings: list[str]) -
             problem = f"{progress_path.name} has the times of {len(saved['step_times_s'])} steps, it holds {step}"
         if problem is None:
             hardware = saved.get("step_hardware", [])[:step]
-            return str(checkpoint), _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)))
+            return str(checkpoint), _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)),
+                                              saved.get("backward_layers"))
         aside = checkpoint.with_name(f"damaged-{checkpoint.name}-{unique_stamp()}")
         checkpoint.rename(aside)
         warnings.append(f"checkpoint {checkpoint.name} not resumed ({problem}); kept as {aside.name}")
@@ -219,15 +235,18 @@ def _tracking(report_to: str, work_dir: Path) -> str:
 
 def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
                batch_size: int, precision: str, seed: int, work_dir: Path, device: torch.device,
-               stop: StopSignal, faults: FaultConfig, progress: bool) -> TrainOutcome:
+               stop: StopSignal, faults: FaultConfig, progress: bool,
+               family: FamilySpec | None = None) -> TrainOutcome:
     """Train ``model`` (a peft model) for train_cfg.steps optimizer steps, resuming from the newest
-    checkpoint in work_dir. Raises NonFiniteLoss, or StopForRequeue after checkpointing on request."""
+    checkpoint in work_dir. Raises NonFiniteLoss, or StopForRequeue after checkpointing on request.
+    With ``family``, the outcome's backward_layers counts the layers backward reached in step 1."""
     checkpoints = work_dir / CHECKPOINT_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     progress_path = work_dir / PROGRESS_FILE
     warnings: list[str] = []
     resume, prior = _resume_point(checkpoints, progress_path, warnings)
-    clock = _Clock(device, progress_path, prior, stop, faults)
+    counter = BackwardLayerCounter(model, family) if family is not None else None
+    clock = _Clock(device, progress_path, prior, stop, faults, counter)
     if resume is not None and _checkpoint_step(resume) >= train_cfg.steps:
         outcome = _finished_outcome(model, resume, clock)
         outcome.warnings = warnings
@@ -265,12 +284,16 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
     )
     trainer = _CellTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
                            callbacks=[clock, _Manifest()], faults=faults)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:  # a step that raised leaves the counter's hooks on the model otherwise
+        if counter is not None:
+            counter.__exit__(None, None, None)
     if clock.stopped_for_requeue and trainer.state.global_step < train_cfg.steps:
         raise StopForRequeue(f"checkpointed at step {trainer.state.global_step} for requeue")
     final = clock.losses[-1] if clock.losses else None
     return TrainOutcome(steps=trainer.state.global_step, step_times_s=clock.step_times,
-                        step_hardware=clock.step_hardware,
+                        step_hardware=clock.step_hardware, backward_layers=clock.backward_layers,
                         final_train_loss=final if final is None or math.isfinite(final) else None,
                         warnings=warnings)
 
@@ -286,7 +309,7 @@ def _finished_outcome(model, checkpoint: str, clock: _Clock) -> TrainOutcome:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     final = float(losses[-1]) if losses else None
     return TrainOutcome(steps=_checkpoint_step(checkpoint), step_times_s=clock.step_times,
-                        step_hardware=clock.step_hardware,
+                        step_hardware=clock.step_hardware, backward_layers=clock.backward_layers,
                         final_train_loss=final if final is None or math.isfinite(final) else None)
 
 

@@ -1,0 +1,220 @@
+"""What an optimizer step costs as a function of the adapted layers, calibrated on the model at hand.
+
+With LoRA on the layer set S of an L-layer model (lowest adapted layer m = min S), one step is
+
+    T(S) = fixed_s + (L - m) * backward_layer_s + |S| * adapter_layer_s
+
+fixed_s
+    what every selection pays: the forward of all L layers, embeddings, the LM head and its
+    backward, loss, optimizer and framework overhead;
+backward_layer_s
+    the activation-gradient backward through one frozen layer: autograd runs it for every layer
+    from the top down to the lowest adapted one, and for none below (nothing there needs a
+    gradient), so its count is L - m, not |S|;
+adapter_layer_s
+    the adapters of one layer: their forward, their backward (weight gradients) and the optimizer's
+    update (with gradient clipping) of their parameters.
+
+Layers of one model are taken as equally costly (true of the dense families here; a model with
+uneven layers gets the mean). The three coefficients come from timed steps of three real LoRA
+placements, {L-1}, {0} and all layers, on the model, batches and hardware at hand (CPU or CUDA),
+which span the model exactly:
+
+    T({L-1}) = fixed + b + a,   T({0}) = fixed + L b + a,   T(all) = fixed + L b + L a.
+
+Calibration wraps the model with peft three times and unloads it again: the model's weights,
+requires_grad flags, train/eval mode and the global random state (which the real adapters'
+initialisation draws from) are as they were. Any preparation the real training does to the peft
+model (activation checkpointing, for instance) should be passed as ``prepare``, so that what is
+timed is what will run: if backward in fact runs to the embeddings for every placement, the fit
+finds backward_layer_s ~ 0 and predicts no gain from a higher lowest layer, which is then true.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
+from aletheia_hpc.method.lora import LoraRanks, apply_lora
+
+
+@dataclass(frozen=True)
+class StepCostModel:
+    """Predicted optimizer-step time (seconds) of LoRA on a layer set; see the module docstring."""
+    num_layers: int
+    fixed_s: float
+    backward_layer_s: float
+    adapter_layer_s: float
+    calibration_s: float = 0.0  # wall time the calibration took (all of it, not only timed steps)
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        for name in ("fixed_s", "backward_layer_s", "adapter_layer_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fixed_s + self.backward_layer_s + self.adapter_layer_s <= 0:
+            raise ValueError("a step cost model needs some positive cost")
+
+    def _check(self, layers: Sequence[int]) -> list[int]:
+        layers = sorted(set(layers))
+        if not layers:
+            raise ValueError("no layers selected")
+        if layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"layers {layers} outside 0..{self.num_layers - 1}")
+        return layers
+
+    def step_time(self, layers: Sequence[int]) -> float:
+        """Predicted seconds per optimizer step with adapters on ``layers``."""
+        layers = self._check(layers)
+        return (self.fixed_s + (self.num_layers - layers[0]) * self.backward_layer_s
+                + len(layers) * self.adapter_layer_s)
+
+    def speedup(self, layers: Sequence[int]) -> float:
+        """Predicted step-time ratio of all-layer LoRA to LoRA on ``layers`` (> 1: faster)."""
+        return self.step_time(range(self.num_layers)) / self.step_time(layers)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def fit(cls, num_layers: int, times: Mapping[tuple[int, ...], float], calibration_s: float = 0.0
+            ) -> "StepCostModel":
+        """Least-squares fit of the three coefficients to measured step times of layer sets
+        (at least three sets spanning the model; coefficients are kept >= 0, since noise on a
+        machine where one term is negligible can push its estimate just below zero)."""
+        if len(times) < 3:
+            raise ValueError(f"need step times of at least 3 layer sets, got {len(times)}")
+        rows, seconds = [], []
+        for layers, t in times.items():
+            layers = sorted(set(layers))
+            rows.append([1.0, float(num_layers - layers[0]), float(len(layers))])
+            seconds.append([float(t)])
+        design, target = torch.tensor(rows, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
+        if int(torch.linalg.matrix_rank(design)) < 3:
+            raise ValueError("the calibration layer sets do not separate fixed, backward and adapter costs")
+        active = [0, 1, 2]
+        while True:  # non-negative least squares on three unknowns: drop a negative term and refit
+            coef = torch.linalg.lstsq(design[:, active], target).solution.flatten().tolist()
+            if min(coef) >= 0 or len(active) == 1:
+                break
+            active.pop(coef.index(min(coef)))
+        full = [0.0, 0.0, 0.0]
+        for index, value in zip(active, coef):
+            full[index] = max(value, 0.0)
+        return cls(num_layers, full[0], full[1], full[2], calibration_s)
+
+
+def calibration_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
+    """The placements calibration times: the top layer alone, the bottom layer alone, all layers."""
+    if num_layers < 2:
+        raise ValueError("a step cost model needs at least 2 layers to separate its costs")
+    return [(num_layers - 1,), (0,), tuple(range(num_layers))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _untouched(model: torch.nn.Module):
+    """Restore requires_grad flags, train/eval mode, activation checkpointing (which ``prepare`` may
+    turn on) and the global RNG (CPU and CUDA) on exit."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for name, param in model.named_parameters():
+                param.requires_grad_(flags[name])
+                param.grad = None
+            if getattr(model, "is_gradient_checkpointing", False) and not was_checkpointing:
+                model.activation_checkpointing_disable()
+            model.train(was_training)
+
+
+def _step(model, batch, optimizer, max_grad_norm: float) -> None:
+    model(**batch, use_cache=False).loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _with_labels(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    if "labels" not in inputs:
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels[inputs["attention_mask"] == 0] = -100
+        inputs["labels"] = labels
+    return inputs
+
+
+def calibrate_step_cost(
+    model: torch.nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    ranks: LoraRanks = LoraRanks(),
+    *,
+    family: FamilySpec | None = None,
+    steps: int = 2,
+    warmup: int = 1,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+    max_grad_norm: float = 1.0,
+) -> StepCostModel:
+    """Fit a StepCostModel to timed LoRA steps of ``model`` (not yet wrapped by peft).
+
+    ``steps`` rounds; in each, every calibration placement in turn is wrapped with adapters of
+    ``ranks``, given to ``prepare``, timed for one AdamW step on the round's batch (``batches``
+    cycled: all placements see the same batch, so sequence lengths match) and unwrapped.
+    Interleaving the placements round by round, as the benchmarks interleave arms, makes a load
+    that changes on a shared machine hit every placement alike instead of one (each timed step is
+    then a fresh optimizer's first, whose state allocation scales with the adapters and so counts
+    towards adapter_layer_s). ``warmup`` untimed all-layer steps run first. The median of each placement's timed steps enters the fit. The model is left
+    as it was (see the module docstring)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"calibration needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch")
+    family = family or family_of(model)
+    total = num_layers(model, family)
+    device = model.get_input_embeddings().weight.device
+    inputs = [_with_labels(b, device) for b in batches]
+    placements = calibration_layer_sets(total)
+    t_start = time.perf_counter()
+    measured: dict[tuple[int, ...], list[float]] = {layers: [] for layers in placements}
+    with _untouched(model):
+        model.train()
+        rounds = [(None, inputs[i % len(inputs)]) for i in range(warmup)]
+        rounds += [(i, inputs[i % len(inputs)]) for i in range(steps)]
+        for timed_round, batch in rounds:
+            for layers in placements if timed_round is not None else placements[-1:]:
+                peft_model = apply_lora(model, family, layers, ranks)
+                try:
+                    if prepare is not None:
+                        prepare(peft_model)
+                    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                                  lr=1e-5)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    _step(peft_model, batch, optimizer, max_grad_norm)
+                    _sync(device)
+                    if timed_round is not None:
+                        measured[layers].append(time.perf_counter() - t0)
+                    del optimizer
+                finally:
+                    peft_model.unload()
+    times = {layers: statistics.median(values) for layers, values in measured.items()}
+    return StepCostModel.fit(total, times, calibration_s=time.perf_counter() - t_start)
