@@ -285,6 +285,14 @@ class CellConfig:
         ident["model"].pop("resources")
         ident["model"].pop("shape")
         ident["eval"].pop("sandbox")  # what the node must give, like resources: not the result
+        # settings that cannot change this cell's result stay out, so that adding such a field keeps
+        # every earlier cell's id (and its finished row): the cost model only times steps and restores
+        # the model unless it chooses the layers; a benchmark's settings matter only when it runs
+        if self.recipe.layers != "cost_aware":
+            ident["recipe"].pop("cost")
+        if "task" not in self.eval.benchmarks:
+            for name in ("task_n", "task_max_new_tokens"):
+                ident["eval"].pop(name)
         return ident
 
     @property

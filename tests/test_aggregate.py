@@ -13,6 +13,7 @@ import pytest
 from scipy import stats as sps
 
 from aletheia_hpc.aggregate import aggregate_campaign, aggregate_rows, config_name, summary_table
+from aletheia_hpc.aggregate.figures import FIGURE_FILES
 from aletheia_hpc.aggregate.paper import PAPER_REFERENCE_DIR
 from aletheia_hpc.row import write_row
 
@@ -353,14 +354,20 @@ def test_partial_campaign_is_marked(tmp_path):
     assert "4 of 4 cells have rows" in complete.report_md.read_text()
 
 
+def test_rows_with_zero_train_time_do_not_crash():
+    # no-op cells (bench/dispatch.py) train for 0 s: every speedup is undefined, none is invented
+    rows = [make_row("qwen2.5-0.5b", r, s, time_s=0.0, eval_loss=0.0) for r in ("standard", "aletheia") for s in (1, 2)]
+    overall = aggregate_rows(rows).stats["overall"]
+    assert overall["n_pairs"] == 2 and overall["speedup_pct_mean"] is None and overall["model_win_rate"] is None
+
+
 def test_empty_campaign_does_not_crash(tmp_path):
     result = aggregate_campaign(tmp_path, "nothing", expected_cells=6)
     assert result.n_rows == 0 and result.partial is True
     data = strict_json(result.stats_json)
     assert data["overall"]["n_pairs"] == 0 and data["overall"]["note"].startswith("no pairs")
     assert len(pd.read_csv(result.runs_csv)) == 0
-    assert set(result.skipped_figures) == {"speedup_per_model", "speedup_by_family", "benchmark_deltas",
-                                           "speed_quality", "layer_scores"}
+    assert set(result.skipped_figures) == set(FIGURE_FILES)
     assert "0 of 6 cells have rows" in result.report_md.read_text()
 
 

@@ -162,8 +162,8 @@ def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
             block["quality"] = {}
         else:
             block = arrays.block(idx)
-        model_means = [per_model[m][v]["speedup_pct_mean"] for m in per_model
-                       if v in per_model[m] and per_model[m][v]["n_pairs"]]
+        model_means = [per_model[m][v]["speedup_pct_mean"] for m in per_model  # None: no finite speedup
+                       if v in per_model[m] and per_model[m][v]["speedup_pct_mean"] is not None]
         return {"variant": v, "n_models": len(model_means),
                 "per_model_speedup_pct_range": [min(model_means), max(model_means)] if model_means else None,
                 "model_win_rate": float(np.mean([x > 0 for x in model_means])) if model_means else None,
