@@ -22,6 +22,7 @@ ARMS = {
     "random_k": ([99.0, 101.0, 95.0], [1.01, 0.99, 1.03], [1, 3, 5, 7]),
     "bottom_k": ([96.0, 98.0, 97.5], [1.10, 1.05, 1.12], [4, 5, 6, 7]),
 }
+PROBE = {"norm": "tensor_sum", "loss_tokens": "all", "batch_size": 1, "batches": 5, "mode": "chunked"}
 SCORES = {42: [8, 7, 6, 5, 4, 3, 2, 1], 123: [8, 6, 7, 5, 4, 3, 1, 2], 999: [7, 8, 5, 6, 3, 4, 2, 1]}
 
 
@@ -30,7 +31,7 @@ def study_rows() -> list[dict]:
     for arm, (times, losses, layers) in ARMS.items():
         for k, seed in enumerate(SEEDS):
             probe = {} if arm == "standard" else {"layer_scores": [float(x) for x in SCORES[seed]],
-                                                  "probe_time_s": 2.0}
+                                                  "probe_time_s": 2.0, "probe": PROBE}
             chosen = {} if arm == "aletheia" else {"selected_layers": layers}
             rows.append(make_row(MODEL, arm, seed, time_s=times[k], eval_loss=losses[k], num_layers=L,
                                  **probe, **chosen))
@@ -145,6 +146,9 @@ def test_report_has_the_controls_table_stability_and_pareto_figure(tmp_path):
     assert "## Ranking stability across seeds" in report and f"{s['jaccard_mean']:.3f}" in report
     assert result.figures["arms_pareto"].read_bytes().startswith(PNG_SIGNATURE)
     assert "figures/arms_speed_quality.png" in report
+    assert ("What the probe computed: 9 run(s): score = sum over probe batches and over the layer's parameter "
+            "tensors of each tensor's gradient L2 norm (the paper authors' aletheia-lora definition); loss over "
+            "every token; 5 batch(es) of 1 sequence(s); mode chunked.") in report
 
 
 def test_compute_matched_figure_4_needs_base_and_benchmarks(tmp_path):

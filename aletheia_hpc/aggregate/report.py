@@ -380,13 +380,35 @@ def _stability(stats: dict) -> list[str]:
                    rows)]
 
 
+PROBE_NORM_TEXT = {
+    "layer": "sum over probe batches of the L2 norm of the layer's whole parameter gradient",
+    "tensor_sum": "sum over probe batches and over the layer's parameter tensors of each tensor's gradient "
+                  "L2 norm (the paper authors' aletheia-lora definition)",
+}
+
+
+def _probe_definition(rows: list[dict]) -> str:
+    """What the probe computed in these rows, as the rows recorded it (``probe``)."""
+    seen = Counter(json.dumps(r["probe"], sort_keys=True) for r in rows if r.get("probe"))
+    if not seen:
+        return "What the probe computed was not recorded in these rows (written before the row's `probe` field)."
+    parts = []
+    for text, n in seen.most_common():
+        p = json.loads(text)
+        parts.append(f"{n} run(s): score = {PROBE_NORM_TEXT.get(p['norm'], p['norm'])}; loss over "
+                     f"{'the response tokens' if p['loss_tokens'] == 'response' else 'every token'}; "
+                     f"{p['batches']} batch(es) of {p['batch_size']} sequence(s); mode {p['mode']}")
+    return "What the probe computed: " + "; ".join(parts) + "."
+
+
 def _layer_selection(rows: list[dict]) -> list[str]:
     """Which layers the probe picked, per model: normalised mean score and how often each was chosen."""
     summary = layer_score_summary(rows)
     out = ["## Layer selection (gradient probe)", ""]
     if not summary:
         return out + ["No Aletheia row carries probe scores."]
-    out += ["Per layer: the probe score scaled so that each run's top layer is 1, averaged over runs, "
+    out += [_probe_definition(rows), "",
+            "Per layer: the probe score scaled so that each run's top layer is 1, averaged over runs, "
             "and the share of runs that put LoRA on that layer.", ""]
     for model, entry in summary.items():
         score, freq = entry["score"], entry["selected_freq"]
