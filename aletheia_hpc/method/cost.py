@@ -42,6 +42,7 @@ import torch
 
 from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
 from aletheia_hpc.method.lora import LoraRanks, apply_lora
+from aletheia_hpc.method.probe import restored_grad_state
 
 
 @dataclass(frozen=True)
@@ -127,20 +128,14 @@ def _sync(device: torch.device) -> None:
 def _untouched(model: torch.nn.Module):
     """Restore requires_grad flags, train/eval mode, activation checkpointing (which ``prepare`` may
     turn on) and the global RNG (CPU and CUDA) on exit."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
     was_checkpointing = getattr(model, "is_gradient_checkpointing", False)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), restored_grad_state(model):
         try:
             yield
         finally:
-            for name, param in model.named_parameters():
-                param.requires_grad_(flags[name])
-                param.grad = None
             if getattr(model, "is_gradient_checkpointing", False) and not was_checkpointing:
                 model.activation_checkpointing_disable()
-            model.train(was_training)
 
 
 def _step(model, batch, optimizer, max_grad_norm: float) -> None:

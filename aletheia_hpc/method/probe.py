@@ -158,9 +158,16 @@ def _quantized_weight_readers(model: torch.nn.Module, modules: Mapping[int, list
 @contextmanager
 def _probe_state(model: torch.nn.Module):
     """Restore requires_grad flags and train/eval mode, and drop any gradients, on exit."""
+    with restored_grad_state(model):
+        model.eval()  # no dropout: scores must not depend on the dropout draw
+        yield
+
+
+@contextmanager
+def restored_grad_state(model: torch.nn.Module):
+    """On exit: every parameter's requires_grad flag and the train/eval mode as on entry, no .grad."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    model.eval()  # no dropout: scores must not depend on the dropout draw
     try:
         yield
     finally:
