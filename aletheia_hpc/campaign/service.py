@@ -185,6 +185,8 @@ class CampaignService:
         """Run (local) or queue (SLURM) every cell that is not done and not queued: missing and failed
         cells, nan_abort cells only with ``retry_nan`` (a deterministic overflow would burn the same
         hours again), and the ``force``d cells (from scratch, done or not). Old rows are kept aside."""
+        # every cell, before anything (a lock, a snapshot) is written: as plan refuses it, so does launch
+        require_placement(self.plan.cells, self.cluster)
         force = list(dict.fromkeys(force))
         unknown = [cid for cid in force if cid not in self.by_id]
         if unknown:
