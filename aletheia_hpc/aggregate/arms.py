@@ -35,7 +35,7 @@ from scipy import stats as sps
 from aletheia_hpc.row import DEFAULT_VARIANT
 
 from .stats import QUALITY_METRICS, PairBlocks, finite_or_none, holm, metric_stats
-from .tables import ALETHEIA, BENCH_FIELDS, PAPER_RECIPES, STANDARD, latest_per_key, training_runs
+from .tables import ALETHEIA, BENCH_FIELDS, PAPER_RECIPES, STANDARD
 
 MAX_LISTED_SEED_PAIRS = 45  # 10 seeds
 # every two of this many seeds (the lowest, in seed order) at most: a study has a handful; a
@@ -58,16 +58,10 @@ def _adjust(blocks: list[dict]) -> None:
             q["p_value_holm"] = value
 
 
-def _ok_training(runs: pd.DataFrame) -> pd.DataFrame:
-    ok = training_runs(runs)
-    ok = ok[ok["status"] == "ok"].assign(seed_key=lambda d: d["seed"].astype(str))
-    return latest_per_key(ok, ["model", "arm", "seed_key"])
-
-
-def control_pairs(runs: pd.DataFrame) -> pd.DataFrame:
+def control_pairs(ok: pd.DataFrame) -> pd.DataFrame:
     """Each ok run of a selection control beside the ok Aletheia run of the same model and seed
-    (same variant, else matched): arm, model, seed, k of both, eval loss and benchmarks of both."""
-    ok = _ok_training(runs)
+    (same variant, else matched): arm, model, seed, k of both, eval loss and benchmarks of both.
+    ``ok``: tables.latest_ok_training_runs of the runs."""
     ale = ok[ok["recipe"] == ALETHEIA].set_index(["model", "variant", "seed_key"])
     controls = ok[~ok["recipe"].isin(PAPER_RECIPES)]
     records = []
@@ -105,14 +99,14 @@ def _vs_aletheia_block(group: pd.DataFrame) -> dict:
     return {"n_pairs": int(len(equal)), "n_unequal_k": int(len(group) - len(equal)), "quality": quality}
 
 
-def arm_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """``stats.json["arms"]`` (module docstring)."""
+def arm_stats(ok: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    """``stats.json["arms"]`` (module docstring); ``ok``: tables.latest_ok_training_runs of the runs."""
     if pairs.empty:
         return {}
     blocks = PairBlocks(pairs)
     by_arm = pairs.groupby("arm", sort=False).indices
     by_arm_model = pairs.groupby(["arm", "model"], sort=False).indices
-    controls = control_pairs(runs)
+    controls = control_pairs(ok)
     out: dict[str, dict] = {}
     for arm in _arm_order(by_arm):
         idx = by_arm[arm]
@@ -145,9 +139,8 @@ def _as_list(value):
     return json.loads(value) if isinstance(value, str) else list(value)
 
 
-def ranking_stability(runs: pd.DataFrame) -> dict:
-    """``stats.json["stability"]`` (module docstring)."""
-    ok = _ok_training(runs)
+def ranking_stability(ok: pd.DataFrame) -> dict:
+    """``stats.json["stability"]`` (module docstring); ``ok``: tables.latest_ok_training_runs of the runs."""
     probed = ok[ok["layer_scores"].notna()]
     out: dict[str, dict] = {}
     for model, group in probed.groupby("model", sort=False):

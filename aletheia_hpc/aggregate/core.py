@@ -20,8 +20,9 @@ from .quality_flags import campaign_quality
 from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
 from .arms import arm_stats, ranking_stability
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
-                     PAPER_RECIPES, BadRow, paper_pairs, campaign2_rows, csv_text, frame_cells, load_rows, master_rows,
-                     pairs_frame, pick, results_campaign2, results_master, runs_frame, superseded_runs)
+                     PAPER_RECIPES, BadRow, campaign2_rows, csv_text, frame_cells, latest_ok_training_runs,
+                     load_rows, master_rows, pairs_frame, paper_pairs, pick, results_campaign2, results_master,
+                     runs_frame, superseded_runs)
 
 OUTPUT_FILES = {
     "runs_csv": "runs.csv",
@@ -110,8 +111,9 @@ def _ordered(names: Iterable) -> list:
 def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     """The statistics part of ``stats.json`` (layout in the package docstring): the paper's
     Aletheia-vs-Standard comparison, every arm against Standard, and the probe's ranking stability."""
+    latest = latest_ok_training_runs(runs)
     return {**paper_stats(runs[runs["recipe"].isin(PAPER_RECIPES)], paper_pairs(pairs)),
-            "arms": arm_stats(runs, pairs), "stability": ranking_stability(runs)}
+            "arms": arm_stats(latest, pairs), "stability": ranking_stability(latest)}
 
 
 def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
@@ -204,8 +206,11 @@ def score_quality(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     """stats.json ``quality_flags``: degenerate scores, paired per-question tests and data sources,
     from each ok cell's ``samples/<benchmark>.jsonl`` beside its row (see quality_flags)."""
     cells, samples = [], {}
-    for r in runs[runs["status"] == "ok"].itertuples(index=False):
-        source = json.loads(r.eval_source) if isinstance(r.eval_source, str) else None  # JSON text in runs
+    ok = runs[runs["status"] == "ok"]
+    # eval_source is JSON text in runs, and most cells share one: decode each distinct text once
+    decoded = {text: json.loads(text) for text in ok["eval_source"].dropna().unique() if isinstance(text, str)}
+    for r in ok.itertuples(index=False):
+        source = decoded.get(r.eval_source) if isinstance(r.eval_source, str) else None
         cells.append({"cell_id": r.cell_id, "model": r.model, "arm": r.arm, "seed": r.seed,
                       "eval_source": source if isinstance(source, dict) else {}})
         if isinstance(r.row_path, str) and r.row_path:

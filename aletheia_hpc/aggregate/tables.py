@@ -267,6 +267,14 @@ def training_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["recipe"] != BASE_RECIPE]
 
 
+def latest_ok_training_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ok training runs, one per (model, arm, seed): the latest (module docstring), with seed_key
+    (the seed as text, to join on)."""
+    ok = training_runs(runs)
+    ok = ok[ok["status"] == "ok"].assign(seed_key=lambda d: d["seed"].astype(str))
+    return latest_per_key(ok, ["model", "arm", "seed_key"])
+
+
 def superseded_runs(runs: pd.DataFrame) -> int:
     """How many ok training runs are unused because a later row has the same (model, arm, seed)."""
     ok = training_runs(runs)
@@ -297,8 +305,7 @@ def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, arm, seed): an ok run of an arm other than ``standard`` beside the ok
     Standard run it is compared with (module docstring)."""
     ok = runs[runs["status"] == "ok"]
-    train = training_runs(ok).assign(seed_key=lambda d: d["seed"].astype(str))
-    train = latest_per_key(train, ["model", "arm", "seed_key"])
+    train = latest_ok_training_runs(runs)
     std = train[train["recipe"] == STANDARD]
     arms = train[train["arm"] != STANDARD]
     with_std = set(std["variant"])

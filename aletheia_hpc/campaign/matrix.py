@@ -88,9 +88,9 @@ def _without(overrides: list[str], *keys: str) -> list[str]:
 # override key given with a campaign -> the campaign field to use instead
 _CELL_AXES = {"model": "campaign.models=[...]", "recipe": "campaign.recipes=[...]",
               "seed": "campaign.seeds=[...]", "variant": "campaign.variants=[...]"}
-# what a variant's overrides may not set: the axes it has fields for, and where cells run
-_NOT_IN_VARIANT = ("model", "recipe", "seed", "variant", "campaign", "cluster", "results_dir", "progress")
-# (model.* and recipe.* fields may be set; choosing another model or recipe config may not)
+# what a variant's overrides may not set (besides choosing a model or recipe config; their fields,
+# model.* and recipe.*, may be set): the axes the variant has fields for, and where cells run
+_NOT_IN_VARIANT = ("seed", "variant", "campaign", "cluster", "results_dir", "progress")
 
 
 def _refuse_cell_axes(overrides: list[str]) -> None:
@@ -115,7 +115,7 @@ def _variant_problems(campaign) -> list[str]:
             key = _key(o)
             if "=" not in o:
                 problems.append(f"campaign.variants[{v.name}].overrides: {o!r} is not key=value")
-            elif key in ("model", "recipe") or key.split(".")[0] in _NOT_IN_VARIANT[2:]:
+            elif key in ("model", "recipe") or key.split(".")[0] in _NOT_IN_VARIANT:
                 problems.append(f"campaign.variants[{v.name}].overrides: {o!r} cannot be set per variant; "
                                 "use the variant's models/recipes/steps fields or the campaign's seeds")
     return problems
@@ -131,8 +131,7 @@ def expand(overrides: list[str]) -> Plan:
         cells = []
         base = _without(overrides, "campaign")
         for part in campaign.parts:
-            cells += expand(base + [f"campaign={part}"]).cells
-        check_cells(cells)
+            cells += expand(base + [f"campaign={part}"]).cells  # each part checks its own cells
         return Plan(campaign.name, root, cells)
 
     if not campaign.models:

@@ -42,7 +42,7 @@ import torch
 
 from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
 from aletheia_hpc.method.lora import LoraRanks, apply_lora
-from aletheia_hpc.method.probe import restored_grad_state
+from aletheia_hpc.method.probe import causal_lm_inputs, restored_grad_state
 
 
 @dataclass(frozen=True)
@@ -147,16 +147,6 @@ def _step(model, batch, optimizer, max_grad_norm: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _with_labels(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-    if "labels" not in inputs:
-        labels = inputs["input_ids"].clone()
-        if "attention_mask" in inputs:
-            labels[inputs["attention_mask"] == 0] = -100
-        inputs["labels"] = labels
-    return inputs
-
-
 def calibrate_step_cost(
     model: torch.nn.Module,
     batches: Sequence[Mapping[str, torch.Tensor]],
@@ -186,7 +176,7 @@ def calibrate_step_cost(
     family = family or family_of(model)
     total = num_layers(model, family)
     device = model.get_input_embeddings().weight.device
-    inputs = [_with_labels(b, device) for b in batches]
+    inputs = [causal_lm_inputs(b, device) for b in batches]
     placements = calibration_layer_sets(total)
     t_start = time.perf_counter()
     measured: dict[tuple[int, ...], list[float]] = {layers: [] for layers in placements}

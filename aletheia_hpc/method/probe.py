@@ -177,14 +177,19 @@ def restored_grad_state(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    device = model.get_input_embeddings().weight.device
+def causal_lm_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``batch``'s model inputs on ``device``; without labels, every non-padding token is a target."""
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     if "labels" not in inputs:
         labels = inputs["input_ids"].clone()
         if "attention_mask" in inputs:
             labels[inputs["attention_mask"] == 0] = -100
         inputs["labels"] = labels
+    return inputs
+
+
+def _loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    inputs = causal_lm_inputs(batch, model.get_input_embeddings().weight.device)
     loss = model(**inputs, use_cache=False).loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"probe loss is {loss.item()}: the model or data produce non-finite loss")

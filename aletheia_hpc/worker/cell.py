@@ -55,9 +55,9 @@ def probe_batches(train_examples, collator, batch_size: int, n_batches: int, see
     random.Random(seed).shuffle(order)
     picks = [train_examples[i] for i in order[: batch_size * n_batches]]
     batches = [collator(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
-    if loss_tokens == "all":
+    if loss_tokens == "all":  # without labels the probe's loss covers every non-padding token
         for batch in batches:
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            del batch["labels"]
     return batches
 
 
