@@ -140,9 +140,9 @@ def _print_status(status, as_json: bool) -> None:
 
 def _print_cost(cost: dict) -> None:
     if cost["per_arm"]:
-        print("GPU-hours (scheduler accounting): " + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells']} cells)"
-                                                              for arm, a in sorted(cost["per_arm"].items()))
-              + f"; Aletheia saved {cost['saved_gpu_hours']:.3f} over {cost['pairs']} pair(s), probe included")
+        print("GPU-hours so far (scheduler accounting): "
+              + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells']} cells)" for arm, a in sorted(cost["per_arm"].items()))
+              + "; `aggregate` gives what Aletheia saved")
 
 
 def cmd_status(overrides, args) -> int:
@@ -276,7 +276,6 @@ def cmd_run_cell(overrides, args) -> int:
 
 def cmd_aggregate(overrides, args) -> int:
     from aletheia_hpc.aggregate import aggregate_campaign, summary_table
-    from aletheia_hpc.campaign.service import recorded_cost
 
     plan = _plan(overrides)
     names = plan.root.campaign.parts or [plan.name]
@@ -291,9 +290,8 @@ def cmd_aggregate(overrides, args) -> int:
                   "not cells of this campaign config: aggregating every row found, without a completeness "
                   "check (give the campaign's own config, e.g. campaign=<name>, to check it)", file=sys.stderr)
         result = aggregate_campaign(results_dir, name, expected_cells=expected)
-        print(summary_table(result))
+        print(summary_table(result))  # ends with the GPU-hours the accounting.json files beside the rows give
         print(f"report: {result.report_md}")
-    _print_cost(recorded_cost(plan))  # from the accounting.json files status keeps beside the rows
     return 0
 
 

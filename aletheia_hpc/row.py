@@ -1,4 +1,5 @@
-"""The result row: the one file a cell leaves behind, and the only thing aggregation reads.
+"""The result row: the one file a cell leaves behind, and what aggregation reads (beside it, also the
+scheduler's accounting.json and the benchmarks' samples).
 
 :class:`Row` is the schema, documented field by field where each is defined. A row is a flat
 JSON object (``asdict(Row)``) written atomically to ``<results_dir>/<campaign>/cells/<cell_id>/row.json``.
@@ -20,6 +21,11 @@ from typing import Any, Optional
 from aletheia_hpc.files import atomic_write
 
 ROW_FILENAME = "row.json"
+# Beside the row, on a SLURM cluster: the scheduler's accounting of every job that ran the cell
+# (campaign status writes it; aggregation reads it for GPU-hours):
+# {"jobs": {job_id: {elapsed_s, alloc_cpus, alloc_gpus, max_rss_mib}}, "gpu_hours", "elapsed_s"},
+# cancelled and requeued runs included.
+ACCOUNTING_FILENAME = "accounting.json"
 STATUSES = ("ok", "failed", "nan_abort")
 BASE_RECIPE = "base"
 DEFAULT_VARIANT = "matched"
@@ -191,6 +197,15 @@ def write_row(path: Path, row: Row | dict) -> None:
     row = row.to_dict() if isinstance(row, Row) else dict(row)
     validate_row(row)
     atomic_write(Path(path), json.dumps(row, indent=1, sort_keys=True, allow_nan=False))
+
+
+def read_accounting(cell_dir: Path) -> dict:
+    """A cell directory's accounting.json ({} when absent or unreadable: no scheduler accounted it)."""
+    try:
+        known = json.loads((Path(cell_dir) / ACCOUNTING_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def read_row(path: Path) -> dict:

@@ -6,6 +6,7 @@ import csv
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from aletheia_hpc.aggregate import (aggregate_campaign, aggregate_rows, config_name, load_paper_reference,
@@ -13,7 +14,7 @@ from aletheia_hpc.aggregate import (aggregate_campaign, aggregate_rows, config_n
 from aletheia_hpc.aggregate.figures import FIGURE_FILES
 from aletheia_hpc.aggregate.paper import PAPER_REFERENCE_DIR, PAPER_TO_CONFIG
 from tests.conftest import SHARED_PAPER
-from tests.test_aggregate import CAMPAIGN, make_row, write_campaign
+from tests.test_aggregate import CAMPAIGN, make_row, strict_json, write_campaign
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +111,7 @@ def test_summary_table_lists_models(rendered):
     block = result.stats["per_model"]["mistral-7b"]["matched"]
     row = next(ln for ln in lines if ln.startswith("mistral-7b") and " matched " in ln)
     assert f"{block['speedup_pct_mean']:.1f}" in row and f"{block['std_time_s_mean']:.1f}" in row
-    assert lines[-2].startswith("ALL")
+    assert lines[-3].startswith("ALL") and lines[-1].startswith("GPU-hours")
 
 
 def test_figures_are_skipped_when_data_is_absent(tmp_path):
@@ -195,3 +196,80 @@ def test_missing_reference_data_is_not_fatal(tmp_path):
     rows = [make_row("qwen2.5-0.5b", r, 1, time_s=t) for r, t in (("standard", 130.0), ("aletheia", 100.0))]
     result = aggregate_rows(rows, figures=False, paper_reference=ref)
     assert "Paper reference data not found" in result.report
+
+
+# ------------------------------------------------------------------------------ GPU-hours
+
+def write_accounting(results: Path, row: dict, *jobs: tuple[float, int]) -> None:
+    """accounting.json beside the row, as ``status`` writes it: (elapsed_s, alloc_gpus) per job."""
+    from types import SimpleNamespace
+
+    from aletheia_hpc.campaign.store import record_accounting
+
+    where = SimpleNamespace(campaign=row["campaign"], cell_id=row["cell_id"])  # all cell_path reads
+    for i, (elapsed, gpus) in enumerate(jobs):
+        record_accounting(results, where, f"9{i}_0", {"elapsed_s": elapsed, "alloc_cpus": 4, "alloc_gpus": gpus,
+                                                      "max_rss_mib": 900.0})
+
+
+def test_report_gives_gpu_hours_per_arm_and_what_aletheia_saved(tmp_path):
+    """GPU-hours come from the accounting.json files beside the rows; what Aletheia saved is summed
+    over its pairs with Standard whose two cells are accounted and ran on one hardware."""
+    std = {s: make_row("qwen2.5-0.5b", "standard", s, time_s=130.0) for s in (1, 2, 3, 4)}
+    ale = {s: make_row("qwen2.5-0.5b", "aletheia", s, time_s=100.0) for s in (1, 2, 3, 4)}
+    ale[3]["gpu_name"] = "NVIDIA H100"  # another GPU type: its pair is left out of the saving
+    failed = make_row("mistral-7b", "aletheia", 1, status="failed", family="mistral")
+    rows = [*std.values(), *ale.values(), failed]
+    write_campaign(tmp_path, rows)
+    write_accounting(tmp_path, std[1], (3600, 1))
+    write_accounting(tmp_path, ale[1], (1800, 1), (900, 1))  # requeued once: both runs were paid for
+    write_accounting(tmp_path, std[2], (1800, 2))
+    write_accounting(tmp_path, ale[2], (2400, 2))
+    write_accounting(tmp_path, std[3], (3600, 1))
+    write_accounting(tmp_path, ale[3], (1200, 1))
+    write_accounting(tmp_path, ale[4], (1200, 1))  # its Standard partner was never accounted
+    write_accounting(tmp_path, failed, (720, 4))
+    result = aggregate_campaign(tmp_path, CAMPAIGN, expected_cells=len(rows), figures=False)
+
+    cost = result.stats["cost"]
+    assert (cost["n_cells"], cost["n_cells_accounted"]) == (9, 8)
+    assert cost["per_arm"]["standard"] == {"cells": 4, "cells_accounted": 3, "gpu_hours": pytest.approx(1 + 1 + 1)}
+    assert cost["per_arm"]["aletheia"] == {"cells": 5, "cells_accounted": 5,
+                                           "gpu_hours": pytest.approx(0.75 + 4 / 3 + 1 / 3 + 1 / 3 + 0.8)}
+    assert cost["per_model"]["mistral-7b"]["aletheia"]["gpu_hours"] == pytest.approx(0.8)
+    saved = cost["saved"]["aletheia"]["overall"]
+    assert (saved["n_pairs"], saved["n_pairs_unaccounted"], saved["n_pairs_mixed_hardware"]) == (2, 1, 1)
+    assert saved["standard_gpu_hours"] == pytest.approx(2.0)
+    assert saved["arm_gpu_hours"] == pytest.approx(0.75 + 4 / 3)
+    assert saved["saved_gpu_hours"] == pytest.approx(2.0 - 0.75 - 4 / 3)
+    assert saved["saved_pct"] == pytest.approx(100 * (2.0 - 0.75 - 4 / 3) / 2.0)
+    assert strict_json(result.stats_json)["cost"]["saved"]["aletheia"]["overall"]["n_pairs"] == 2
+
+    runs = pd.read_csv(result.runs_csv).set_index("cell_id")
+    assert runs.loc[ale[1]["cell_id"], "gpu_hours"] == pytest.approx(0.75)
+    assert runs.loc[ale[1]["cell_id"], "job_elapsed_s"] == pytest.approx(2700)
+    assert pd.isna(runs.loc[std[4]["cell_id"], "gpu_hours"])
+    pairs = pd.read_csv(result.pairs_csv).set_index("seed")
+    assert pairs.loc[2, "std_gpu_hours"] == pytest.approx(1.0) and pairs.loc[2, "arm_gpu_hours"] == pytest.approx(4 / 3)
+
+    report = result.report_md.read_text()
+    section = report.split("## Cost in GPU-hours", 1)[1].split("\n## ", 1)[0]
+    assert f"**Aletheia saved {saved['saved_gpu_hours']:.3f} GPU-hours against Standard LoRA" in section
+    assert "8 of 9 cells accounted" in section
+    assert "| standard | all | 4 | 3 | 3.000 |" in section
+    assert "| aletheia | mistral-7b | 1 | 1 | 0.800 |" in section
+    line = next(ln for ln in section.splitlines() if ln.startswith("| aletheia | all | 2 |"))
+    assert "| 2.000 | 2.083 | -0.083 |" in line and "left out: 1 unaccounted, 1 on mixed hardware" in line
+    assert summary_table(result).splitlines()[-1] == (
+        f"GPU-hours (scheduler accounting): aletheia={cost['per_arm']['aletheia']['gpu_hours']:.3f} (5 cells), "
+        f"standard=3.000 (3 cells); Aletheia saved {saved['saved_gpu_hours']:.3f} over 2 pair(s), probe included")
+
+
+def test_report_without_accounting_says_so_in_one_line(rendered):
+    result, report = rendered
+    section = report.split("## Cost in GPU-hours", 1)[1].split("\n## ", 1)[0].strip()
+    assert section.startswith(f"No GPU-hours: none of the {result.n_rows} cell(s) has the scheduler's accounting")
+    assert len(section.splitlines()) == 1
+    assert result.stats["cost"]["n_cells_accounted"] == 0 and result.stats["cost"]["saved"]["aletheia"]["overall"][
+        "n_pairs"] == 0
+    assert summary_table(result).splitlines()[-1].startswith("GPU-hours: none")

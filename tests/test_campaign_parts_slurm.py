@@ -109,12 +109,21 @@ def test_two_part_campaign_launch_status_cancel_resubmit(dev_cluster, tmp_path):
         assert set(acct["jobs"]) <= recorded and (c["cell_id"] != quick or len(acct["jobs"]) == 1), acct
         assert acct["gpu_hours"] == pytest.approx(sum(u["elapsed_s"] for u in acct["jobs"].values()) / 3600)
         assert c["gpu_hours"] == pytest.approx(acct["gpu_hours"])
-    cost = st["cost"]
-    assert cost["pairs"] == 2 and {a: v["cells"] for a, v in cost["per_arm"].items()} == {"standard": 2, "aletheia": 2}
-    assert cost["saved_gpu_hours"] == pytest.approx(cost["standard_gpu_hours"] - cost["aletheia_gpu_hours"])
-    assert "GPU-hours (scheduler accounting): aletheia=" in run(env, "status", *ov).stdout
+    per_arm = st["cost"]["per_arm"]  # status: what the campaign has spent so far, per arm
+    assert {a: v["cells"] for a, v in per_arm.items()} == {"standard": 2, "aletheia": 2}
+    assert sum(v["gpu_hours"] for v in per_arm.values()) == pytest.approx(sum(c["gpu_hours"] for c in st["cells"]))
+    assert "GPU-hours so far (scheduler accounting): aletheia=" in run(env, "status", *ov).stdout
     # aggregate reads the same figures from the accounting.json files the last status wrote, no
-    # scheduler needed (each status refreshes them: a job's elapsed time can still grow between two)
-    latest = status(env, ov)["cost"]
-    line = next(x for x in run(env, "aggregate", *ov).stdout.splitlines() if x.startswith("GPU-hours"))
-    assert f"Aletheia saved {latest['saved_gpu_hours']:.3f} over 2 pair(s)" in line, line
+    # scheduler needed (each status refreshes them: a job's elapsed time can still grow between two),
+    # and pairs them: what Aletheia saved per part, in stats.json, REPORT.md and the printed summary
+    latest = status(env, ov)["cells"]
+    printed = run(env, "aggregate", *ov).stdout
+    for part in PARTS:
+        spent = {c["recipe"]: c["gpu_hours"] for c in latest if c["campaign"] == part}
+        cost = json.loads((results / part / "stats.json").read_text())["cost"]
+        assert {a: v["gpu_hours"] for a, v in cost["per_arm"].items()} == pytest.approx(spent), part
+        saved = cost["saved"]["aletheia"]["overall"]
+        assert saved["n_pairs"] == 1, saved
+        assert saved["saved_gpu_hours"] == pytest.approx(spent["standard"] - spent["aletheia"])
+        assert f"Aletheia saved {saved['saved_gpu_hours']:.3f} over 1 pair(s), probe included" in printed, printed
+        assert f"**Aletheia saved {saved['saved_gpu_hours']:.3f} GPU-hours" in (results / part / "REPORT.md").read_text()

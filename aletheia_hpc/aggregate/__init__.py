@@ -12,7 +12,8 @@ Public API
 
 Outputs (in the campaign directory)
     runs.csv                one row per cell, every status; lists/objects as JSON text
-                            (step_times_s and config stay in row.json only)
+                            (step_times_s and config stay in row.json only); gpu_hours and
+                            job_elapsed_s from the accounting.json beside the row (SLURM)
     pairs.csv               one row per (model, seed, variant) Standard/Aletheia pair
     RESULTS_MASTER.csv      pairs of the primary variant (the paper's Campaign 1 file)
     RESULTS_CAMPAIGN2.csv   one row per training run, failed runs included (the paper's Campaign 2 file)
@@ -32,6 +33,8 @@ stats.json layout (definitions in ``stats.CONVENTIONS``, also written under ``co
                        standard_variant, seeds, quality}}  -- always nested by variant
     per_family         {family: {variant: timing block + models, quality}}
     compute_matched    {n_pairs, standard_variant, overall, per_model, note}
+    cost               GPU-hours per arm (and per model) and what each arm saved against Standard over
+                       its pairs, from the cells' accounting.json (cost.py)
     failed_cells, unreadable_rows, cells_without_row, duplicate_runs_superseded, conventions
     quality_flags      {flags: [{benchmark, model, recipe, n_cells, n_questions, accuracy_mean,
                        n_cells_flagged, flagged, warnings}], paired: {model: {benchmark: {pooled,

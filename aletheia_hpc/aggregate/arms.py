@@ -43,7 +43,7 @@ MAX_LISTED_SEED_PAIRS = 45  # 10 seeds
 MAX_STABILITY_SEEDS = 50
 
 
-def _arm_order(arms) -> list[str]:
+def arm_order(arms) -> list[str]:
     """standard first, then aletheia and its variants, then the others, alphabetically."""
     return sorted(set(arms), key=lambda a: (a != STANDARD, not a.startswith(ALETHEIA), a))
 
@@ -108,7 +108,7 @@ def arm_stats(ok: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     by_arm_model = pairs.groupby(["arm", "model"], sort=False).indices
     controls = control_pairs(ok)
     out: dict[str, dict] = {}
-    for arm in _arm_order(by_arm):
+    for arm in arm_order(by_arm):
         idx = by_arm[arm]
         first = int(idx[0])
         recipe = pairs["recipe"].iat[first]
@@ -145,7 +145,7 @@ def ranking_stability(ok: pd.DataFrame) -> dict:
     out: dict[str, dict] = {}
     for model, group in probed.groupby("model", sort=False):
         arms = list(group["arm"].unique())
-        arm = ALETHEIA if ALETHEIA in arms else _arm_order(arms)[0]
+        arm = ALETHEIA if ALETHEIA in arms else arm_order(arms)[0]
         runs_of_arm = group[group["arm"] == arm]
         n_seeds = len(runs_of_arm)
         runs_of_arm = runs_of_arm.iloc[:MAX_STABILITY_SEEDS]  # runs frames are sorted by seed

@@ -19,6 +19,7 @@ from .paper import PaperReference, load_paper_reference, model_sort_key, paper_n
 from .quality_flags import campaign_quality
 from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
 from .arms import arm_stats, ranking_stability
+from .cost import cost_stats
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
                      PAPER_RECIPES, BadRow, campaign2_rows, csv_text, frame_cells, latest_ok_training_runs,
                      load_rows, master_rows, pairs_frame, paper_pairs, pick, results_campaign2, results_master,
@@ -110,10 +111,12 @@ def _ordered(names: Iterable) -> list:
 
 def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     """The statistics part of ``stats.json`` (layout in the package docstring): the paper's
-    Aletheia-vs-Standard comparison, every arm against Standard, and the probe's ranking stability."""
+    Aletheia-vs-Standard comparison, every arm against Standard, the probe's ranking stability and
+    the GPU-hours the scheduler accounted."""
     latest = latest_ok_training_runs(runs)
     return {**paper_stats(runs[runs["recipe"].isin(PAPER_RECIPES)], paper_pairs(pairs)),
-            "arms": arm_stats(latest, pairs), "stability": ranking_stability(latest)}
+            "arms": arm_stats(latest, pairs), "stability": ranking_stability(latest),
+            "cost": cost_stats(runs, pairs)}
 
 
 def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
@@ -381,4 +384,16 @@ def summary_table(result: AggregateResult) -> str:
     title = f"campaign {result.campaign}: {result.completeness}" + (" [PARTIAL]" if result.partial else "")
     foot = "speedup % = (1 - t_ale/t_std) x 100, mean +/- SD over seeds; MMLU d = Aletheia - Standard (pp)"
     return "\n".join([title, fmt_row(header), rule, *(fmt_row(r) for r in lines[:-1]), rule,
-                      fmt_row(lines[-1]), foot])
+                      fmt_row(lines[-1]), foot, cost_line(result.stats["cost"])])
+
+
+def cost_line(cost: dict) -> str:
+    """stats.json ``cost`` in one line: GPU-hours per arm and what Aletheia saved."""
+    if not cost["n_cells_accounted"]:
+        return "GPU-hours: none (no scheduler accounting beside the rows: local runs, or no status since the jobs ran)"
+    ale = (cost["saved"].get("aletheia") or {}).get("overall")
+    return ("GPU-hours (scheduler accounting): "
+            + ", ".join(f"{arm}={a['gpu_hours']:.3f} ({a['cells_accounted']} cells)"
+                        for arm, a in sorted(cost["per_arm"].items()) if a["cells_accounted"])
+            + (f"; Aletheia saved {ale['saved_gpu_hours']:.3f} over {ale['n_pairs']} pair(s), probe included"
+               if ale and ale["n_pairs"] else ""))

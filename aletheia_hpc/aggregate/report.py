@@ -150,6 +150,53 @@ def _per_family(stats: dict) -> list[str]:
                     "p", "d_z", "win rate", "note"], rows)]
 
 
+def _saving_row(arm: str, model: str, s: dict) -> list:
+    left_out = [f"{s[k]} {what}" for k, what in (("n_pairs_unaccounted", "unaccounted"),
+                                                 ("n_pairs_mixed_hardware", "on mixed hardware")) if s[k]]
+    return [arm, model, s["n_pairs"], _f(s["standard_gpu_hours"], 3), _f(s["arm_gpu_hours"], 3),
+            _f(s["saved_gpu_hours"], 3, True), _f(s["saved_pct"], 1, True),
+            f"left out: {', '.join(left_out)}" if left_out else None]
+
+
+def _cost(stats: dict) -> list[str]:
+    """GPU-hours per arm and what each arm saved against Standard LoRA, from the scheduler's accounting."""
+    cost = stats.get("cost") or {}
+    out = ["## Cost in GPU-hours", ""]
+    if not cost.get("n_cells_accounted"):
+        return out + [f"No GPU-hours: none of the {cost.get('n_cells', 0)} cell(s) has the scheduler's accounting "
+                      "beside its row (accounting.json, kept by `status` on a SLURM cluster); local runs have "
+                      "none, and the training times above are their measured cost."]
+    out += ["From the scheduler's accounting of every job that ran a cell (elapsed time x allocated GPUs, "
+            "requeued and cancelled runs included): model loading, the probe, training and evaluation. "
+            f"{cost['n_cells_accounted']} of {cost['n_cells']} cells accounted, "
+            f"{_f(cost['gpu_hours'], 3)} GPU-hours in all."]
+    ale = ((cost.get("saved") or {}).get("aletheia") or {}).get("overall")
+    if ale and ale["n_pairs"]:
+        out += ["", f"**Aletheia saved {_f(ale['saved_gpu_hours'], 3)} GPU-hours against Standard LoRA "
+                f"({_f(ale['saved_pct'], 1, True)} % of Standard's {_f(ale['standard_gpu_hours'], 3)}) over "
+                f"{ale['n_pairs']} pair(s), probe included.**"]
+    multi_model = len(cost["per_model"]) > 1
+    rows = []
+    for arm, a in cost["per_arm"].items():
+        rows.append([arm, "all", a["cells"], a["cells_accounted"], _f(a["gpu_hours"], 3)])
+        if multi_model:
+            rows += [[arm, model, m[arm]["cells"], m[arm]["cells_accounted"], _f(m[arm]["gpu_hours"], 3)]
+                     for model, m in cost["per_model"].items() if arm in m]
+    out += ["", "### GPU-hours per arm", "", _table(["arm", "model", "cells", "accounted", "GPU-hours"], rows)]
+    rows = []
+    for arm, s in cost["saved"].items():
+        rows.append(_saving_row(arm, "all", s["overall"]))
+        if multi_model:
+            rows += [_saving_row(arm, model, b) for model, b in s["per_model"].items()]
+    if rows:
+        out += ["", "### Saved against Standard LoRA (same model and seed pairs)", "",
+                "Saved = Standard's GPU-hours - the arm's, over the pairs with both cells accounted on one "
+                "hardware; % of Standard's.", "",
+                _table(["arm", "model", "pairs", "Standard GPU-h", "arm GPU-h", "saved GPU-h", "saved %", "note"],
+                       rows)]
+    return out
+
+
 def _quality(stats: dict) -> list[str]:
     out = ["## Quality: eval loss and benchmarks", "",
            "Differences are Aletheia - Standard over paired seeds (eval loss in loss units, benchmarks "
@@ -591,7 +638,7 @@ def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: li
         "",
     ]
     sections = [_headline(stats, ref), _mixed_hardware(pairs), _per_model_timing(stats),
-                _per_family(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
+                _per_family(stats), _cost(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
                 _layer_selection(rows), _paper_vs_run(stats, ref), _setting_differences(rows), _figures(figures),
                 _failures(stats), _provenance(runs)]
     for section in sections:

@@ -74,6 +74,10 @@ CONVENTIONS = {
     "holm": "p_value_holm: Holm step-down adjustment across the arms of the campaign (arms.*.overall) or "
             "of one model (arms.*.per_model), within each comparison (timing vs standard, a quality metric "
             "vs standard, a quality metric vs aletheia)",
+    "gpu_hours": "from the scheduler's accounting beside each row (accounting.json): elapsed time x "
+                 "allocated GPUs, summed over every job that ran the cell (requeued and cancelled runs "
+                 "included), so it covers model loading, the probe, training and evaluation; cost.saved = "
+                 "Standard - arm over the pairs with both cells accounted on one hardware",
     "stability": "per model, over every two seeds of one probing arm: Jaccard index of the selected "
                  "layer sets and Spearman's rho of the probe scores",
     "per_model": "per_model[model][variant] and per_family[family][variant]; overall covers the "

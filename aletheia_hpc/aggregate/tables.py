@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from aletheia_hpc.evaluation.benchmarks import REGISTRY, SCORE_FIELDS
-from aletheia_hpc.row import BASE_RECIPE, CSV_JSON_FIELDS, arm_name, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, read_row
+from aletheia_hpc.row import (BASE_RECIPE, CSV_JSON_FIELDS, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, arm_name,
+                              read_accounting, read_row)
 
 from .paper import model_sort_key, paper_name
 
@@ -42,18 +43,24 @@ BENCH_FIELDS = dict(SCORE_FIELDS)
 _SLURM_KEYS = ("job_id", "array_job_id", "array_task_id", "node")
 
 
+# from the cell's accounting.json (row.ACCOUNTING_FILENAME): runs column -> its key; NaN without one
+ACCOUNTING_COLUMNS = {"gpu_hours": "gpu_hours", "job_elapsed_s": "elapsed_s"}
+
+
 def _run_columns() -> tuple[str, ...]:
     """runs.csv's columns: the row's scalar fields in schema order (paper_model after model,
-    n_selected_layers after num_layers), then its JSON fields, slurm_*, row_path."""
+    n_selected_layers after num_layers), then its JSON fields, slurm_*, the scheduler's accounting,
+    row_path."""
     columns = []
     for name in CSV_SCALAR_FIELDS:
         columns.append(name)
         columns += {"model": ["paper_model"], "num_layers": ["n_selected_layers"]}.get(name, [])
-    return (*columns, *CSV_JSON_FIELDS, *(f"slurm_{k}" for k in _SLURM_KEYS), "row_path")
+    return (*columns, *CSV_JSON_FIELDS, *(f"slurm_{k}" for k in _SLURM_KEYS), *ACCOUNTING_COLUMNS, "row_path")
 
 
 RUN_COLUMNS = _run_columns()
 ROW_PATH_KEY = "_row_path"  # set by load_rows on the dicts it returns
+ACCOUNTING_KEY = "_accounting"  # set by load_rows: the cell's accounting.json, {} when it has none
 
 
 @dataclass
@@ -76,6 +83,7 @@ def load_rows(results_dir: Path, campaign: str) -> LoadedRows:
 
     Corrupt, truncated or schema-violating files are collected in ``bad_rows`` (path + reason) and
     skipped; cell directories without a row file (cells running or lost) in ``cells_without_row``.
+    Each row dict also carries its path and the accounting.json beside it (ROW_PATH_KEY, ACCOUNTING_KEY).
     """
     cells = Path(results_dir) / campaign / "cells"
     loaded = LoadedRows()
@@ -94,6 +102,7 @@ def load_rows(results_dir: Path, campaign: str) -> LoadedRows:
             loaded.bad_rows.append(BadRow(path=path, reason=str(exc).replace(f"{path}: ", "", 1)))
             continue
         row[ROW_PATH_KEY] = path
+        row[ACCOUNTING_KEY] = read_accounting(Path(cell_dir))
         loaded.rows.append(row)
     return loaded
 
@@ -161,7 +170,7 @@ def _json_column(values: list) -> list:
     return out
 
 
-_ROW_KEYS = CSV_SCALAR_FIELDS + CSV_JSON_FIELDS + ("slurm", ROW_PATH_KEY)
+_ROW_KEYS = CSV_SCALAR_FIELDS + CSV_JSON_FIELDS + ("slurm", ACCOUNTING_KEY, ROW_PATH_KEY)
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
@@ -181,6 +190,11 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
             key = name[len("slurm_"):]
             df[name] = pd.Series([v.get(key) if type(v) is dict else None for v in raw["slurm"].tolist()],
                                  index=raw.index, dtype=object)
+        elif name in ACCOUNTING_COLUMNS:
+            key = ACCOUNTING_COLUMNS[name]
+            df[name] = pd.to_numeric(pd.Series([v.get(key) if type(v) is dict else None
+                                                for v in raw[ACCOUNTING_KEY].tolist()], index=raw.index, dtype=object),
+                                     errors="coerce").astype(float)
         elif name == "paper_model":
             names = {m: paper_name(m) for m in raw["model"].unique()}
             df[name] = raw["model"].map(names).astype(object)
@@ -293,7 +307,7 @@ def standard_variant_of(recipe: str, variant: str, variants_with_standard: set) 
 
 
 PAIR_SIDE_FIELDS = ("cell_id", "train_time_s", "train_steps", "trainable_params", "eval_loss",
-                    "final_train_loss", "device", "gpu_name") + tuple(BENCH_FIELDS.values())
+                    "final_train_loss", "device", "gpu_name", "gpu_hours") + tuple(BENCH_FIELDS.values())
 
 
 def hardware_label(device: pd.Series, gpu_name: pd.Series) -> pd.Series:
@@ -346,6 +360,9 @@ def pairs_frame(runs: pd.DataFrame) -> pd.DataFrame:
         out["speedup_pct"] = (1.0 - at / st) * 100.0
         out["arm_probe_time_s"] = probe
         out["speedup_incl_probe_pct"] = (1.0 - (at + np.nan_to_num(probe)) / st) * 100.0
+    # the scheduler's GPU-hours of each cell's jobs (load, probe, training, evaluation); NaN unaccounted
+    out["std_gpu_hours"] = pairs["std_gpu_hours"].astype(float).to_numpy()
+    out["arm_gpu_hours"] = pairs["arm_gpu_hours"].astype(float).to_numpy()
     for f in ("train_steps", "trainable_params"):
         out[f"std_{f}"] = pairs[f"std_{f}"].to_numpy()
         out[f"arm_{f}"] = pairs[f"arm_{f}"].to_numpy()

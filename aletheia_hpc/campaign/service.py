@@ -23,7 +23,7 @@ from aletheia_hpc.campaign.dispatch import Dispatcher, SchedulerView, Submission
 from aletheia_hpc.campaign.matrix import Plan
 from aletheia_hpc.campaign.state import BUSY, cell_state
 from aletheia_hpc.campaign.store import (cell_logs, cell_path, latest_job, launch_lock_path, move_progress_aside,
-                                         move_row_aside, read_accounting, read_progress, record_accounting, row_state,
+                                         move_row_aside, read_progress, record_accounting, row_state,
                                          take_snapshot)
 from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError
 from aletheia_hpc.files import LockHeld, file_lock
@@ -57,31 +57,17 @@ def dispatcher_for(plan: Plan, results_dir: Path) -> Dispatcher:
     raise ConfigError(f"cluster.kind={cluster.kind!r}: use local or slurm")
 
 
-def cost_summary(cells: list[dict]) -> dict:
-    """GPU-hours per arm from the scheduler's accounting of the cells' jobs (``gpu_hours`` of each cell
-    dict, None when unknown), and what Aletheia saved: over every (model, seed, variant) with both a
-    standard and an aletheia cell accounted, the standard cell's GPU-hours minus the aletheia cell's
-    (whose job includes the probe)."""
+def gpu_hours_per_arm(cells: list[dict]) -> dict[str, dict]:
+    """{arm: {cells, gpu_hours}} over the cells (status dicts) the scheduler has accounted so far,
+    any state: the live view of what the campaign spends. What an arm saved against Standard is a
+    property of the finished pairs: aggregate gives it (stats.json ``cost``)."""
     per_arm: dict[str, dict] = {}
     for c in cells:
         if c["gpu_hours"] is not None:
             arm = per_arm.setdefault(c["arm"], {"cells": 0, "gpu_hours": 0.0})
             arm["cells"] += 1
             arm["gpu_hours"] += c["gpu_hours"]
-    by_key = {(c["model"], c["seed"], c["variant"], c["recipe"]): c["gpu_hours"] for c in cells}
-    pairs = [(std, ale) for (m, seed, v, r), std in by_key.items() if r == "standard"
-             if std is not None and (ale := by_key.get((m, seed, v, "aletheia"))) is not None]
-    return {"per_arm": per_arm, "pairs": len(pairs),
-            "standard_gpu_hours": sum(s for s, _ in pairs), "aletheia_gpu_hours": sum(a for _, a in pairs),
-            "saved_gpu_hours": sum(s - a for s, a in pairs)}
-
-
-def recorded_cost(plan: Plan) -> dict:
-    """cost_summary from the accounting.json files status left beside the rows (no scheduler needed)."""
-    results_dir = Path(plan.root.results_dir)
-    cells = [{"arm": c.arm, "model": c.model.name, "seed": c.seed, "variant": c.variant, "recipe": c.recipe.name,
-              "gpu_hours": read_accounting(results_dir, c).get("gpu_hours")} for c in plan.cells]
-    return cost_summary(cells)
+    return per_arm
 
 
 @dataclass
@@ -100,7 +86,7 @@ class Status:
 
     @property
     def cost(self) -> dict:
-        return cost_summary(self.cells)
+        return {"per_arm": gpu_hours_per_arm(self.cells)}
 
     def to_json(self) -> dict:
         return {"counts": self.counts, "source": self.view.source, "note": self.view.problem, "cost": self.cost,

@@ -16,15 +16,12 @@ from pathlib import Path
 from aletheia_hpc.config import CellConfig
 from aletheia_hpc.files import atomic_write
 from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
-from aletheia_hpc.row import ROW_FILENAME, InvalidRow, read_row
+from aletheia_hpc.row import ACCOUNTING_FILENAME, ROW_FILENAME, InvalidRow, read_accounting, read_row
 
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
 # One line per job that ran or runs the cell (SLURM array task or local launch); the last is current.
 JOBS_FILE = "jobs.jsonl"
-# Beside the row: the scheduler's accounting of each job that ran the cell (elapsed_s, alloc_cpus,
-# alloc_gpus, max_rss_mib) and the GPU-hours they add up to; status keeps it up to date.
-ACCOUNTING_FILE = "accounting.json"
 REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run again
 NAN_EXIT_CODE = 4  # a cell that stopped on a non-finite loss (its nan_abort row is written)
 SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
@@ -179,22 +176,14 @@ def gpu_hours(usage: dict) -> float:
     return usage["elapsed_s"] * usage["alloc_gpus"] / 3600
 
 
-def read_accounting(results_dir: Path, cell: CellConfig) -> dict:
-    """The cell's accounting.json ({} when absent or unreadable)."""
-    try:
-        return json.loads((cell_path(results_dir, cell) / ACCOUNTING_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def record_accounting(results_dir: Path, cell: CellConfig, job_id: str, usage: dict) -> dict:
     """Keep ``usage`` of job ``job_id`` in the cell's accounting.json (written only when it changed);
-    returns the file's content: {"jobs": {job_id: usage}, "gpu_hours", "elapsed_s"}."""
-    path = cell_path(results_dir, cell) / ACCOUNTING_FILE
-    known = read_accounting(results_dir, cell) or {"jobs": {}}
+    returns the file's content (layout: row.ACCOUNTING_FILENAME)."""
+    work = cell_path(results_dir, cell)
+    known = read_accounting(work) or {"jobs": {}}
     if known["jobs"].get(job_id) != usage:
         known["jobs"][job_id] = usage
         known["gpu_hours"] = sum(gpu_hours(u) for u in known["jobs"].values())
         known["elapsed_s"] = sum(u["elapsed_s"] for u in known["jobs"].values())
-        atomic_write(path, json.dumps(known, indent=1), fsync=False)
+        atomic_write(work / ACCOUNTING_FILENAME, json.dumps(known, indent=1), fsync=False)
     return known
