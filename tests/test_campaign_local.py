@@ -178,3 +178,24 @@ def test_aggregating_rows_without_their_campaign_config_counts_the_rows_found(tm
     assert "4 of the 4 cell directories" in out.stderr and "not cells of this campaign config" in out.stderr
     report = (tmp_path / "copied" / "REPORT.md").read_text()
     assert "4 cells have rows" in report and "of 2 cells" not in report + out.stdout, report[:1500]
+
+
+def test_each_cell_of_a_local_launch_shows_its_own_state(tmp_path):
+    """While a launch holds its lock, its running cell is running and its queued cell pending (their
+    job records are told apart); once it ended without rows, both are missing."""
+    from aletheia_hpc.campaign.matrix import expand
+    from aletheia_hpc.campaign.service import CampaignService
+    from aletheia_hpc.campaign.store import launch_lock_path, prepare_cell_dir
+    from aletheia_hpc.files import file_lock
+
+    plan = expand(["campaign=default", f"results_dir={tmp_path}"])
+    service = CampaignService(plan, say=lambda text: None)
+    launch, running, queued = service.dispatcher, *plan.cells
+    with file_lock(launch_lock_path(tmp_path, running.campaign), holder=json.dumps({"launch": launch.launch_id})):
+        for cell in plan.cells:  # as LocalDispatcher.submit records them, then starts the first
+            prepare_cell_dir(tmp_path, cell)
+            launch._record(cell, "queued", tmp_path)
+        launch._record(running, "running", tmp_path)
+        during = {c["cell_id"]: c["state"] for c in service.status().cells}
+    assert during == {running.cell_id: "running", queued.cell_id: "pending"}
+    assert {c["state"] for c in service.status().cells} == {"missing"}

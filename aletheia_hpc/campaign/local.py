@@ -139,7 +139,8 @@ class LocalDispatcher:
                           "(its finished cells keep their rows)")
 
     def _record(self, cell: CellConfig, phase: str, snapshot: Path, **extra) -> None:
-        append_job(self.results_dir, cell, {"job_id": f"local-{self.launch_id}", "launch": self.launch_id,
+        # one job id per cell: observe keys its states by job id, and each cell of a launch has its own
+        append_job(self.results_dir, cell, {"job_id": f"local-{self.launch_id}-{cell.cell_id}", "launch": self.launch_id,
                                             "part": cell.campaign, "phase": phase, "snapshot": str(snapshot),
                                             "submitted_at": time.time(), "cluster": self.cluster.name,
                                             **extra})
