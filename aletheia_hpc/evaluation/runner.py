@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +11,7 @@ import torch
 
 from aletheia_hpc.evaluation.benchmarks import REGISTRY, BenchmarkContext, row_fields, samples_path
 from aletheia_hpc.evaluation.settings import EvalSettings, coerce_settings
+from aletheia_hpc.files import atomic_write
 
 EMPTY_FIELDS = {"benchmarks": None, **{name: None for name in row_fields()},
                 "eval_time_s": None, "eval_source": None}
@@ -32,17 +31,9 @@ def preflight(settings: EvalSettings | Any) -> dict | None:
 
 
 def write_samples(path: Path, samples: list[dict]) -> None:
-    """One JSON object per question, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            for sample in samples:
-                handle.write(json.dumps(sample, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """One JSON object per question, written atomically (not fsynced: the row, written after it, is)."""
+    atomic_write(path, "".join(json.dumps(sample, sort_keys=True, default=str) + "\n" for sample in samples),
+                 fsync=False)
 
 
 def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | Any,
