@@ -10,6 +10,10 @@ sys.path.insert(0, str(ROOT))
 SHARED_PAPER = ROOT.parent / "shared" / "paper"
 # Derived artefacts (tokenizer, converted models) go to a cache the suite shares across runs.
 os.environ.setdefault("ALETHEIA_CACHE", str(ROOT / ".cache"))
+# The suite runs offline: nothing in it (nor the cells it starts) reaches for a hub, whatever
+# packages are installed; tests that exercise the hub decision set their own endpoint.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 pytest_plugins = ["tests.slurm_cluster"]
 

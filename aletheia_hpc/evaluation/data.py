@@ -41,7 +41,10 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -218,6 +221,30 @@ def load_offline(benchmark: str) -> tuple[list, str]:
     return parse_records(benchmark, read_jsonl(path), str(path)), f"offline:{distribution}"
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_unreachable() -> str | None:
+    """Why ``auto`` does not try the hub now, or None when it does.
+
+    Decided by the hub's own offline switches (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``) and a
+    short TCP connection to its endpoint (``HF_ENDPOINT``), never by which packages happen to be
+    importable: an offline node takes the same source whether or not ``datasets`` is installed,
+    and nothing reaches for a hub the switches say is off.
+    """
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        return f"{endpoint} is not reachable ({exc})"
+    return None
+
+
 def load_hub(benchmark: str) -> tuple[list, str]:
     name, config, split = HUB_IDS[benchmark]
     try:
@@ -235,8 +262,9 @@ def load_hub(benchmark: str) -> tuple[list, str]:
 def load_benchmark(benchmark: str, source: str = "auto", data_dir: str | None = None
                    ) -> tuple[list, str]:
     """All records of ``benchmark`` and the source they came from (``local:/path``,
-    ``offline:<package>`` or ``hub:<dataset>``). ``auto`` tries local, then the hub, then the
-    offline copy as a fallback, whose source then says ``(auto fallback; <why not the others>)``."""
+    ``offline:<package>`` or ``hub:<dataset>``). ``auto`` tries local, then the hub where
+    :func:`hub_unreachable` allows, then the offline copy as a fallback, whose source then says
+    ``(auto fallback; <why not the others>)``."""
     if benchmark not in _PARSERS:
         raise ValueError(f"unknown benchmark {benchmark!r}")
     if source == "local":
@@ -254,10 +282,13 @@ def load_benchmark(benchmark: str, source: str = "auto", data_dir: str | None = 
         return load_local(benchmark, data_dir)
     if data_dir:
         tried.append(f"local: no {' or '.join(LOCAL_FILES[benchmark])} in {data_dir}")
-    try:
-        return load_hub(benchmark)
-    except DataSourceError as exc:
-        tried.append(f"hub: {exc}")
+    why_not_hub = hub_unreachable()
+    if why_not_hub is None:
+        try:
+            return load_hub(benchmark)
+        except DataSourceError as exc:
+            why_not_hub = str(exc)
+    tried.append(f"hub: {why_not_hub}")
     if offline_path(benchmark) is not None:  # the stated fallback, and the row says so
         records, source = load_offline(benchmark)
         return records, f"{source} (auto fallback; {'; '.join(tried)})"

@@ -11,8 +11,9 @@ cell of a campaign sees the same questions (see :mod:`aletheia_hpc.evaluation.da
 Data sources (``source``):
 
 ``auto``
-    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``hub`` when it can
-    be loaded, else ``offline`` as a stated fallback (the row's ``eval_source`` says
+    ``local`` when ``data_dir`` is set and holds the benchmark's file, else ``hub`` when it is
+    reachable (``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` unset, its endpoint answering: never
+    decided by which packages are installed) and loads, else ``offline`` as a stated fallback (the row's ``eval_source`` says
     ``(auto fallback; ...)`` and why). Paper campaigns ask for ``hub`` explicitly.
 ``local``
     JSONL files in ``data_dir`` (formats in :mod:`aletheia_hpc.evaluation.data`).
