@@ -36,3 +36,34 @@ def probe_batches(n=3, batch=2, length=12, seed=0, pad_last=True):
 @pytest.fixture
 def batches():
     return probe_batches()
+
+
+def race_processes(child_source: str, args: list[str], tmp_path: Path, n: int, *, start_timeout: float,
+                   run_timeout: float) -> list[dict]:
+    """Run ``n`` Python processes of ``child_source`` (argv: ``args``, then its ready file and the shared
+    go file), release them at once when all are ready, and return each one's last stdout line as JSON."""
+    import json
+    import subprocess
+    import time
+
+    from aletheia_hpc.provenance import REPO_ROOT
+
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    children = [subprocess.Popen([sys.executable, "-c", child_source, *args, str(tmp_path / f"ready{i}"), str(go)],
+                                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in range(n)]
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
+            assert time.monotonic() < deadline, "children did not start"
+            assert all(c.poll() is None for c in children), [c.communicate() for c in children]
+            time.sleep(0.01)
+        go.touch()  # release all of them at once
+        outputs = [c.communicate(timeout=run_timeout) for c in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    assert all(c.returncode == 0 for c in children), [err[-2000:] for _, err in outputs]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]

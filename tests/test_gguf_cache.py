@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import pytest
 import torch
 
 from aletheia_hpc.models import gguf_cache as gc
-from aletheia_hpc.provenance import REPO_ROOT
+from tests.conftest import race_processes
 from aletheia_hpc.verified_cache import MANIFEST_NAME
 
 
@@ -445,27 +444,8 @@ print(json.dumps({"path": str(path), "inode": path.stat().st_ino,
 
 def test_concurrent_first_use_converts_once(tiny_gguf, tmp_path):
     cache_dir, n = tmp_path / "converted", 2
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    go = tmp_path / "go"
-    children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tiny_gguf), str(cache_dir),
-                                  str(tmp_path / f"ready{i}"), str(go)],
-                                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
-                 for i in range(n)]
-    try:
-        deadline = time.monotonic() + 120
-        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
-            assert time.monotonic() < deadline, "children did not start"
-            assert all(c.poll() is None for c in children), [c.communicate() for c in children]
-            time.sleep(0.01)
-        go.touch()  # release all of them at once
-        outputs = [c.communicate(timeout=180) for c in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    assert all(c.returncode == 0 for c in children), [err[-2000:] for _, err in outputs]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    results = race_processes(_CHILD, [str(tiny_gguf), str(cache_dir)], tmp_path, n, start_timeout=120,
+                             run_timeout=180)
     waited = sum(any(m.startswith("waiting for the lock") for m in r["messages"]) for r in results)
     print(f"\n{n} concurrent processes: {waited} waited on the lock")
 

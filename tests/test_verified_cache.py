@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from aletheia_hpc import verified_cache as vc
-from aletheia_hpc.provenance import REPO_ROOT
+from tests.conftest import race_processes
 
 KEY = "abc123-float32"
 
@@ -178,25 +175,8 @@ print(json.dumps({"built": entry.built_because is not None, "inode": entry.path.
 
 
 def test_processes_asking_at_once_build_once(tmp_path):
-    n, go = 3, tmp_path / "go"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "cache"), str(tmp_path / f"ready{i}"),
-                                  str(go)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for i in range(n)]
-    try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
-            assert time.monotonic() < deadline and all(c.poll() is None for c in children), \
-                [c.communicate() for c in children]
-            time.sleep(0.01)
-        go.touch()
-        outputs = [c.communicate(timeout=60) for c in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    assert all(c.returncode == 0 for c in children), [err[-2000:] for _, err in outputs]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    n = 3
+    results = race_processes(_CHILD, [str(tmp_path / "cache")], tmp_path, n, start_timeout=60, run_timeout=60)
     assert sorted(r["built"] for r in results) == [False] * (n - 1) + [True]
     assert len({r["inode"] for r in results}) == 1 and len({r["builder"] for r in results}) == 1
     assert leftovers(tmp_path / "cache") == []
