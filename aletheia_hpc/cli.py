@@ -207,47 +207,26 @@ def _watch(service, interval: float) -> int:
 def cmd_logs(overrides, args) -> int:
     """Print a cell's newest attempt log (local or SLURM); --follow keeps printing what is appended,
     also across requeued attempts, until the cell has a row (or Ctrl-C)."""
-    import time
-
     from aletheia_hpc.campaign.matrix import compose_root
-    from aletheia_hpc.campaign.store import cell_logs
-    from aletheia_hpc.row import ROW_FILENAME
+    from aletheia_hpc.campaign.store import cell_logs, find_cell_dir, log_chunks
 
     if len(args.cell_ids) != 1:
         raise ConfigError("logs needs one CELL_ID (`aletheia-hpc status` lists them), e.g. "
                           "aletheia-hpc logs 1a2b3c campaign=smoke")
-    results_dir = Path(compose_root(overrides).results_dir)
-    found = sorted(results_dir.glob(f"*/cells/{args.cell_ids[0]}*"))
-    if len(found) != 1:
-        raise ConfigError(f"logs: {len(found)} cells under {results_dir} match {args.cell_ids[0]!r}"
-                          + (f": {', '.join(p.name for p in found)}" if found else "; check results_dir="))
-    work = found[0]
-    logs = cell_logs(work)
-    if not logs and not args.follow:
+    try:
+        work = find_cell_dir(Path(compose_root(overrides).results_dir), args.cell_ids[0])
+    except ValueError as err:
+        raise ConfigError(f"logs: {err}") from None
+    if not cell_logs(work) and not args.follow:
         print(f"cell {work.name} has no logs yet ({work})", file=sys.stderr)
         return 0
-    current, offset = (logs[-1], 0) if logs else (None, 0)
-    while True:
-        if current is not None:
-            with open(current, "rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-            offset += len(chunk)
+    try:
+        for chunk in log_chunks(work, follow=args.follow):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
-        if not args.follow:
-            return 0
-        newest = cell_logs(work)
-        if newest and newest[-1] != current:
-            current, offset = newest[-1], 0
-            print(f"\n==> {current.name} <==", flush=True)
-            continue
-        if (work / ROW_FILENAME).exists():
-            return 0
-        try:
-            time.sleep(1)
-        except KeyboardInterrupt:
-            return 0
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_cancel(overrides, args) -> int:

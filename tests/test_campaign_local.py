@@ -4,6 +4,7 @@ real cells (tiny models, real training and benchmark runs) -> rows -> every aggr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,9 +124,22 @@ def test_a_second_local_launch_refuses_and_foreign_rows_do_not_count(tmp_path):
                 f"{holder['started_at']}") in second.stderr, second.stderr
         during = json.loads(cli("status", "--json", *ov).stdout)  # flags before the overrides
         assert set(during["counts"]) <= {"pending", "running", "done"}, during
+        # an operator watching: both end by themselves once the launch is through
+        last = next(c for c in during["cells"] if c["recipe"] == "aletheia")["cell_id"]
+        follow = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.cli", "logs", last, "--follow", *ov],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watch = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.cli", "status", "--watch", "--interval", "1",
+                                  *ov], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "COLUMNS": "200"})
     finally:
         out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
+    followed, follow_err = follow.communicate(timeout=60)
+    watched, _ = watch.communicate(timeout=60)
+    assert follow.returncode == 0 and watch.returncode == 0, follow_err
+    (log,) = (tmp_path / "default" / "cells" / last / "logs").glob("local-*.log")
+    assert followed == log.read_bytes() and b"step" in followed, follow_err  # all of it, from before the cell started
+    assert "done=2" in watched and watched.count("3/3") == 2, watched
     cells = {json.loads(p.read_text())["recipe"]: p.parent for p in (tmp_path / "default" / "cells").glob("*/row.json")}
     for cell_dir in cells.values():  # each cell ran once, by the first launch
         assert len(json.loads((cell_dir / "attempts.json").read_text())) == 1
@@ -199,3 +213,36 @@ def test_each_cell_of_a_local_launch_shows_its_own_state(tmp_path):
         during = {c["cell_id"]: c["state"] for c in service.status().cells}
     assert during == {running.cell_id: "running", queued.cell_id: "pending"}
     assert {c["state"] for c in service.status().cells} == {"missing"}
+
+
+def test_log_chunks_follow_a_requeued_cell_to_its_row(tmp_path):
+    """logs --follow: what an attempt appends, then the next attempt's log under its name, until the row."""
+    import threading
+
+    from aletheia_hpc.campaign.store import LOG_DIR, log_chunks
+    from aletheia_hpc.row import ROW_FILENAME
+
+    logs = tmp_path / LOG_DIR
+    logs.mkdir()
+    (logs / "101_0.log").write_text("attempt 1 starts\n")
+
+    def cluster():
+        time.sleep(0.3)
+        with open(logs / "101_0.log", "a") as log:
+            log.write("attempt 1 checkpoints and is requeued\n")
+        time.sleep(0.3)
+        later = logs / "102_0.log"
+        later.write_text("attempt 2 resumes\n")
+        os.utime(later, (time.time() + 1, time.time() + 1))  # newer, whatever the clock's resolution
+        time.sleep(0.3)
+        with open(later, "a") as log:
+            log.write("attempt 2 done\n")
+        (tmp_path / ROW_FILENAME).write_text("{}")
+
+    writer = threading.Thread(target=cluster)
+    writer.start()
+    text = b"".join(log_chunks(tmp_path, follow=True, poll_s=0.05)).decode()
+    writer.join()
+    assert text == ("attempt 1 starts\nattempt 1 checkpoints and is requeued\n\n==> 102_0.log <==\n"
+                    "attempt 2 resumes\nattempt 2 done\n")
+    assert b"".join(log_chunks(tmp_path, follow=False)).decode() == "attempt 2 resumes\nattempt 2 done\n"

@@ -172,6 +172,7 @@ class LocalDispatcher:
                 # Raw chunks, not lines: progress bars redraw with carriage returns.
                 while chunk := proc.stdout.read1(4096):
                     log.write(chunk)
+                    log.flush()  # for `logs --follow` while the cell runs
                     if echo:
                         with _print_lock:
                             sys.stderr.buffer.write(chunk)

@@ -172,6 +172,40 @@ def cell_logs(work_dir: Path) -> list[Path]:
     return sorted((Path(work_dir) / LOG_DIR).glob("*.log"), key=lambda p: p.stat().st_mtime)
 
 
+def find_cell_dir(results_dir: Path, cell_id_prefix: str) -> Path:
+    """The one cell directory (of any campaign under ``results_dir``) whose id starts with the prefix."""
+    found = sorted(Path(results_dir).glob(f"*/cells/{cell_id_prefix}*"))
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} cells under {results_dir} match {cell_id_prefix!r}"
+                         + (f": {', '.join(p.name for p in found)}" if found else "; check results_dir="))
+    return found[0]
+
+
+def log_chunks(work_dir: Path, follow: bool, poll_s: float = 1.0, settle_s: float = 2.0):
+    """Yield what the cell's newest attempt log holds; with ``follow``, then what is appended, also
+    across a new attempt (its name yielded first, as ``tail -F`` does), until the cell has a row and
+    its log has been quiet for ``settle_s`` (the worker prints its last lines after writing the row)."""
+    current, offset, quiet_since = None, 0, time.monotonic()
+    while True:
+        newest = cell_logs(work_dir)
+        if current is not None:  # to its end, also when a newer attempt has started
+            with open(current, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            offset += len(chunk)
+            if chunk:
+                quiet_since = time.monotonic()
+                yield chunk
+        if newest and newest[-1] != current:
+            if current is not None:
+                yield f"\n==> {newest[-1].name} <==\n".encode()
+            current, offset = newest[-1], 0
+            continue
+        if not follow or ((Path(work_dir) / ROW_FILENAME).exists() and time.monotonic() - quiet_since >= settle_s):
+            return
+        time.sleep(poll_s)
+
+
 def gpu_hours(usage: dict) -> float:
     return usage["elapsed_s"] * usage["alloc_gpus"] / 3600
 
