@@ -273,3 +273,16 @@ def test_report_without_accounting_says_so_in_one_line(rendered):
     assert result.stats["cost"]["n_cells_accounted"] == 0 and result.stats["cost"]["saved"]["aletheia"]["overall"][
         "n_pairs"] == 0
     assert summary_table(result).splitlines()[-1].startswith("GPU-hours: none")
+
+
+def test_report_of_cpu_only_jobs_claims_no_saving(tmp_path):
+    """Jobs that allocated no GPU are accounted, but zero GPU-hours is no saving: the report says so
+    instead of printing a 0.000 saving."""
+    rows = [make_row("qwen2.5-0.5b", recipe, 1, time_s=t) for recipe, t in (("standard", 130.0), ("aletheia", 100.0))]
+    write_campaign(tmp_path, rows)
+    for row in rows:
+        write_accounting(tmp_path, row, (60, 0))
+    result = aggregate_campaign(tmp_path, CAMPAIGN, expected_cells=len(rows), figures=False)
+    section = result.report_md.read_text().split("## Cost in GPU-hours", 1)[1].split("\n## ", 1)[0]
+    assert "2 of 2 cells accounted, 0.000 GPU-hours in all" in section
+    assert "allocated no GPU (CPU-only cells" in section and "saved" not in section, section

@@ -170,6 +170,9 @@ def _cost(stats: dict) -> list[str]:
             "requeued and cancelled runs included): model loading, the probe, training and evaluation. "
             f"{cost['n_cells_accounted']} of {cost['n_cells']} cells accounted, "
             f"{_f(cost['gpu_hours'], 3)} GPU-hours in all."]
+    if not cost["gpu_hours"]:
+        return out + ["", "The accounted jobs allocated no GPU (CPU-only cells, e.g. tiny models): zero GPU-hours "
+                      "is no saving; the training times above are their measured cost."]
     ale = ((cost.get("saved") or {}).get("aletheia") or {}).get("overall")
     if ale and ale["n_pairs"]:
         out += ["", f"**Aletheia saved {_f(ale['saved_gpu_hours'], 3)} GPU-hours against Standard LoRA "
