@@ -108,7 +108,8 @@ def _print_sbatch(plan) -> None:
 
 def cmd_launch(overrides, args) -> int:
     """Run (local) or submit (SLURM) every cell that is not done and not queued; see
-    CampaignService.launch. A local launch exits 1 when a cell failed or stopped on nan_abort."""
+    CampaignService.launch. A local launch exits 1 when a cell failed or stopped on nan_abort, 128 + the
+    signal's number when SIGTERM or SIGHUP stopped it."""
     service = _service(overrides)
     for line in _memory_lines(service.plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
@@ -120,6 +121,12 @@ def cmd_launch(overrides, args) -> int:
               file=sys.stderr)
         return 0
     _print_status(service.status(), as_json=False)
+    if sub.stopped_by:
+        import signal
+
+        print(f"launch stopped by {sub.stopped_by}: running cells checkpointed, queued cells not started; "
+              "`aletheia-hpc launch` again resumes them", file=sys.stderr)
+        return 128 + signal.Signals[sub.stopped_by].value
     return 1 if launch.failed_cells else 0
 
 

@@ -246,3 +246,53 @@ def test_log_chunks_follow_a_requeued_cell_to_its_row(tmp_path):
     assert text == ("attempt 1 starts\nattempt 1 checkpoints and is requeued\n\n==> 102_0.log <==\n"
                     "attempt 2 resumes\nattempt 2 done\n")
     assert b"".join(log_chunks(tmp_path, follow=False)).decode() == "attempt 2 resumes\nattempt 2 done\n"
+
+
+def _workers_of(cell_dir: Path) -> list[int]:
+    """Pids of live worker processes of the cell (their command line names its directory)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(cell_dir) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_terminated_local_launch_checkpoints_leaves_no_worker_and_resumes(tmp_path):
+    """SIGTERM to a local launch (a kill, a batch job's end): the running cell checkpoints and its
+    worker exits with it, the queued cell does not start, the launch exits 128+15; the next launch
+    resumes the cell from its checkpoint and runs the other."""
+    import signal
+
+    ov = ["campaign=default", f"results_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2",
+          "progress=false", "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:1.5}}"]
+    first = subprocess.Popen([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "default" / "cells").glob("*/progress.json")):
+            assert time.monotonic() < deadline and first.poll() is None, "no cell ever made progress"
+            time.sleep(0.2)
+        (progress,) = (tmp_path / "default" / "cells").glob("*/progress.json")
+        running = progress.parent
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "launch stopped by SIGTERM" in err and _workers_of(running) == []
+    steps_done = json.loads(progress.read_text())["step"]
+    # it stopped before its last step, with a checkpoint of the step it stopped at
+    assert 0 < steps_done < 4 and (running / "checkpoints" / f"checkpoint-{steps_done}").is_dir(), steps_done
+    st = {c["cell_id"]: c for c in json.loads(cli("status", "--json", *ov).stdout)["cells"]}
+    assert {c["state"] for c in st.values()} == {"missing"}, st
+    (queued,) = set(st) - {running.name}
+    assert not list((tmp_path / "default" / "cells" / queued / "logs").glob("*.log"))  # never started
+
+    again = cli("launch", *ov)
+    assert "2 to run" in again.stderr
+    row = json.loads((running / "row.json").read_text())
+    assert row["status"] == "ok" and row["attempts"] == 2, row
+    assert not any("not resumed" in w for w in row.get("warnings") or []), row["warnings"]

@@ -26,6 +26,7 @@ class Submission:
     arrays: int = 0  # sbatch calls (SLURM)
     classes: int = 0  # resource classes
     exit_codes: dict[str, int] = field(default_factory=dict)  # cell_id -> worker exit (local)
+    stopped_by: str | None = None  # local: the signal (SIGTERM, SIGHUP) that stopped the launch
 
 
 class Dispatcher(Protocol):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,6 +96,8 @@ class LocalDispatcher:
     def __init__(self, cluster: ClusterConfig, results_dir: Path):
         self.cluster, self.results_dir = cluster, Path(results_dir)
         self.launch_id = f"{host_name()}:{os.getpid()}:{unique_stamp()}"
+        self._running: set[subprocess.Popen] = set()
+        self._stopped_by: str | None = None  # the signal that stopped this launch
 
     def observe(self, jobs: dict[str, dict]) -> SchedulerView:
         """A recorded local job is queued or running while the launch that recorded it still holds
@@ -123,16 +127,41 @@ class LocalDispatcher:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         gpus = GpuPool(visible_gpu_ids() if any(c.model.resources.gpus for c in cells) else [])
         codes: dict[str, int] = {}
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with self._stop_on_signals(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = {pool.submit(self._run_one, cell, Path(results_dir), f"[{i + 1}/{len(cells)}]", echo, env,
                                    gpus, snapshots[cell.campaign]): cell
                        for i, cell in enumerate(cells)}
             for future, cell in futures.items():
-                codes[cell.cell_id] = future.result()
-                if codes[cell.cell_id] != 0:
+                code = future.result()
+                if code is None:  # never started: the launch was stopped
+                    continue
+                codes[cell.cell_id] = code
+                if code != 0 and not self._stopped_by:
                     _say(f"cell {cell.cell_id} ({cell.model.name}/{cell.recipe.name}/seed {cell.seed}) "
-                         f"exited with code {codes[cell.cell_id]}; logs: aletheia-hpc logs {cell.cell_id}")
-        return Submission(cells=len(cells), exit_codes=codes)
+                         f"exited with code {code}; logs: aletheia-hpc logs {cell.cell_id}")
+        return Submission(cells=len(cells), exit_codes=codes, stopped_by=self._stopped_by)
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM or SIGHUP (a killed launch, a closed terminal, the end of the batch job it runs in):
+        the running workers are asked to checkpoint and stop, as SLURM asks them, and queued cells do
+        not start; the next launch resumes them. Unhandled, the workers would train on, orphaned."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        for sig in previous:
+            signal.signal(sig, self._stop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, signum, _frame) -> None:
+        self._stopped_by = signal.Signals(signum).name
+        for proc in list(self._running):
+            proc.send_signal(signal.SIGTERM)  # a no-op for a worker already reaped
 
     def cancel(self, job_ids: list[str]) -> list[str]:
         raise ConfigError("cancel needs a SLURM cluster: stop a local launch with Ctrl-C "
@@ -146,9 +175,12 @@ class LocalDispatcher:
                                             **extra})
 
     def _run_one(self, cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
-                 gpus: GpuPool, snapshot: Path) -> int:
+                 gpus: GpuPool, snapshot: Path) -> int | None:
+        """The cell's worker exit code; None when the launch was stopped before the cell started."""
         devices = gpus.acquire(cell.model.resources.gpus)
         try:
+            if self._stopped_by:
+                return None
             self._record(cell, "running", snapshot)
             env = {**env, "PYTHONPATH": str(snapshot) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")}
             if devices:
@@ -169,6 +201,9 @@ class LocalDispatcher:
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(worker_command(work_dir, progress=True, cpu_fallback=self.cluster.cpu_fallback),
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=snapshot)
+                self._running.add(proc)
+                if self._stopped_by:  # the signal came while it started
+                    proc.send_signal(signal.SIGTERM)
                 # Raw chunks, not lines: progress bars redraw with carriage returns.
                 while chunk := proc.stdout.read1(4096):
                     log.write(chunk)
@@ -178,5 +213,6 @@ class LocalDispatcher:
                             sys.stderr.buffer.write(chunk)
                             sys.stderr.flush()
                 code = proc.wait()
-            if code != REQUEUE_EXIT_CODE:
+                self._running.discard(proc)
+            if code != REQUEUE_EXIT_CODE or self._stopped_by:
                 return code
