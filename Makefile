@@ -8,6 +8,9 @@ demo: setup
 	.venv/bin/aletheia-hpc launch campaign=demo
 	.venv/bin/aletheia-hpc aggregate campaign=demo
 
-# The whole test suite; it starts (and stops) the project's own SLURM dev cluster.
+# The whole test suite; it starts (and stops) the project's own SLURM dev cluster. Two workers
+# (pytest-xdist): much of the suite waits on subprocesses, sandboxes and SLURM jobs; the SLURM
+# tests share one worker. The slowest tests are listed at the end.
+PYTEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=30

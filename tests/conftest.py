@@ -67,3 +67,12 @@ def race_processes(child_source: str, args: list[str], tmp_path: Path, n: int, *
                 child.kill()
     assert all(c.returncode == 0 for c in children), [err[-2000:] for _, err in outputs]
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers), every test of the one SLURM dev cluster runs
+    in one worker (`--dist loadgroup`): its daemons, ports and state directory exist once per machine,
+    and the degraded-accounting tests stop and start them."""
+    for item in items:
+        if "dev_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
