@@ -24,6 +24,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # train.report_to -> the package the Trainer's callback needs
 REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 QUANTIZATIONS = ("none", "nf4", "int8")
+# which projections of an adapted layer carry LoRA (aletheia_hpc.method.lora.MODULE_SETS, kept in step by
+# tests/test_configs.py; listed here so that plan-time validation needs no torch)
+LORA_MODULES = ("all", "attention", "mlp")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle", "cost_aware")
 PROBE_NORMS = ("layer", "tensor_sum")
 PROBE_LOSS_TOKENS = ("response", "all")
@@ -105,6 +108,7 @@ class RecipeConfig:
     layer_pct: float = 50.0  # layers to adapt (cost_aware: at most this many)
     attention_rank: int = 16
     mlp_rank: int = 64
+    modules: str = "all"  # all | attention | mlp: which projections carry adapters (the other rank is unused)
     alpha_factor: float = 2.0
     dropout: float = 0.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -290,6 +294,8 @@ class CellConfig:
         # the model unless it chooses the layers; a benchmark's settings matter only when it runs
         if self.recipe.layers != "cost_aware":
             ident["recipe"].pop("cost")
+        if self.recipe.modules == "all":  # the default, as before the field existed
+            ident["recipe"].pop("modules")
         if "task" not in self.eval.benchmarks:
             for name in ("task_n", "task_max_new_tokens"):
                 ident["eval"].pop(name)
@@ -349,6 +355,8 @@ def validate_cell(cell: CellConfig) -> None:
     for name in ("attention_rank", "mlp_rank"):
         if getattr(r, name) <= 0:
             problems.append(f"recipe.{name}={getattr(r, name)}: LoRA ranks must be positive integers")
+    if r.modules not in LORA_MODULES:
+        problems.append(f"recipe.modules={r.modules!r}: use one of {LORA_MODULES}")
     if not 0 < r.layer_pct <= 100:
         problems.append(f"recipe.layer_pct={r.layer_pct}: top-k percentage must be in (0, 100]")
     if r.probe.mode not in ("single_pass", "chunked"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from aletheia_hpc.campaign.matrix import compose_root, expand, option_names
-from aletheia_hpc.config import SCHEDULERS, CellConfig, ConfigError, validate_cell
+from aletheia_hpc.config import LORA_MODULES, SCHEDULERS, CellConfig, ConfigError, validate_cell
 from aletheia_hpc.method import get_family
 from aletheia_hpc.provenance import REPO_ROOT
 from tests.conftest import SHARED_PAPER
@@ -200,6 +200,14 @@ def test_the_schedulers_plan_accepts_are_the_ones_transformers_has():
     from transformers.trainer_utils import SchedulerType
 
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_the_module_sets_plan_accepts_are_the_ones_lora_places():
+    from aletheia_hpc.method.lora import MODULE_SETS
+
+    assert LORA_MODULES == MODULE_SETS
+    with pytest.raises(ConfigError, match=r"recipe.modules='ffn': use one of"):
+        expand(["campaign=default", "recipe.modules=ffn"])
 
 
 def test_relative_local_paths_become_absolute_when_composed(tmp_path, monkeypatch):
