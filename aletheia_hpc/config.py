@@ -175,6 +175,33 @@ class VariantConfig:
     overrides: list[str] = field(default_factory=list)
 
 
+STAGE_OBJECTIVES = ("eval_loss", "speed_quality")
+
+
+@dataclass
+class FactorConfig:
+    """One factor of the staged study's factorial (stage 3): its levels are Hydra overrides of one cell
+    field each, applied on top of the winner's settings (e.g. ["train.lr=1e-4", "train.lr=2e-4"])."""
+    name: str = MISSING
+    levels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StagesConfig:
+    """A staged study (aletheia_hpc/campaign/stages.py): stage 1 is the campaign's own cells (the scan
+    arms); stage 2 reruns the ``advance`` best arms by ``objective`` (and the ``baseline`` arm) at
+    ``full_steps``; stage 3 is a factorial over ``factors`` on the stage-2 winner, ``factorial_seeds``
+    seeds per combination. Each stage is decided from the last one's rows only once it is complete."""
+    advance: int = 0  # 0: not a staged study
+    objective: str = "eval_loss"  # eval_loss (time breaks ties) | speed_quality (see stages.score)
+    loss_decimals: int = 3  # eval_loss: losses equal to this many decimals tie; the faster arm ranks first
+    time_weight: float = 0.5  # speed_quality: eval_loss x (time / fastest arm's time) ** time_weight
+    baseline: str = "standard"  # the arm rerun in stage 2 beside the top arms: the reference of the report
+    full_steps: int = 500
+    factors: list[FactorConfig] = field(default_factory=list)
+    factorial_seeds: list[int] = field(default_factory=lambda: [42, 123, 999])
+
+
 @dataclass
 class CampaignConfig:
     name: str = "adhoc"
@@ -187,6 +214,11 @@ class CampaignConfig:
     noop: bool = False  # cells write a row without loading or training (dispatch benchmarks)
     # cell selector ("model/recipe/seed", "*" wildcards) -> faults for that cell
     faults: dict[str, FaultConfig] = field(default_factory=dict)
+    stages: StagesConfig = field(default_factory=StagesConfig)  # advance > 0: a staged study
+
+    @property
+    def staged(self) -> bool:
+        return self.stages.advance > 0
 
 
 # sbatch --mail-type values (several may be joined with commas)
