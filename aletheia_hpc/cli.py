@@ -328,6 +328,8 @@ def cmd_aggregate(overrides, args) -> int:
         if result.stats.get("staged"):
             from aletheia_hpc.aggregate.report import render_staged
 
+            print("(the table above pairs each arm with the standard run of its own variant, else of matched at "
+                  "stage-1 steps; the staged tables below compare at equal steps)")
             print("\n" + "\n".join(render_staged(result.stats["staged"])))
         print(f"report: {result.report_md}")
     return 0

@@ -204,7 +204,7 @@ def test_the_schedulers_plan_accepts_are_the_ones_transformers_has():
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
 
 
-@pytest.mark.parametrize("campaign, scan_steps, full_steps", [("autoresearch", 150, 500), ("autoresearch_demo", 8, 20)])
+@pytest.mark.parametrize("campaign, scan_steps, full_steps", [("autoresearch", 150, 500), ("autoresearch_demo", 4, 8)])
 def test_the_staged_studies_plan_a_scan_and_a_12_run_factorial(campaign, scan_steps, full_steps):
     plan = expand([f"campaign={campaign}", "results_dir=/nonexistent"])  # nothing decided there
     stages = plan.root.campaign.stages
