@@ -150,6 +150,15 @@ def test_a_wrong_stages_field_fails_at_plan_time_naming_it(tmp_path, override, m
     assert message in str(err.value)
 
 
+def test_plan_shows_stage_1_and_the_rule_for_the_next_stages(tmp_path):
+    out = cli("plan", *BASE, f"results_dir={tmp_path}", GOOD_STAGES)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stage 1: 2 cells, arms standard, aletheia; not decided yet" in out.stdout
+    assert "rule: stage 2: the 1 best stage-1 arm(s) by eval_loss" in out.stdout
+    assert "rule: stage 3: factorial on the best non-baseline stage-2 arm: modules" in out.stdout
+    assert "(4 runs;" in out.stdout
+
+
 def test_a_misspelt_stages_key_is_refused():
     with pytest.raises(ConfigError, match="advnce"):
         expand([*BASE, "campaign.stages.advnce=1"])
