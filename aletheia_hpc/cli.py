@@ -70,6 +70,7 @@ def cmd_plan(overrides, args) -> int:
               f"seed={cell.seed:<4d} steps={cell.train.steps}  {estimates[cell.cell_id]}")
     for line in warnings:
         print(line, file=sys.stderr)
+    _print_plan_stages(plan)
     if args.sbatch:
         _print_sbatch(plan)
     print("nothing submitted (plan only)" + (f"; {len(warnings)} cell(s) will not fit their GPUs"
@@ -78,12 +79,28 @@ def cmd_plan(overrides, args) -> int:
     return 0
 
 
+def _print_plan_stages(plan) -> None:
+    """A staged study: the stages decided so far (their cells are in the table above) and the rule."""
+    from aletheia_hpc.campaign.stages import rule_lines
+
+    if not plan.stages:
+        return
+    for stage in plan.stages:
+        d = stage.decision
+        print(f"stage {stage.stage}: {len(stage.cells)} cells, arms {', '.join(a['name'] for a in stage.arms)}"
+              + (f"; decided: advanced {', '.join(d['advanced']) or '-'}" if d else "; not decided yet"))
+    if not plan.study_complete:
+        for line in rule_lines(plan.root.campaign.stages):
+            print(f"  rule: {line}")
+
+
 def plan_json(plan) -> dict:
     """The plan as data: the campaign and, per cell, what it is and what it asks for."""
     from dataclasses import asdict
 
     return {"campaign": plan.name, "cluster": plan.root.cluster.name, "results_dir": str(plan.root.results_dir),
             "n_cells": len(plan.cells),
+            "stages": [{**s.to_dict(), "decision": s.decision} for s in plan.stages],
             "cells": [{"cell_id": c.cell_id, "campaign": c.campaign, "model": c.model.name,
                        "recipe": c.recipe.name, "arm": c.arm, "variant": c.variant, "seed": c.seed,
                        "steps": c.train.steps, "resources": asdict(c.model.resources)} for c in plan.cells]}
@@ -113,8 +130,15 @@ def cmd_launch(overrides, args) -> int:
     service = _service(overrides)
     for line in _memory_lines(service.plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
-    launch = service.launch(force=args.force or [], retry_nan=args.retry_nan)
+    launch = service.launch(force=args.force or [], retry_nan=args.retry_nan,
+                            advance_with_failures=args.advance_with_failures, until_done=args.until_done)
     sub = launch.submission
+    if launch.study_complete:
+        _print_stages(service.status())  # ends with "study complete"
+        return 0
+    if launch.stage is not None:
+        ran = "its cells are submitted" if service.dispatcher.kind == "slurm" else "its cells have run"
+        print(f"stage {launch.stage}: {launch.held or ran}; run launch again to go on", file=sys.stderr)
     if service.dispatcher.kind == "slurm" or not launch.todo:
         print(f"submitted {sub.cells} cells as {sub.arrays} job array(s) in {sub.classes} resource class(es)"
               + (f"; code snapshot {next(iter(launch.snapshots.values()))}" if launch.snapshots else ""),
@@ -140,9 +164,19 @@ def _print_status(status, as_json: bool) -> None:
         print(f"{c['cell_id']}  " + (f"{c['campaign']:12s} " if parts else "")
               + f"{c['model']:22s} {c['recipe']:9s} seed={c['seed']:<4d} {c['variant']:16s} {c['state']:9s} {reason}")
     print("counts: " + ", ".join(f"{k}={v}" for k, v in sorted(status.counts.items())))
+    _print_stages(status)
     _print_cost(status.cost)
     if status.note:
         print(status.note)
+
+
+def _print_stages(status) -> None:
+    for s in status.stages:
+        print(f"stage {s['stage']}: {s['cells']} cells, " + ", ".join(f"{k}={v}" for k, v in sorted(s["counts"].items()))
+              + (f"; decided: advanced {', '.join(s['advanced']) or '-'}" if s["decided"] else "; not decided")
+              + (f", winner {s['winner']}" if s["winner"] else ""))
+    if status.stages:
+        print("study complete" if status.study_complete else f"study at stage {status.stages[-1]['stage']}")
 
 
 def _print_cost(cost: dict) -> None:
@@ -277,6 +311,12 @@ def cmd_aggregate(overrides, args) -> int:
                   "check (give the campaign's own config, e.g. campaign=<name>, to check it)", file=sys.stderr)
         result = aggregate_campaign(results_dir, name, expected_cells=expected)
         print(summary_table(result))  # ends with the GPU-hours the accounting.json files beside the rows give
+        if result.stats.get("staged"):
+            from aletheia_hpc.aggregate.report import render_staged
+
+            print("(the table above pairs each arm with the standard run of its own variant, else of matched at "
+                  "stage-1 steps; the staged tables below compare at equal steps)")
+            print("\n" + "\n".join(render_staged(result.stats["staged"])))
         print(f"report: {result.report_md}")
     return 0
 
@@ -305,6 +345,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="launch/resubmit: rerun this cell from scratch even if done (repeatable)")
     parser.add_argument("--retry-nan", action="store_true",
                         help="launch/resubmit: run nan_abort cells again too (left alone by default)")
+    parser.add_argument("--advance-with-failures", action="store_true",
+                        help="launch: decide a staged study's stage even though some of its cells failed")
+    parser.add_argument("--until-done", action="store_true",
+                        help="launch: run a staged study's stages one after another here until it is complete")
     parser.add_argument("--watch", action="store_true",
                         help="status: a live table (step N/total, elapsed, ETA) until no cell is busy")
     parser.add_argument("--interval", type=float, default=10.0, help="status --watch: seconds between refreshes")

@@ -24,6 +24,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # train.report_to -> the package the Trainer's callback needs
 REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 QUANTIZATIONS = ("none", "nf4", "int8")
+# which projections of an adapted layer carry LoRA (aletheia_hpc.method.lora.MODULE_SETS, kept in step by
+# tests/test_configs.py; listed here so that plan-time validation needs no torch)
+LORA_MODULES = ("all", "attention", "mlp")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle", "cost_aware")
 PROBE_NORMS = ("layer", "tensor_sum")
 PROBE_LOSS_TOKENS = ("response", "all")
@@ -105,6 +108,7 @@ class RecipeConfig:
     layer_pct: float = 50.0  # layers to adapt (cost_aware: at most this many)
     attention_rank: int = 16
     mlp_rank: int = 64
+    modules: str = "all"  # all | attention | mlp: which projections carry adapters (the other rank is unused)
     alpha_factor: float = 2.0
     dropout: float = 0.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -171,6 +175,33 @@ class VariantConfig:
     overrides: list[str] = field(default_factory=list)
 
 
+STAGE_OBJECTIVES = ("eval_loss", "speed_quality")
+
+
+@dataclass
+class FactorConfig:
+    """One factor of the staged study's factorial (stage 3): its levels are Hydra overrides of one cell
+    field each, applied on top of the winner's settings (e.g. ["train.lr=1e-4", "train.lr=2e-4"])."""
+    name: str = MISSING
+    levels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StagesConfig:
+    """A staged study (aletheia_hpc/campaign/stages.py): stage 1 is the campaign's own cells (the scan
+    arms); stage 2 reruns the ``advance`` best arms by ``objective`` (and the ``baseline`` arm) at
+    ``full_steps``; stage 3 is a factorial over ``factors`` on the stage-2 winner, ``factorial_seeds``
+    seeds per combination. Each stage is decided from the last one's rows only once it is complete."""
+    advance: int = 0  # 0: not a staged study
+    objective: str = "eval_loss"  # eval_loss (time breaks ties) | speed_quality (see stages.score)
+    loss_decimals: int = 3  # eval_loss: losses equal to this many decimals tie; the faster arm ranks first
+    time_weight: float = 0.5  # speed_quality: eval_loss x (time / fastest arm's time) ** time_weight
+    baseline: str = "standard"  # the arm rerun in stage 2 beside the top arms: the reference of the report
+    full_steps: int = 500
+    factors: list[FactorConfig] = field(default_factory=list)
+    factorial_seeds: list[int] = field(default_factory=lambda: [42, 123, 999])
+
+
 @dataclass
 class CampaignConfig:
     name: str = "adhoc"
@@ -183,6 +214,11 @@ class CampaignConfig:
     noop: bool = False  # cells write a row without loading or training (dispatch benchmarks)
     # cell selector ("model/recipe/seed", "*" wildcards) -> faults for that cell
     faults: dict[str, FaultConfig] = field(default_factory=dict)
+    stages: StagesConfig = field(default_factory=StagesConfig)  # advance > 0: a staged study
+
+    @property
+    def staged(self) -> bool:
+        return self.stages.advance > 0
 
 
 # sbatch --mail-type values (several may be joined with commas)
@@ -290,6 +326,8 @@ class CellConfig:
         # the model unless it chooses the layers; a benchmark's settings matter only when it runs
         if self.recipe.layers != "cost_aware":
             ident["recipe"].pop("cost")
+        if self.recipe.modules == "all":  # the default, as before the field existed
+            ident["recipe"].pop("modules")
         if "task" not in self.eval.benchmarks:
             for name in ("task_n", "task_max_new_tokens"):
                 ident["eval"].pop(name)
@@ -349,6 +387,8 @@ def validate_cell(cell: CellConfig) -> None:
     for name in ("attention_rank", "mlp_rank"):
         if getattr(r, name) <= 0:
             problems.append(f"recipe.{name}={getattr(r, name)}: LoRA ranks must be positive integers")
+    if r.modules not in LORA_MODULES:
+        problems.append(f"recipe.modules={r.modules!r}: use one of {LORA_MODULES}")
     if not 0 < r.layer_pct <= 100:
         problems.append(f"recipe.layer_pct={r.layer_pct}: top-k percentage must be in (0, 100]")
     if r.probe.mode not in ("single_pass", "chunked"):

@@ -26,6 +26,9 @@ ROW_FILENAME = "row.json"
 # {"jobs": {job_id: {elapsed_s, alloc_cpus, alloc_gpus, max_rss_mib}}, "gpu_hours", "elapsed_s"},
 # cancelled and requeued runs included.
 ACCOUNTING_FILENAME = "accounting.json"
+# A staged study's decision on stage k (which arms advanced, on what figures, the next stage's cells),
+# under the campaign directory; written by campaign.service, read back by planning and by aggregate.
+STAGE_DECISION_FILE = "stages/stage{stage}.json"
 STATUSES = ("ok", "failed", "nan_abort")
 BASE_RECIPE = "base"
 DEFAULT_VARIANT = "matched"
@@ -37,6 +40,13 @@ def arm_name(recipe: str, variant: str) -> str:
     if recipe == BASE_RECIPE or variant in (DEFAULT_VARIANT, BASE_RECIPE):
         return recipe
     return f"{recipe}@{variant}"
+
+
+def run_time_s(row: dict) -> float | None:
+    """What a run cost, as the paper's wall-clock comparison counts it: training plus the probe (s)."""
+    if row.get("train_time_s") is None:
+        return None
+    return float(row["train_time_s"]) + float(row.get("probe_time_s") or 0.0)
 
 
 def _f(default: Any = None, *, group: str, required: bool = False, csv: str | None = "scalar"):

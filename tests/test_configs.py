@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from aletheia_hpc.campaign.matrix import compose_root, expand, option_names
-from aletheia_hpc.config import SCHEDULERS, CellConfig, ConfigError, validate_cell
+from aletheia_hpc.config import LORA_MODULES, SCHEDULERS, CellConfig, ConfigError, validate_cell
 from aletheia_hpc.method import get_family
 from aletheia_hpc.provenance import REPO_ROOT
 from tests.conftest import SHARED_PAPER
@@ -47,7 +47,9 @@ def test_paper_models_match_the_papers_layer_counts():
 
 
 CAMPAIGN_CELLS = {"paper_c1": 60 + 10, "paper_c2": 51 + 7, "paper": 70 + 58, "smoke": 12, "default": 2,
-                  "demo": 7, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4}
+                  "demo": 7, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4,
+                  # staged studies: stage 1 only (the scan arms); later stages follow from its rows
+                  "autoresearch": 8 + 1, "autoresearch_demo": 6 + 1}
 
 
 @pytest.mark.parametrize("campaign", option_names("campaign"))
@@ -200,6 +202,24 @@ def test_the_schedulers_plan_accepts_are_the_ones_transformers_has():
     from transformers.trainer_utils import SchedulerType
 
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("campaign, scan_steps, full_steps", [("autoresearch", 150, 500), ("autoresearch_demo", 4, 8)])
+def test_the_staged_studies_plan_a_scan_and_a_12_run_factorial(campaign, scan_steps, full_steps):
+    plan = expand([f"campaign={campaign}", "results_dir=/nonexistent"])  # nothing decided there
+    stages = plan.root.campaign.stages
+    assert len(plan.stages) == 1 and {c.train.steps for c in plan.cells} == {scan_steps}
+    assert stages.full_steps == full_steps and stages.baseline == "standard"
+    assert [len(f.levels) for f in stages.factors] == [2, 2] and len(stages.factorial_seeds) == 3
+    assert {c.recipe.modules for c in plan.cells} == {"all", "attention", "mlp"}
+
+
+def test_the_module_sets_plan_accepts_are_the_ones_lora_places():
+    from aletheia_hpc.method.lora import MODULE_SETS
+
+    assert LORA_MODULES == MODULE_SETS
+    with pytest.raises(ConfigError, match=r"recipe.modules='ffn': use one of"):
+        expand(["campaign=default", "recipe.modules=ffn"])
 
 
 def test_relative_local_paths_become_absolute_when_composed(tmp_path, monkeypatch):

@@ -140,6 +140,17 @@ def test_adapters_land_exactly_on_selected_layers_with_asymmetric_ranks(tiny):
     assert trainable and all("lora_" in n and family.layer_of(n) in layers for n in trainable)
 
 
+@pytest.mark.parametrize("modules", ["attention", "mlp"])
+def test_a_module_set_puts_adapters_on_those_projections_only(tiny, modules):
+    family = family_of(tiny)
+    ranks = LoraRanks(attention=16, mlp=64, modules=modules)
+    got = adapted_modules(apply_lora(tiny, family, [0, 3], ranks))
+    attention = set(family.attention_targets([0, 3]))
+    mlp = set(family.mlp_module_targets([0, 3]) + family.mlp_parameter_targets([0, 3]))
+    assert set(got) == (attention if modules == "attention" else mlp)
+    assert set(got.values()) == {16 if modules == "attention" else 64}
+
+
 def test_mixtral_experts_are_adapted_per_layer_not_everywhere():
     model = build_tiny_model("mixtral", num_layers=12)
     family = family_of(model)

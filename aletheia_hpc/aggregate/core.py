@@ -15,11 +15,12 @@ import pandas as pd
 from aletheia_hpc.evaluation.benchmarks import REGISTRY, read_samples
 from aletheia_hpc.files import atomic_write
 
-from .paper import PaperReference, load_paper_reference, model_sort_key, paper_name
+from .paper import PaperReference, load_autoresearch_reference, load_paper_reference, model_sort_key, paper_name
 from .quality_flags import campaign_quality
 from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
 from .arms import arm_stats, ranking_stability
 from .cost import cost_stats
+from .staged import load_stage_decisions, staged_stats
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
                      PAPER_RECIPES, BadRow, campaign2_rows, csv_text, frame_cells, latest_ok_training_runs,
                      load_rows, master_rows, pairs_frame, paper_pairs, pick, results_campaign2, results_master,
@@ -252,7 +253,8 @@ def _write_text(path: Path, text: str) -> None:
 def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir: Path | None = None,
                    expected_cells: int | None = None, bad_rows: Sequence[BadRow] = (),
                    cells_without_row: Sequence[str] = (), figures: bool = True, report: bool = True,
-                   paper_reference: PaperReference | None = None) -> AggregateResult:
+                   paper_reference: PaperReference | None = None,
+                   stage_decisions: Sequence[dict] = ()) -> AggregateResult:
     """Aggregate already-read row dicts (the fast, testable core of ``aggregate_campaign``).
 
     With ``out_dir`` the outputs are written there (``figures=False`` / ``report=False`` skip the
@@ -292,6 +294,8 @@ def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir
         "quality_flags": score_quality(runs, pairs),
         "conventions": CONVENTIONS,
     }
+    if stage_decisions:  # a staged study (campaign.stages): its own tables beside the pairs
+        stats["staged"] = staged_stats(rows, list(stage_decisions), load_autoresearch_reference())
     stats = clean_json(stats)
     result = AggregateResult(
         campaign=campaign, out_dir=Path(out_dir) if out_dir is not None else None, runs=runs,
@@ -341,12 +345,14 @@ def aggregate_campaign(results_dir: Path | str, campaign: str, expected_cells: i
                        figures: bool = True, report: bool = True) -> AggregateResult:
     """Read ``<results_dir>/<campaign>/cells/*/row.json`` and write every output into
     ``<results_dir>/<campaign>/``: runs.csv, pairs.csv, RESULTS_MASTER.csv, RESULTS_CAMPAIGN2.csv,
-    stats.json, figures/*.png and REPORT.md. Unreadable row files are reported, never fatal."""
+    stats.json, figures/*.png and REPORT.md (with a staged study's section when stages/stage<k>.json
+    exist). Unreadable row files are reported, never fatal."""
     results_dir = Path(results_dir)
     loaded = load_rows(results_dir, campaign)
     return aggregate_rows(loaded.rows, campaign=campaign, out_dir=results_dir / campaign,
                           expected_cells=expected_cells, bad_rows=loaded.bad_rows,
-                          cells_without_row=loaded.cells_without_row, figures=figures, report=report)
+                          cells_without_row=loaded.cells_without_row, figures=figures, report=report,
+                          stage_decisions=load_stage_decisions(results_dir / campaign))
 
 
 # --------------------------------------------------------------------------------- summary table

@@ -130,3 +130,9 @@ def load_paper_reference(directory: Path | None = None) -> PaperReference:
     if headline.is_file():
         ref.headline = json.loads(headline.read_text())
     return ref
+
+
+def load_autoresearch_reference(ref_dir: Path | str = PAPER_REFERENCE_DIR) -> dict:
+    """Section 3.5's AutoResearch figures (autoresearch.json), or {} when the folder is missing."""
+    path = Path(ref_dir) / "autoresearch.json"
+    return json.loads(path.read_text()) if path.exists() else {}

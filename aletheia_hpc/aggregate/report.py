@@ -620,6 +620,79 @@ def _provenance(runs: pd.DataFrame) -> list[str]:
     return out
 
 
+def _arm_table(table: list[dict], with_rank: bool = True) -> str:
+    header = ["arm", "steps", "n", "eval loss", "time s (train + probe)"] + (["rank", "advanced"] if with_rank else [])
+    return _table(header, [
+        [t["arm"], ", ".join(str(s) for s in t["steps"]), t["n"], _msd(t["eval_loss"], t["eval_loss_sd"], 4),
+         _msd(t["time_s"], t["time_s_sd"], 1)]
+        + ([t.get("rank"), "yes" if t.get("advanced") else "no"] if with_rank else []) for t in table])
+
+
+def _effect_cell(e: dict, digits: int) -> str:
+    text = _f(e["mean"], digits, sign=True)
+    return f"{text} {_ci(e['ci95'], digits)}" if e["ci95"] else f"{text} (no CI: {e['note']})"
+
+
+def render_staged(staged: dict) -> list[str]:
+    """The staged study's section: scan table, full-run table, factorial effects, the winner against
+    standard LoRA, and the paper's section-3.5 figures beside ours (``staged``: aggregate.staged's dict)."""
+    out = ["## Staged study (AutoResearch)", ""]
+    if not staged["n_stages_decided"]:
+        return out + ["no stage decided yet (stages/stage1.json is written when stage 1 is complete)."]
+    out += [f"Objective: {staged['objective']}. Stages decided: {staged['n_stages_decided']}"
+            + ("; study complete." if staged["study_complete"] else "."), ""]
+    out += ["### Stage 1: scan", "", _arm_table(staged["scan"]), ""]
+    if staged["full"]:
+        out += ["### Stage 2: full runs", "", _arm_table(staged["full"]),
+                "", f"Winner taken into the factorial: {staged['stage2_winner'] or DASH}.", ""]
+    fx = staged["factorial"]
+    if fx:
+        out += [f"### Stage 3: factorial ({' x '.join(fx['factors'])}, {fx['n_runs']} runs, seeds {fx['seeds']})", "",
+                _table(["arm", *fx["factors"], "n", "eval loss", "time s"],
+                       [[t["arm"], *(t["levels"][f] for f in fx["factors"]), t["n"], _msd(t["eval_loss"], t["eval_loss_sd"], 4),
+                         _msd(t["time_s"], t["time_s_sd"], 1)] for t in fx["combinations"]]), "",
+                "Main effects and interaction over seeds (mean and 95% t-interval of the per-seed effect; "
+                "eval loss in loss units, time in seconds):", ""]
+        loss, time = fx["effects"]["eval_loss"], fx["effects"]["time_s"]
+        out += [_table(["effect", "definition", "eval loss", "time s"],
+                       [[name, e["definition"], _effect_cell(e, 4), _effect_cell(time["effects"][name], 1)]
+                        for name, e in loss["effects"].items()]), ""]
+        if loss["seeds_incomplete"]:
+            out += [f"Seeds without all four combinations, left out: {loss['seeds_incomplete']}.", ""]
+    if staged["versus_standard"] or staged.get("ffn_only"):
+        rows = [[v["comparison"], v["arm"], v["n_arm"], v["standard"], v["n_standard"], _f(v["time_ratio"], 2),
+                 _f(v["arm_eval_loss"], 4), _f(v["standard_eval_loss"], 4), _f(v["eval_loss_diff"], 4, sign=True)]
+                for v in staged["versus_standard"] + [staged.get("ffn_only")] if v]
+        out += ["### Winner against standard LoRA", "",
+                _table(["comparison", "arm", "n", "against", "n", "time ratio (against / arm)", "arm eval loss",
+                        "against eval loss", "loss diff (arm - against)"], rows), ""]
+    paper = staged["paper"]
+    if paper:
+        full = staged["full"]
+        vs = staged["versus_standard"][-1] if staged["versus_standard"] else None
+        with_baseline = f" incl. the baseline {staged['baseline']}" if staged["baseline"] else ""
+        ours_steps = lambda table: ", ".join(sorted({str(s) for t in table for s in t["steps"]})) or DASH
+        out += ["### The paper's AutoResearch (section 3.5) beside this study", "",
+                _table(["figure", "paper", "this study"], [
+                    ["model", paper["model"], ", ".join(staged["models"]) or DASH],
+                    ["scan arms (steps)", f"{paper['scan_arms']} ({paper['scan_steps']})",
+                     f"{len(staged['scan'])}{with_baseline} ({ours_steps(staged['scan'])})"],
+                    ["full runs (steps)", f"top candidates ({paper['full_steps']})",
+                     f"{len(full)}{with_baseline} ({ours_steps(full)})" if full else DASH],
+                    ["factorial", f"{paper['factorial_runs']} runs, {paper['factorial_seeds']} seeds",
+                     f"{fx['n_runs']} runs, {len(fx['seeds'])} seeds" if fx else DASH],
+                    ["search-stage winner", paper["search_winner"], staged["stage2_winner"] or DASH],
+                    ["final winner", paper["final_winner"], staged["winner"] or DASH],
+                    ["FFN-only", paper["efficiency_trade"],
+                     (f"time ratio {_f(staged['ffn_only']['time_ratio'], 2)} vs the winner, loss diff "
+                      f"{_f(staged['ffn_only']['eval_loss_diff'], 4, sign=True)}") if staged.get("ffn_only") else DASH],
+                    ["wall-clock vs full LoRA", f"{paper['speedup_vs_full_lora']}x", f"{_f(vs['time_ratio'], 2)}x" if vs else DASH],
+                    ["quality vs full LoRA", paper["quality_vs_full_lora"],
+                     f"eval loss diff {_f(vs['eval_loss_diff'], 4, sign=True)}" if vs else DASH]]), "",
+                f"Paper source: {paper['source']}."]
+    return out
+
+
 def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: list[dict], ref: PaperReference,
                   figures: tuple[dict, dict] | None = None) -> str:
     """The Markdown text of REPORT.md from the statistics, the runs and pairs frames and the rows;
@@ -640,6 +713,10 @@ def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: li
         "RESULTS_CAMPAIGN2.csv, stats.json",
         "",
     ]
+    if stats.get("staged"):
+        lines += render_staged(stats["staged"]) + ["", "The sections below pair every arm with the standard run of its "
+                                                   "own variant, else of `matched` (stage-1 steps): for a staged study "
+                                                   "the tables above compare at equal steps.", ""]
     sections = [_headline(stats, ref), _mixed_hardware(pairs), _per_model_timing(stats),
                 _per_family(stats), _cost(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
                 _layer_selection(rows), _paper_vs_run(stats, ref), _setting_differences(rows), _figures(figures),

@@ -298,3 +298,48 @@ def clean_json(value):
     if isinstance(value, (float, np.floating)):
         return finite_or_none(value)
     return value
+
+
+def _effect(per_seed: np.ndarray, definition: str) -> dict:
+    """Mean of an effect over seeds with its 95% t-interval; a CI that rests on nothing is no CI."""
+    n = int(per_seed.size)
+    out = {"definition": definition, "n_seeds": n, "mean": _mean(per_seed), "sd": _sd(per_seed),
+           "ci95": None, "note": None}
+    if n < 2:
+        out["note"] = f"n too small: {n} seed; a CI needs at least 2"
+    elif _is_constant(per_seed):
+        out["note"] = (f"zero variance: the effect is {float(per_seed[0]):.6g} in all {n} seeds; the interval "
+                       "is degenerate (no spread to estimate), not a finding of certainty")
+    else:
+        out["ci95"] = mean_ci95(per_seed)
+    return out
+
+
+def factorial_effects(values: dict[tuple[str, str, object], float], factors: tuple[str, str],
+                      levels: tuple[list[str], list[str]]) -> dict:
+    """Main effects and interaction of a 2x2 design replicated over seeds.
+
+    ``values``: (level of factor A, level of factor B, seed) -> the measured value. Per seed that has
+    all four combinations: main effect of A = mean over B of y(a2, .) - y(a1, .), of B likewise, and the
+    interaction = ((y(a2,b2) - y(a2,b1)) - (y(a1,b2) - y(a1,b1))) / 2; each is then averaged over seeds
+    with a 95% t-interval (``_effect``). Seeds missing a combination are listed and left out."""
+    (a, b), (la, lb) = factors, levels
+    seeds = sorted({s for (_, _, s) in values}, key=str)
+    complete = [s for s in seeds if all((x, y, s) in values for x in la for y in lb)]
+    y = {(x, z): np.array([values[(x, z, s)] for s in complete], dtype=float) for x in la for z in lb}
+    a1, a2 = la
+    b1, b2 = lb
+    main_a = (y[(a2, b1)] + y[(a2, b2)]) / 2 - (y[(a1, b1)] + y[(a1, b2)]) / 2
+    main_b = (y[(a1, b2)] + y[(a2, b2)]) / 2 - (y[(a1, b1)] + y[(a2, b1)]) / 2
+    inter = ((y[(a2, b2)] - y[(a2, b1)]) - (y[(a1, b2)] - y[(a1, b1)])) / 2
+    return {
+        "factors": [a, b], "levels": {a: list(la), b: list(lb)}, "seeds": complete,
+        "seeds_incomplete": [s for s in seeds if s not in complete],
+        "cell_means": [{a: x, b: z, "n": int(y[(x, z)].size), "mean": _mean(y[(x, z)]), "sd": _sd(y[(x, z)])}
+                       for x in la for z in lb],
+        "effects": {
+            a: _effect(main_a, f"mean over {b} of y({a}={a2}) - y({a}={a1})"),
+            b: _effect(main_b, f"mean over {a} of y({b}={b2}) - y({b}={b1})"),
+            f"{a} x {b}": _effect(inter, f"half the difference of {b}'s effect at {a}={a2} and at {a}={a1}"),
+        },
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -19,10 +19,12 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aletheia_hpc.config import (CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig, validate_cell,
-                                 validate_cluster)
+from aletheia_hpc.config import (STAGE_OBJECTIVES, CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig,
+                                 VariantConfig, validate_cell, validate_cluster)
+from aletheia_hpc.campaign.stages import override_key
 from aletheia_hpc.data.builtin import BUILTIN_NAME
 from aletheia_hpc.provenance import REPO_ROOT
+from aletheia_hpc.row import arm_name
 
 ConfigStore.instance().store(name="schema", node=RootConfig)
 
@@ -71,14 +73,39 @@ def _faults_for(campaign, model: str, recipe: str, seed: int, variant: str) -> F
 
 
 @dataclass
+class StagePlan:
+    """One stage of a staged study: its arms (name, recipe, variant, overrides, steps), seeds, and cells
+    ({cell_id, arm, seed, levels}; a cell equal to an earlier stage's is that cell). ``decision``: the
+    stage<k>.json written once the stage was complete, or None while it is not decided."""
+    stage: int
+    arms: list[dict]
+    seeds: list[int]
+    cells: list[dict]
+    decision: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "arms": self.arms, "seeds": self.seeds, "cells": self.cells}
+
+
+@dataclass
 class Plan:
     name: str
     root: RootConfig  # the campaign-level config (cluster, results_dir, ...)
     cells: list[CellConfig]
+    overrides: list[str] = field(default_factory=list)  # what expand was given: planning again starts here
+    stages: list[StagePlan] = field(default_factory=list)  # a staged study's stages decided so far
+
+    @property
+    def current_stage(self) -> StagePlan | None:
+        return self.stages[-1] if self.stages else None
+
+    @property
+    def study_complete(self) -> bool:
+        """The last stage is decided: nothing further follows."""
+        return bool(self.stages) and self.stages[-1].decision is not None and self.stages[-1].decision["next"] is None
 
 
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
+_key = override_key  # the field an override sets
 
 
 def _without(overrides: list[str], *keys: str) -> list[str]:
@@ -147,40 +174,162 @@ def expand(overrides: list[str]) -> Plan:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    composed: dict[tuple, RootConfig] = {}
-
-    def cell_root(model: str, recipe: str, variant=None) -> RootConfig:
-        extra = list(variant.overrides) if variant else []
-        if variant is not None and variant.steps is not None:
-            extra.append(f"train.steps={variant.steps}")
-        key = (model, recipe, tuple(extra))
-        if key not in composed:
-            try:
-                composed[key] = compose_root(overrides + [f"model={model}", f"recipe={recipe}", *extra])
-            except ConfigError as exc:
-                where = f"campaign.variants[{variant.name}].overrides" if extra else f"{model}/{recipe}"
-                raise ConfigError(f"{where}: {exc}") from exc
-        return composed[key]
-
+    compose = _Composer(overrides, campaign)
     cells: list[CellConfig] = []
     for variant in campaign.variants:
         for model in variant.models or campaign.models:
             for recipe in variant.recipes or campaign.recipes:
-                for seed in campaign.seeds:
-                    r = cell_root(model, recipe, variant)
-                    cells.append(CellConfig(
-                        campaign=campaign.name, model=r.model, recipe=r.recipe, train=r.train,
-                        data=r.data, eval=r.eval, seed=seed, variant=variant.name,
-                        noop=campaign.noop,
-                        faults=_faults_for(campaign, model, recipe, seed, variant.name)))
+                cells += compose.cells(model, recipe, variant, campaign.seeds)
     if campaign.base_eval:
         for model in dict.fromkeys(m for v in campaign.variants for m in (v.models or campaign.models)):
-            r = cell_root(model, "base")
+            r = compose.root(model, "base")
             cells.append(CellConfig(campaign=campaign.name, model=r.model, recipe=r.recipe,
                                     train=r.train, data=r.data, eval=r.eval, seed=0, variant="base",
                                     noop=campaign.noop))
-    check_cells(cells)
-    return Plan(campaign.name, root, cells)
+    plan = Plan(campaign.name, root, cells, list(overrides))
+    if campaign.staged:
+        _plan_stages(plan, compose)
+    check_cells(plan.cells)
+    return plan
+
+
+class _Composer:
+    """Composes (model, recipe, extra overrides) once each, and makes the cells of a variant."""
+
+    def __init__(self, overrides: list[str], campaign):
+        self.overrides, self.campaign, self.composed = list(overrides), campaign, {}
+
+    def root(self, model: str, recipe: str, variant: VariantConfig | None = None) -> RootConfig:
+        extra = list(variant.overrides) if variant else []
+        if variant is not None and variant.steps is not None:
+            extra.append(f"train.steps={variant.steps}")
+        key = (model, recipe, tuple(extra))
+        if key not in self.composed:
+            try:
+                self.composed[key] = compose_root(self.overrides + [f"model={model}", f"recipe={recipe}", *extra])
+            except ConfigError as exc:
+                where = f"campaign.variants[{variant.name}].overrides" if extra else f"{model}/{recipe}"
+                raise ConfigError(f"{where}: {exc}") from exc
+        return self.composed[key]
+
+    def cells(self, model: str, recipe: str, variant: VariantConfig, seeds: list[int]) -> list[CellConfig]:
+        r = self.root(model, recipe, variant)
+        return [CellConfig(campaign=self.campaign.name, model=r.model, recipe=r.recipe, train=r.train, data=r.data,
+                           eval=r.eval, seed=seed, variant=variant.name, noop=self.campaign.noop,
+                           faults=_faults_for(self.campaign, model, recipe, seed, variant.name))
+                for seed in seeds]
+
+
+# ------------------------------------------------------------------ staged studies
+
+
+def _stage_problems(campaign, stage1_arms: list[dict]) -> list[str]:
+    st, problems = campaign.stages, []
+    candidates = [a["name"] for a in stage1_arms if a["name"] != st.baseline]
+    if campaign.parts or len(campaign.models) != 1:
+        problems.append("campaign.stages: a staged study runs on one model (campaign.models) and has no parts")
+    if st.objective not in STAGE_OBJECTIVES:
+        problems.append(f"campaign.stages.objective={st.objective!r}: use one of {STAGE_OBJECTIVES}")
+    if not 1 <= st.advance <= len(candidates):
+        problems.append(f"campaign.stages.advance={st.advance}: must be between 1 and the {len(candidates)} "
+                        "stage-1 arm(s) other than the baseline")
+    if st.baseline and st.baseline not in {a["name"] for a in stage1_arms}:
+        problems.append(f"campaign.stages.baseline={st.baseline!r}: not a stage-1 arm (arms: "
+                        f"{', '.join(a['name'] for a in stage1_arms)}); add it or set baseline: ''")
+    if st.full_steps <= 0 or st.loss_decimals < 0 or st.time_weight < 0:
+        problems.append("campaign.stages.full_steps must be > 0, loss_decimals and time_weight >= 0")
+    if not st.factorial_seeds:
+        problems.append("campaign.stages.factorial_seeds is empty: the factorial needs at least one seed")
+    if len(st.factors) != 2 or any(len(f.levels) != 2 for f in st.factors):
+        problems.append(f"campaign.stages.factors: give 2 factors of 2 levels each (the 2x2 design whose main "
+                        f"effects and interaction aggregate reports); got {[(f.name, len(f.levels)) for f in st.factors]}")
+    if len({f.name for f in st.factors}) != len(st.factors):
+        problems.append("campaign.stages.factors: two factors have the same name")
+    for f in st.factors:
+        if not f.name or any(ch in f.name for ch in "@/=-"):
+            problems.append(f"campaign.stages.factors: name {f.name!r} must be non-empty, without '@', '/', '=' or '-'")
+        keys = {_key(level) for level in f.levels}
+        for level in f.levels:
+            key = _key(level)
+            if "=" not in level or not level.split("=", 1)[1]:
+                problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r} is not key=value")
+            elif key in ("model", "recipe") or key.split(".")[0] in _NOT_IN_VARIANT or key == "train.steps":
+                problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r} cannot be a factor level "
+                                "(model, recipe, seed, steps and where cells run are the study's own)")
+            elif any(ch in level.split("=", 1)[1] for ch in "@/"):
+                problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r}: a level's value names "
+                                "the arm; no '@' or '/'")
+        if len(keys) != 1:
+            problems.append(f"campaign.stages.factors[{f.name}].levels: every level must set the same one field, "
+                            f"got {sorted(keys)}")
+    return problems
+
+
+def _stage1_arms(campaign) -> list[dict]:
+    return [{"name": arm_name(recipe, v.name), "recipe": recipe, "variant": v.name, "overrides": list(v.overrides),
+             "steps": v.steps, "from_arm": None, "levels": {}}
+            for v in campaign.variants for recipe in (v.recipes or campaign.recipes)]
+
+
+def compose_stage(plan: Plan, compose: "_Composer", spec: dict) -> tuple[list[CellConfig], list[dict]]:
+    """The new cells of the stage ``spec`` ({stage, arms, seeds}) and its members ({cell_id, arm,
+    seed, levels}). A cell that computes what one of ``plan``'s cells computes is that cell (the
+    factorial's corner equal to the stage-2 winner reruns nothing)."""
+    known = {json.dumps(c.settings(), sort_keys=True, default=str): c.cell_id for c in plan.cells}
+    model = compose.campaign.models[0]
+    new, members = [], []
+    for arm in spec["arms"]:
+        variant = VariantConfig(name=arm["variant"], recipes=[arm["recipe"]], steps=arm["steps"],
+                                overrides=list(arm["overrides"]))
+        for cell in compose.cells(model, arm["recipe"], variant, spec["seeds"]):
+            settings = json.dumps(cell.settings(), sort_keys=True, default=str)
+            if settings not in known:
+                known[settings] = cell.cell_id
+                new.append(cell)
+            members.append({"cell_id": known[settings], "arm": arm["name"], "seed": cell.seed,
+                            "levels": arm["levels"]})
+    return new, members
+
+
+def next_stage(plan: Plan, decision: dict) -> tuple[list[CellConfig], list[dict]]:
+    """The cells and members of the stage ``decision`` (on plan's current stage) calls for."""
+    return compose_stage(plan, _Composer(plan.overrides, plan.root.campaign), decision["next"])
+
+
+def _plan_stages(plan: Plan, compose: _Composer) -> None:
+    """Stage 1 from the campaign's cells; then each stage<k>.json in the campaign directory gives stage
+    k+1, composed again from the arms it recorded and checked against the cells it recorded."""
+    from aletheia_hpc.campaign.store import read_stage_decision, stage_decision_path
+
+    campaign = plan.root.campaign
+    arms = _stage1_arms(campaign)
+    problems = _stage_problems(campaign, arms)
+    if not problems:  # a misspelt field in a factor level fails now, not when stage 3 is composed
+        for f in campaign.stages.factors:
+            for level in f.levels:
+                try:
+                    compose_root(plan.overrides + [f"model={campaign.models[0]}", f"recipe={arms[0]['recipe']}",
+                                                   *arms[0]["overrides"], level])
+                except ConfigError as exc:
+                    problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r}: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    members = [{"cell_id": c.cell_id, "arm": c.arm, "seed": c.seed, "levels": {}} for c in plan.cells]
+    plan.stages.append(StagePlan(1, arms, list(campaign.seeds), members))
+    results = Path(plan.root.results_dir)
+    while (decision := read_stage_decision(results, campaign.name, plan.stages[-1].stage)) is not None:
+        plan.stages[-1].decision = decision
+        if decision["next"] is None:
+            break
+        spec = decision["next"]
+        new, members = compose_stage(plan, compose, spec)
+        if [m["cell_id"] for m in members] != [m["cell_id"] for m in spec["cells"]]:
+            raise ConfigError(
+                f"{stage_decision_path(results, campaign.name, decision['stage'])} records stage {spec['stage']}'s "
+                "cells, but the campaign's config now composes other ones: the config changed since that stage "
+                "was decided; restore it, or move the stages directory aside to decide again from the rows")
+        plan.cells += new
+        plan.stages.append(StagePlan(spec["stage"], spec["arms"], spec["seeds"], members))
 
 
 def cell_label(cell: CellConfig) -> str:

@@ -100,16 +100,17 @@ def _layer_sizes(s: ShapeConfig) -> tuple[int, int, int]:
     return (attention, 0, mlp * s.experts) if s.experts else (attention, mlp, 0)
 
 
-def adapter_params(s: ShapeConfig, layers: int, attention_rank: int, mlp_rank: int) -> int:
+def adapter_params(s: ShapeConfig, layers: int, attention_rank: int, mlp_rank: int, modules: str = "all") -> int:
     """LoRA parameters on ``layers`` layers: rank x (in + out) per adapted matrix, llama-style names
-    (q, k, v, o; gate, up, down). Fused experts carry one rank-r adapter per expert on gate_up and down."""
+    (q, k, v, o; gate, up, down), on the ``modules`` set (all | attention | mlp). Fused experts carry one
+    rank-r adapter per expert on gate_up and down."""
     h, i, kv = s.hidden_size, s.intermediate_size, s.kv_dim or s.hidden_size
     attention = attention_rank * (2 * h + 2 * (h + kv) + 2 * h)
     if s.experts:
         mlp = mlp_rank * s.experts * ((h + 2 * i) + (i + h))
     else:
         mlp = mlp_rank * ((3 if s.gated_mlp else 2) * (h + i))
-    return layers * (attention + mlp)
+    return layers * ((attention if modules != "mlp" else 0) + (mlp if modules != "attention" else 0))
 
 
 def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
@@ -136,7 +137,7 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
         adapters, activations = 0.0, per_layer
     else:
         adapted = L if r.layers == "all" else layer_budget(L, r.layer_pct)
-        adapters = adapter_params(s, adapted, r.attention_rank, r.mlp_rank) * ADAPTER_BYTES
+        adapters = adapter_params(s, adapted, r.attention_rank, r.mlp_rank, r.modules) * ADAPTER_BYTES
         depth = adapted if r.layers == "last" else L  # layers backward runs through
         if m.gradient_checkpointing:
             activations = depth * tokens * s.hidden_size * full + per_layer

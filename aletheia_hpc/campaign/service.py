@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aletheia_hpc.campaign.dispatch import Dispatcher, SchedulerView, Submission
-from aletheia_hpc.campaign.matrix import Plan
+from aletheia_hpc.campaign.matrix import Plan, StagePlan
 from aletheia_hpc.campaign.state import BUSY, cell_state
 from aletheia_hpc.campaign.store import (cell_logs, cell_path, latest_job, launch_lock_path, move_progress_aside,
                                          move_row_aside, read_progress, record_accounting, row_state,
-                                         take_snapshot)
+                                         take_snapshot, write_stage_decision)
 from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError
 from aletheia_hpc.files import LockHeld, file_lock
 from aletheia_hpc.provenance import host_name, utc_now
@@ -70,10 +70,24 @@ def gpu_hours_per_arm(cells: list[dict]) -> dict[str, dict]:
     return per_arm
 
 
+def stage_summary(stage: StagePlan, states: dict[str, str]) -> dict:
+    """Where one stage of a staged study stands: its cells' states, and whether it may be decided
+    (``complete``: every cell done; ``ended``: none queued, running or missing, some failed)."""
+    ids = list(dict.fromkeys(m["cell_id"] for m in stage.cells))
+    counts = dict(Counter(states[cid] for cid in ids))
+    settled = not any(s in BUSY or s == "missing" for s in counts)
+    d = stage.decision
+    return {"stage": stage.stage, "cells": len(ids), "counts": counts, "complete": counts.get("done", 0) == len(ids),
+            "ended": settled, "decided": d is not None,
+            "advanced": d.get("advanced") if d else None, "winner": d.get("winner") if d else None}
+
+
 @dataclass
 class Status:
     cells: list[dict]  # per cell: cell_id, campaign, model, recipe, arm, variant, seed, state, reason, job_id
     view: SchedulerView
+    stages: list[dict] = field(default_factory=list)  # a staged study: stage_summary of each stage so far
+    study_complete: bool = False
 
     @property
     def counts(self) -> dict[str, int]:
@@ -90,7 +104,7 @@ class Status:
 
     def to_json(self) -> dict:
         return {"counts": self.counts, "source": self.view.source, "note": self.view.problem, "cost": self.cost,
-                "cells": self.cells}
+                "stages": self.stages, "study_complete": self.study_complete, "cells": self.cells}
 
 
 @dataclass
@@ -99,6 +113,9 @@ class Launch:
     todo: list[CellConfig]
     submission: Submission | None = None
     snapshots: dict[str, Path] = field(default_factory=dict)
+    stage: int | None = None  # a staged study: the stage whose cells were submitted
+    held: str | None = None  # why the current stage is not decided (failed cells), if so
+    study_complete: bool = False
 
     @property
     def failed_cells(self) -> list[str]:
@@ -114,11 +131,14 @@ def _log_tail(work: Path, lines: int = 5) -> str:
 
 class CampaignService:
     def __init__(self, plan: Plan, say=None):
-        self.plan = plan
         self.cluster = plan.root.cluster
         self.results_dir = Path(plan.root.results_dir).resolve()
         self.dispatcher = dispatcher_for(plan, self.results_dir)
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._set_plan(plan)
+
+    def _set_plan(self, plan: Plan) -> None:
+        self.plan = plan
         self.by_id = {c.cell_id: c for c in plan.cells}
         self.parts = list(dict.fromkeys(c.campaign for c in plan.cells))
 
@@ -148,7 +168,8 @@ class CampaignService:
                         "state": st.state, "reason": reason, "job_id": job["job_id"] if job else None,
                         "gpu_hours": usage["gpu_hours"] if usage else None,
                         "elapsed_s": usage["elapsed_s"] if usage else None})
-        return Status(out, view)
+        states = {c["cell_id"]: c["state"] for c in out}
+        return Status(out, view, [stage_summary(s, states) for s in self.plan.stages], self.plan.study_complete)
 
     def progress(self, status: Status) -> list[dict]:
         """Per cell of ``status``: steps done of planned (progress.json), training seconds so far and
@@ -167,10 +188,15 @@ class CampaignService:
 
     # ------------------------------------------------------------------ launch / resubmit
 
-    def launch(self, force: list[str] = (), retry_nan: bool = False) -> Launch:
+    def launch(self, force: list[str] = (), retry_nan: bool = False, advance_with_failures: bool = False,
+               until_done: bool = False) -> Launch:
         """Run (local) or queue (SLURM) every cell that is not done and not queued: missing and failed
         cells, nan_abort cells only with ``retry_nan`` (a deterministic overflow would burn the same
-        hours again), and the ``force``d cells (from scratch, done or not). Old rows are kept aside."""
+        hours again), and the ``force``d cells (from scratch, done or not). Old rows are kept aside.
+
+        A staged study first decides every stage that is complete (``advance_with_failures``: also one
+        whose failed cells did not run again), then runs the current stage's cells only; ``until_done``
+        (local) repeats that until the study is complete or a stage is held by failed cells."""
         # every cell, before anything (a lock, a snapshot) is written: as plan refuses it, so does launch
         require_placement(self.plan.cells, self.cluster)
         force = list(dict.fromkeys(force))
@@ -178,18 +204,77 @@ class CampaignService:
         if unknown:
             raise ConfigError(f"--force: no such cell in campaign {self.plan.name}: {', '.join(unknown)}; "
                               f"`aletheia-hpc status` lists the cell ids")
+        if until_done and (self.dispatcher.kind != "local" or not self.plan.stages):
+            raise ConfigError("--until-done runs a staged study (campaign.stages) on a local cluster; on SLURM, "
+                              "run launch again once the current stage's jobs have ended")
+        if not self.plan.stages:
+            action = lambda: self._launch(force, retry_nan)
+        else:
+            action = lambda: self._launch_stages(force, retry_nan, advance_with_failures, until_done)
         if self.dispatcher.kind == "local":
-            return self._locked(lambda: self._launch(force, retry_nan))
-        return self._launch(force, retry_nan)
+            return self._locked(action)
+        return action()
 
-    def _launch(self, force: list[str], retry_nan: bool) -> Launch:
+    def _launch_stages(self, force: list[str], retry_nan: bool, advance_with_failures: bool,
+                       until_done: bool) -> Launch:
+        while True:
+            held = self.advance(advance_with_failures)
+            if self.plan.study_complete:
+                result = Launch(self.status(), [], Submission(cells=0), study_complete=True)
+                self.say(f"study complete: {self._study_line()}")
+                return result
+            stage = self.plan.current_stage
+            if held:
+                self.say(held)
+            result = self._launch(force, retry_nan, only=[m["cell_id"] for m in stage.cells])
+            result.stage, result.held = stage.stage, held
+            force = []  # a forced cell reruns once, not once per stage
+            if not until_done or result.failed_cells or not result.todo and held:
+                return result
+
+    def _study_line(self) -> str:
+        return "; ".join(f"stage {s.stage}: advanced {', '.join(s.decision['advanced']) or '-'}"
+                         + (f", winner {s.decision['winner']}" if s.decision.get("winner") else "")
+                         for s in self.plan.stages if s.decision)
+
+    def advance(self, with_failures: bool = False) -> str | None:
+        """Decide every complete stage of a staged study, in order, writing stage<k>.json and planning
+        again from it. Returns why the current stage is held (a failed cell), or None."""
+        from aletheia_hpc.campaign.matrix import expand, next_stage
+        from aletheia_hpc.campaign.stages import decide
+
+        while not self.plan.study_complete:
+            stage = self.plan.current_stage
+            summary = self.status().stages[-1]
+            if not (summary["complete"] or (with_failures and summary["ended"])):
+                failed = sum(n for s, n in summary["counts"].items() if s in ("failed", "nan_abort"))
+                if summary["ended"] and failed:
+                    return (f"stage {stage.stage} is held: {failed} of its {summary['cells']} cells failed; "
+                            "launch runs them again, or --advance-with-failures decides on the rest")
+                return None
+            rows = {cid: row_state(self.results_dir, self.by_id[cid]).row
+                    for cid in dict.fromkeys(m["cell_id"] for m in stage.cells)}
+            try:
+                decision = decide(stage.to_dict(), rows, self.plan.root.campaign.stages)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if decision["next"] is not None:
+                decision["next"]["cells"] = next_stage(self.plan, decision)[1]
+            path = write_stage_decision(self.results_dir, self.plan.name, decision)
+            self.say(f"stage {stage.stage} decided ({path}): advanced {', '.join(decision['advanced']) or '-'}"
+                     + (f"; winner {decision['winner']}" if decision.get("winner") else ""))
+            self._set_plan(expand(self.plan.overrides))  # planning again reads the decision back
+        return None
+
+    def _launch(self, force: list[str], retry_nan: bool, only: list[str] | None = None) -> Launch:
         before = self.status()
         state = {c["cell_id"]: c["state"] for c in before.cells}
         busy = [cid for cid in force if state[cid] in BUSY]
         if busy:
             raise ConfigError(f"--force: cells queued or running (cancel them first): {', '.join(busy)}")
         wanted = {"failed", "missing"} | ({"nan_abort"} if retry_nan else set())
-        todo = [c for c in self.plan.cells if c.cell_id in force or state[c.cell_id] in wanted]
+        todo = [c for c in self.plan.cells if c.cell_id in force
+                or (state[c.cell_id] in wanted and (only is None or c.cell_id in only))]
         require_placement(todo, self.cluster)
         result = Launch(before, todo)
         self._report_launch(result)

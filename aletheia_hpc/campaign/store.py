@@ -16,7 +16,8 @@ from pathlib import Path
 from aletheia_hpc.config import CellConfig
 from aletheia_hpc.files import atomic_write
 from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
-from aletheia_hpc.row import ACCOUNTING_FILENAME, ROW_FILENAME, InvalidRow, read_accounting, read_row
+from aletheia_hpc.row import (ACCOUNTING_FILENAME, ROW_FILENAME, STAGE_DECISION_FILE, InvalidRow, read_accounting,
+                              read_row)
 
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
@@ -46,6 +47,22 @@ def worker_command(work_dir: Path, *, progress: bool, cpu_fallback: bool) -> lis
 
 def campaign_dir(results_dir: Path, campaign: str) -> Path:
     return Path(results_dir) / campaign
+
+
+def stage_decision_path(results_dir: Path, campaign: str, stage: int) -> Path:
+    return campaign_dir(results_dir, campaign) / STAGE_DECISION_FILE.format(stage=stage)
+
+
+def read_stage_decision(results_dir: Path, campaign: str, stage: int) -> dict | None:
+    path = stage_decision_path(results_dir, campaign, stage)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_stage_decision(results_dir: Path, campaign: str, decision: dict) -> Path:
+    path = stage_decision_path(results_dir, campaign, decision["stage"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(decision, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 def cell_path(results_dir: Path, cell: CellConfig) -> Path:

@@ -1,4 +1,5 @@
-"""LoRA on the selected layers only, with separate ranks for attention and MLP.
+"""LoRA on the selected layers only, with separate ranks for attention and MLP (or on one of the two:
+``LoraRanks.modules``).
 
 Targets are listed as full module (and, for fused MoE experts, parameter) names, one per selected
 layer, rather than through ``layers_to_transform``: peft does not apply that filter to
@@ -19,14 +20,20 @@ from peft.tuners.lora import LoraLayer
 from aletheia_hpc.method.families import FamilySpec
 
 
+MODULE_SETS = ("all", "attention", "mlp")
+
+
 @dataclass(frozen=True)
 class LoraRanks:
     attention: int = 16
     mlp: int = 64
     alpha_factor: float = 2.0  # alpha = factor x rank, the paper's r=16 / alpha=32
     dropout: float = 0.0  # peft's fused-expert wrapper (Mixtral) accepts no dropout
+    modules: str = "all"  # which projections carry adapters: all | attention | mlp (MODULE_SETS)
 
     def __post_init__(self) -> None:
+        if self.modules not in MODULE_SETS:
+            raise ValueError(f"LoRA modules must be one of {MODULE_SETS}, got {self.modules!r}")
         for field_name in ("attention", "mlp"):
             if int(getattr(self, field_name)) <= 0:
                 raise ValueError(f"LoRA {field_name} rank must be a positive integer, got "
@@ -43,21 +50,28 @@ class AdapterPlacementError(RuntimeError):
 
 def expected_adapters(family: FamilySpec, layers: Sequence[int], ranks: LoraRanks) -> dict[str, int]:
     """Target name -> rank for every adapter that must exist."""
-    targets = {name: ranks.attention for name in family.attention_targets(layers)}
-    targets.update({name: ranks.mlp for name in family.mlp_module_targets(layers)})
-    targets.update({name: ranks.mlp for name in family.mlp_parameter_targets(layers)})
+    targets = {}
+    if ranks.modules in ("all", "attention"):
+        targets.update({name: ranks.attention for name in family.attention_targets(layers)})
+    if ranks.modules in ("all", "mlp"):
+        targets.update({name: ranks.mlp for name in family.mlp_module_targets(layers)})
+        targets.update({name: ranks.mlp for name in family.mlp_parameter_targets(layers)})
     return targets
 
 
 def build_lora_config(family: FamilySpec, layers: Sequence[int], ranks: LoraRanks = LoraRanks()) -> LoraConfig:
-    """A peft LoraConfig adapting attention and MLP of ``layers`` only."""
+    """A peft LoraConfig adapting attention and/or MLP (``ranks.modules``) of ``layers`` only."""
     layers = sorted(set(layers))
     if not layers:
         raise ValueError("no layers selected for LoRA")
-    if family.mlp_parameters and ranks.dropout:
+    if family.mlp_parameters and ranks.dropout and ranks.modules != "attention":
         raise ValueError(f"family {family.name} adapts fused expert parameters, which peft supports "
                          "only with LoRA dropout 0; set dropout=0")
-    mlp_names = family.mlp_module_targets(layers) + family.mlp_parameter_targets(layers)
+    attention = family.attention_targets(layers) if ranks.modules in ("all", "attention") else []
+    with_mlp = ranks.modules in ("all", "mlp")
+    mlp_modules = family.mlp_module_targets(layers) if with_mlp else []
+    mlp_parameters = family.mlp_parameter_targets(layers) if with_mlp else []
+    mlp_names = mlp_modules + mlp_parameters
     # Patterns are anchored at a name boundary so "layers.1." never also matches "layers.11.".
     mlp_patterns = {rf"^(.*\.)?{re.escape(name)}$": ranks.mlp for name in mlp_names}
     return LoraConfig(
@@ -65,8 +79,8 @@ def build_lora_config(family: FamilySpec, layers: Sequence[int], ranks: LoraRank
         r=ranks.attention,
         lora_alpha=ranks.alpha_factor * ranks.attention,
         lora_dropout=ranks.dropout,
-        target_modules=family.attention_targets(layers) + family.mlp_module_targets(layers),
-        target_parameters=family.mlp_parameter_targets(layers) or None,
+        target_modules=attention + mlp_modules,
+        target_parameters=mlp_parameters or None,
         rank_pattern=dict(mlp_patterns),
         alpha_pattern={k: ranks.alpha_factor * v for k, v in mlp_patterns.items()},
         bias="none",

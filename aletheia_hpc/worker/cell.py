@@ -101,7 +101,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         return
 
     family = get_family(m.family)
-    ranks = LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout)
+    ranks = LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout, r.modules)
     prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if not r.probes:
         layers = list(range(m.num_layers))
