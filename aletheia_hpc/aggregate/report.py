@@ -266,9 +266,20 @@ def _score_quality(stats: dict) -> list[str]:
     if rows:
         out += ["", _table(["benchmark", "model", "arm", "cells", "questions", "accuracy %", "verdict",
                             "why"], rows)]
-        at_chance = sorted({f"{f['benchmark']} ({f['model']})" for f in q["flags"] if f["flagged"]})
+        flagged: dict[tuple[str, str], dict[str, bool]] = {}  # (benchmark, model) -> {arm: flagged}
+        for f in q["flags"]:
+            flagged.setdefault((f["benchmark"], f["model"]), {})[f["arm"]] = f["flagged"]
+        # where only some arms sit at chance (often the base model alone, before it learned the
+        # answer format), the other arms' scores still mean something
+        at_chance = [f"{b} ({m})" for (b, m), arms in sorted(flagged.items()) if all(arms.values())]
+        partly = [f"{b} ({m}: {', '.join(a for a, bad in arms.items() if bad)})"
+                  for (b, m), arms in sorted(flagged.items()) if any(arms.values()) and not all(arms.values())]
         if at_chance:
-            out += ["", "At chance or degenerate, so their differences mean nothing: " + ", ".join(at_chance) + "."]
+            out += ["", "At chance or degenerate in every arm, so their differences mean nothing: "
+                    + ", ".join(at_chance) + "."]
+        if partly:
+            out += ["", "At chance or degenerate in some arms only (their scores say nothing of skill; the other "
+                    "arms' do): " + ", ".join(partly) + "."]
     paired = [[model, arm, bench, e["pooled"]["n"], e["pooled"]["only_a"], e["pooled"]["only_b"],
                _f(100 * e["pooled"]["diff"]["diff"], 2, True),
                _ci([100 * x for x in e["pooled"]["diff"]["ci"]], 2), _p(e["pooled"]["p_value"])]
