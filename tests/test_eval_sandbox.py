@@ -168,6 +168,31 @@ def test_a_child_that_leaves_the_process_group_still_dies():
     _assert_no_survivors(token)
 
 
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="seccomp filter is x86_64/aarch64")
+def test_without_a_pid_namespace_no_child_leaves_the_process_group():
+    """Without a PID namespace the run's process group is killed; a child that called setsid()
+    lived on after the run (and kept its cgroup from being removed)."""
+    token = _token()
+    program = ("import os, time\n"
+               "tried, done = os.pipe()\n"
+               "if os.fork() == 0:\n"
+               "    for leave in (os.setsid, lambda: os.setpgid(0, 0)):\n"
+               "        try:\n"
+               "            leave()\n"
+               "            print('left the group', flush=True)\n"
+               "        except OSError:\n"
+               "            print('refused', flush=True)\n"
+               "    os.close(done)\n"
+               "    time.sleep(600)\n"
+               "os.close(done)\n"
+               "os.read(tried, 1)\n"
+               "time.sleep(600)\n")
+    result = run_untrusted(_named(program, token), SandboxLimits(timeout_s=3.0, namespaces=False))
+    assert result.status == "timeout" and result.isolation["backend"] == "none"
+    assert result.output.count("refused") == 2, result.output
+    _assert_no_survivors(token)
+
+
 def test_fork_bomb_is_capped_and_cleaned_up():
     token = _token()
     counter = ("import os, time\n"

@@ -13,6 +13,7 @@ Standard library only: it may run under an interpreter other than the project's 
    the network namespace and Landlock confine): no filesystem socket outside the sandbox, e.g.
    munge, a database or a tmux server, can be reached, nor a VM's host over AF_VSOCK; and
    io_uring, kernel keyrings, and every syscall of another ABI (32-bit and x32 entry points);
+   without a PID namespace also setsid/setpgid (the evaluator kills the process group);
 4. drops root to an unprivileged uid/gid when asked;
 5. sets the resource limits (CPU seconds, address space, processes, file size, open files, no core).
 
@@ -188,9 +189,9 @@ _LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
 # VM's host from any namespace; AF_UNIX a host service; the rest is kernel attack surface)
 _SOCKET_FAMILIES = (2, 10)  # AF_INET, AF_INET6
 # machine -> (audit arch, socket, refused syscalls: io_uring_setup/enter/register, add_key,
-# request_key, keyctl; a key outlives the run in the user's keyring)
-_SYSCALLS = {"x86_64": (0xC000003E, 41, (425, 426, 427, 248, 249, 250)),
-             "aarch64": (0xC00000B7, 198, (425, 426, 427, 217, 218, 219))}
+# request_key, keyctl (a key outlives the run in the user's keyring); setsid, setpgid)
+_SYSCALLS = {"x86_64": (0xC000003E, 41, (425, 426, 427, 248, 249, 250), (112, 109)),
+             "aarch64": (0xC00000B7, 198, (425, 426, 427, 217, 218, 219), (157, 154))}
 
 
 class _SockFilter(ctypes.Structure):
@@ -228,13 +229,15 @@ def seccomp_program(arch, sys_socket, refused):
     return program
 
 
-def apply_seccomp():
-    """Refuse sockets other than AF_INET/AF_INET6, io_uring, keyrings and foreign-ABI syscalls;
-    False where not supported."""
+def apply_seccomp(keep_process_group=False):
+    """Refuse sockets other than AF_INET/AF_INET6, io_uring, keyrings and foreign-ABI syscalls,
+    and with ``keep_process_group`` leaving the process group (without a PID namespace, killing
+    the group is what kills everything the run started); False where not supported."""
     machine = os.uname().machine
     if machine not in _SYSCALLS:
         return False
-    program = seccomp_program(*_SYSCALLS[machine])
+    arch, sys_socket, refused, group = _SYSCALLS[machine]
+    program = seccomp_program(arch, sys_socket, refused + (group if keep_process_group else ()))
     filters = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
     fprog = _SockFprog(len(program), filters)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -343,7 +346,7 @@ def main():
     if request.get("landlock", True):
         report["landlock_abi"] = apply_landlock(workdir)
     if request.get("seccomp", True):
-        report["seccomp"] = apply_seccomp()
+        report["seccomp"] = apply_seccomp(request.get("keep_process_group", False))
     if not report["landlock_abi"] and not report["seccomp"]:
         try:
             set_no_new_privs()

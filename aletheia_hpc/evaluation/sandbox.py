@@ -27,7 +27,8 @@ Backends, the first that works on this machine (recorded in every result's ``iso
     in which the working directory (a throw-away one on the host) is a size-capped tmpfs (the
     total disk cap); as root the program is switched to ``nobody``.
 ``none``
-    No namespaces (only Landlock, seccomp and the limits below hold).
+    No namespaces (only Landlock, seccomp and the limits below hold); seccomp also refuses
+    setsid/setpgid, so killing the run's process group kills everything it started.
 
 In every backend the boot script adds Landlock (reads only beneath system and interpreter
 directories, writes only beneath the working directory, no TCP, no signals or abstract sockets
@@ -399,6 +400,9 @@ class _Run:
         request = {**request, "workdir": workdir, "landlock": limits.landlock,
                    "workdir_tmpfs_bytes": int(limits.disk_mb) * 2**20 if _private_mounts(setup) else None,
                    "seccomp": limits.seccomp,
+                   # no PID namespace: _terminate kills the process group, so nothing may leave it
+                   "keep_process_group": setup.backend == "none" or (
+                       setup.backend == "unshare" and "--pid" not in setup.prefix),
                    "drop_to": list(NOBODY) if setup.as_nobody and run_as is None else None,
                    "limits": {"cpu_s": max(1, math.ceil(limits.timeout_s)),
                               "memory_bytes": int(limits.memory_mb) * 2**20,
