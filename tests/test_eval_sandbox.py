@@ -168,6 +168,31 @@ def test_a_child_that_leaves_the_process_group_still_dies():
     _assert_no_survivors(token)
 
 
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="seccomp filter is x86_64/aarch64")
+def test_without_a_pid_namespace_no_child_leaves_the_process_group():
+    """Without a PID namespace the run's process group is killed; a child that called setsid()
+    lived on after the run (and kept its cgroup from being removed)."""
+    token = _token()
+    program = ("import os, time\n"
+               "tried, done = os.pipe()\n"
+               "if os.fork() == 0:\n"
+               "    for leave in (os.setsid, lambda: os.setpgid(0, 0)):\n"
+               "        try:\n"
+               "            leave()\n"
+               "            print('left the group', flush=True)\n"
+               "        except OSError:\n"
+               "            print('refused', flush=True)\n"
+               "    os.close(done)\n"
+               "    time.sleep(600)\n"
+               "os.close(done)\n"
+               "os.read(tried, 1)\n"
+               "time.sleep(600)\n")
+    result = run_untrusted(_named(program, token), SandboxLimits(timeout_s=3.0, namespaces=False))
+    assert result.status == "timeout" and result.isolation["backend"] == "none"
+    assert result.output.count("refused") == 2, result.output
+    _assert_no_survivors(token)
+
+
 def test_fork_bomb_is_capped_and_cleaned_up():
     token = _token()
     counter = ("import os, time\n"
@@ -415,6 +440,67 @@ def test_no_filesystem_unix_socket_is_reachable(unix_listeners, limits):
         _assert_never_connected(server)
 
 
+ABSTRACT_CONNECT = """
+import socket
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    s.connect({name!r})
+    print('connected')
+except Exception as exc:
+    print('blocked', type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("limits", [
+    FAST,
+    SandboxLimits(timeout_s=2.0, drop_privileges=False, namespaces=False, landlock=False),  # seccomp alone
+    SandboxLimits(timeout_s=2.0, drop_privileges=False, seccomp=False, landlock=False),  # the net namespace alone
+], ids=["default", "seccomp-only", "namespaces-only"])
+def test_no_abstract_unix_socket_is_reachable(limits):
+    if not limits.seccomp and not (HAS_NETNS or HAS_BWRAP):
+        pytest.skip("needs a network namespace: abstract sockets belong to it")
+    name = b"\0aletheia-test-" + secrets.token_hex(6).encode()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(name)
+    server.listen(8)
+    server.setblocking(False)
+    try:
+        result = run_untrusted(ABSTRACT_CONNECT.format(name=name), limits)
+        assert result.passed and "blocked" in result.output, result.output
+        _assert_never_connected(server)
+    finally:
+        server.close()
+
+
+OTHER_FAMILIES_AND_KEYRINGS = """
+import ctypes, os, socket
+for family, kind in ((socket.AF_VSOCK, socket.SOCK_STREAM), (socket.AF_NETLINK, socket.SOCK_RAW)):
+    try:
+        socket.socket(family, kind)
+        print('created', family)
+    except OSError as exc:
+        print('refused', family, exc.errno)
+libc = ctypes.CDLL(None, use_errno=True)
+add_key = {{'x86_64': 248, 'aarch64': 217}}[os.uname().machine]
+key = libc.syscall(add_key, b'user', b'aletheia-{token}', b'x', 1, -4)  # the user's keyring
+print('add_key', key, ctypes.get_errno())
+"""
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="seccomp filter is x86_64/aarch64")
+@pytest.mark.parametrize("limits", [
+    FAST, SandboxLimits(timeout_s=2.0, drop_privileges=False, namespaces=False, landlock=False),
+], ids=["default", "seccomp-only"])
+def test_only_inet_sockets_and_no_keyrings(limits):
+    """AF_VSOCK reaches a VM's host whatever the network namespace (this machine is a VM); a
+    key outlives the run in the user's keyring, where later runs can read it."""
+    result = run_untrusted(OTHER_FAMILIES_AND_KEYRINGS.format(token=secrets.token_hex(4)), limits)
+    assert result.passed, result.output
+    assert "created" not in result.output and result.output.count("refused") == 2, result.output
+    assert "add_key -1 1" in result.output, result.output  # EPERM
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_a_tmux_server_of_the_same_user_cannot_run_commands(tmp_path):
     """tmux run-shell would execute outside the sandbox; run as the evaluator's own user."""
@@ -473,7 +559,8 @@ except BlockingIOError:
     assert allocated <= 1, result.output  # 2 x 300 MiB would exceed 512 MiB in total
 
 
-@pytest.mark.skipif("disk_total" not in FEATURES, reason="needs a size-capped tmpfs (bubblewrap)")
+@pytest.mark.skipif("disk_total" not in FEATURES,
+                    reason="needs a size-capped tmpfs (bubblewrap, or unshare's mount namespace)")
 def test_disk_is_capped_in_total_not_per_file():
     program = """
 written = 0
@@ -491,6 +578,38 @@ print('written', written)
     result = run_untrusted(program, SandboxLimits(timeout_s=10.0, max_file_mb=16, disk_mb=32))
     written = int(result.output.split("written")[-1].split()[0])
     assert written <= 32 * 2**20 and "stopped" in result.output, result.output
+
+
+SYSV_IPC = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+segment = libc.shmget({key}, 2**20, 0o1000 | 0o600)  # IPC_CREAT
+ctypes.memset(libc.shmat(segment, None, 0), 1, 2**20)
+print('segment', segment, 'queue', libc.msgget({key}, 0o1000 | 0o600))
+"""
+
+
+def _host_ipc_keys() -> set[int]:
+    keys = set()
+    for kind in ("shm", "msg", "sem"):
+        lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+        keys |= {int(line.split()[0]) for line in lines}
+    return keys
+
+
+@pytest.mark.skipif(not (HAS_BWRAP or NAMESPACES), reason="needs namespaces (bubblewrap or unshare)")
+def test_sysv_shared_memory_does_not_outlive_the_run():
+    """SysV segments and queues live until removed: in the host's IPC namespace, a run left
+    memory behind for the rest of the batch (64 MiB each, as many as it liked)."""
+    key = secrets.randbelow(2**30) + 1
+    result = run_untrusted(SYSV_IPC.format(key=key), FAST)
+    try:
+        assert result.passed and "segment -1" not in result.output, result.output
+        assert key not in _host_ipc_keys()
+    finally:
+        for flag in ("-M", "-Q"):
+            subprocess.run(["ipcrm", flag, str(key)], capture_output=True)
 
 
 DEEP_TREE = """
@@ -633,6 +752,15 @@ CHEATS = {
     "exits during the call": "    import os\n    os._exit(0)\n",
     "raises SystemExit": "    raise SystemExit(0)\n",
     "hangs": "    while True:\n        pass\n",
+    # answer this call (its id read from the serving frame) and, in advance, the next one
+    "answers calls not yet made": ("    import json, os, sys\n    f = sys._getframe(1)\n"
+                                   "    line = json.dumps({'ok': [f.f_locals['call'], 5]}) + '\\n'\n"
+                                   "    os.write(f.f_locals['calls_out'], (line + line.replace('5]', '0]')).encode())\n"
+                                   "    return 5\n"),
+    # a reply whose decoding would hold the evaluator (and its GIL) for seconds and 100s of MiB
+    "floods its reply": ("    import os, sys\n    f = sys._getframe(1)\n"
+                         "    os.write(f.f_locals['calls_out'], ('{\"ok\": [\"%s\", [' % f.f_locals['call']).encode()\n"
+                         "             + b'[],' * 2**20 + b'[]]]}\\n')\n"),
 }
 
 
@@ -648,6 +776,38 @@ def test_wrong_answers_that_cheat_are_counted_as_failures():
     assert "NO NONCE" in by_name["reads frames"].output
     assert "NO TEST SOURCE" in by_name["reads the test source"].output
     assert by_name["hangs"].status == "timeout"
+    assert "does not answer call 2" in by_name["answers calls not yet made"].output
+    assert "reply is too large" in by_name["floods its reply"].output
+
+
+def test_a_reply_the_evaluator_cannot_decode_fails_and_leaves_nothing(monkeypatch):
+    """``{"complex": [10**400, 0]}`` raises OverflowError while decoding: it once escaped the
+    judge before the sandbox was killed, leaving the process (asleep for ever), its directory and
+    its cgroup behind."""
+    runs = Path(tempfile.mkdtemp(prefix="aletheia-test-runs-"))
+    runs.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(runs))  # this test's run directories only
+    cgroup = sandbox._own_cgroup("memory")
+    cgroups_before = set(cgroup.glob("aletheia-sandbox-*")) if cgroup else set()
+    token = _token()
+    forged = _named("import os, time\n"
+                    "for fd in range(3, 64):\n"
+                    "    try:\n"
+                    "        os.write(fd, b'{\"ready\": {\"complex\": [1' + b'0' * 400 + b', 0]}}\\n')\n"
+                    "    except OSError:\n"
+                    "        pass\n"
+                    "time.sleep(600)\n", token)
+    try:
+        results = check_completions([ADD, ADD], [WRONG + forged, ADD.canonical_solution],
+                                    timeout_s=5.0, workers=1, progress=False)
+        assert results[0].status == "failed" and "OverflowError" in results[0].output, results[0].output
+        assert results[1].passed, results[1].output
+        _assert_no_survivors(token)
+        assert list(runs.iterdir()) == []
+        if cgroup:
+            assert set(cgroup.glob("aletheia-sandbox-*")) <= cgroups_before
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 def test_the_benchmark_file_is_not_readable_from_the_sandbox():

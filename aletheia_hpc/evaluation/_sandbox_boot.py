@@ -3,14 +3,17 @@
 Standard library only: it may run under an interpreter other than the project's (see
 ``sandbox.py``). It reads a JSON request from stdin, then, before any untrusted code runs:
 
-1. moves into the working directory and points stdin at /dev/null;
+1. points stdin at /dev/null, mounts a size-capped tmpfs on the working directory when it has a
+   mount namespace of its own (the ``unshare`` backend), and moves into it;
 2. applies a Landlock ruleset (when the kernel has Landlock): writes only beneath the working
    directory (and /dev/null), reads only beneath the interpreter's and the system's directories,
    no TCP bind/connect (ABI >= 4), no signals to processes outside the sandbox and no abstract
    unix sockets (ABI >= 6); sets no_new_privs;
-3. installs a seccomp filter that refuses ``socket(AF_UNIX, ...)`` (no filesystem socket outside
-   the sandbox, e.g. munge, a database or a tmux server, can be reached), io_uring, and every
-   syscall of another ABI (32-bit and x32 entry points);
+3. installs a seccomp filter that refuses sockets of any family but AF_INET and AF_INET6 (which
+   the network namespace and Landlock confine): no filesystem socket outside the sandbox, e.g.
+   munge, a database or a tmux server, can be reached, nor a VM's host over AF_VSOCK; and
+   io_uring, kernel keyrings, and every syscall of another ABI (32-bit and x32 entry points);
+   without a PID namespace also setsid/setpgid (the evaluator kills the process group);
 4. drops root to an unprivileged uid/gid when asked;
 5. sets the resource limits (CPU seconds, address space, processes, file size, open files, no core).
 
@@ -140,6 +143,18 @@ def set_no_new_privs():
         raise OSError(errno, os.strerror(errno))
 
 
+def mount_tmpfs(path, size, owner):
+    """A tmpfs of ``size`` bytes on ``path`` (in this process's own mount namespace: it goes
+    with the namespace) for everything the run writes; its size, or None where it cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = f"size={int(size)},mode=0700".encode()
+    if libc.mount(b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(2 | 4), options) != 0:  # nosuid, nodev
+        return None
+    if owner is not None:
+        os.chown(path, *owner)
+    return int(size)
+
+
 def set_limits(limits):
     applied = {}
     for name, value in (("RLIMIT_CORE", 0), ("RLIMIT_CPU", limits["cpu_s"]),
@@ -170,9 +185,13 @@ def drop_privileges(uid, gid):
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _RET_ALLOW, _RET_EPERM = 0x7FFF0000, 0x00050000 | 1
 _LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
-_AF_UNIX = 1
-# machine -> (audit arch, socket, io_uring_setup, io_uring_enter, io_uring_register)
-_SYSCALLS = {"x86_64": (0xC000003E, 41, 425, 426, 427), "aarch64": (0xC00000B7, 198, 425, 426, 427)}
+# the only socket families: those the network namespace and Landlock confine (AF_VSOCK reaches a
+# VM's host from any namespace; AF_UNIX a host service; the rest is kernel attack surface)
+_SOCKET_FAMILIES = (2, 10)  # AF_INET, AF_INET6
+# machine -> (audit arch, socket, refused syscalls: io_uring_setup/enter/register, add_key,
+# request_key, keyctl (a key outlives the run in the user's keyring); setsid, setpgid)
+_SYSCALLS = {"x86_64": (0xC000003E, 41, (425, 426, 427, 248, 249, 250), (112, 109)),
+             "aarch64": (0xC00000B7, 198, (425, 426, 427, 217, 218, 219), (157, 154))}
 
 
 class _SockFilter(ctypes.Structure):
@@ -184,30 +203,41 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def apply_seccomp():
-    """Refuse socket(AF_UNIX), io_uring and foreign-ABI syscalls; False where not supported."""
+def seccomp_program(arch, sys_socket, refused):
+    """The BPF program: (code, jt, jf, k) per instruction; a jump of j from instruction i lands
+    on i + 1 + j. Offsets in struct seccomp_data: nr 0, arch 4, args[0] (low word) 16."""
+    families = len(_SOCKET_FAMILIES)
+    allow = 8 + families + len(refused)  # the index of RET ALLOW; RET EPERM follows it
+    deny = allow + 1
+    program = [
+        (_LD_W_ABS, 0, 0, 4),                      # 0: arch
+        (_JEQ_K, 1, 0, arch),                      # 1: native ABI -> 3
+        (_RET_K, 0, 0, _RET_EPERM),                # 2
+        (_LD_W_ABS, 0, 0, 0),                      # 3: syscall number
+        (_JGE_K, 0, 1, 0x40000000),                # 4: x32 bit set -> 5, else -> 6
+        (_RET_K, 0, 0, _RET_EPERM),                # 5
+        (_JEQ_K, 0, 1 + families, sys_socket),     # 6: socket -> 7, else -> the refused list
+        (_LD_W_ABS, 0, 0, 16),                     # 7: its domain
+    ]
+    for n, family in enumerate(_SOCKET_FAMILIES, start=1):  # one of them -> ALLOW; none -> EPERM
+        i = len(program)
+        program.append((_JEQ_K, allow - i - 1, deny - i - 1 if n == families else 0, family))
+    for number in refused:
+        i = len(program)
+        program.append((_JEQ_K, deny - i - 1, 0, number))
+    program += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, _RET_EPERM)]
+    return program
+
+
+def apply_seccomp(keep_process_group=False):
+    """Refuse sockets other than AF_INET/AF_INET6, io_uring, keyrings and foreign-ABI syscalls,
+    and with ``keep_process_group`` leaving the process group (without a PID namespace, killing
+    the group is what kills everything the run started); False where not supported."""
     machine = os.uname().machine
     if machine not in _SYSCALLS:
         return False
-    arch, sys_socket, *uring = _SYSCALLS[machine]
-    # offsets in struct seccomp_data: nr 0, arch 4, args[0] (low word, little endian) 16;
-    # a jump of k goes to the instruction k+1 further on
-    program = [
-        (_LD_W_ABS, 0, 0, 4),              # 0: arch
-        (_JEQ_K, 1, 0, arch),              # 1: native ABI -> 3
-        (_RET_K, 0, 0, _RET_EPERM),        # 2
-        (_LD_W_ABS, 0, 0, 0),              # 3: syscall number
-        (_JGE_K, 0, 1, 0x40000000),        # 4: x32 bit set -> 5, else -> 6
-        (_RET_K, 0, 0, _RET_EPERM),        # 5
-        (_JEQ_K, 0, 2, sys_socket),        # 6: socket -> 7, else -> 9
-        (_LD_W_ABS, 0, 0, 16),             # 7: its domain
-        (_JEQ_K, 4, 3, _AF_UNIX),          # 8: AF_UNIX -> 13, else -> 12
-        (_JEQ_K, 3, 0, uring[0]),          # 9..11: io_uring -> 13
-        (_JEQ_K, 2, 0, uring[1]),
-        (_JEQ_K, 1, 0, uring[2]),
-        (_RET_K, 0, 0, _RET_ALLOW),        # 12
-        (_RET_K, 0, 0, _RET_EPERM),        # 13
-    ]
+    arch, sys_socket, refused, group = _SYSCALLS[machine]
+    program = seccomp_program(arch, sys_socket, refused + (group if keep_process_group else ()))
     filters = (_SockFilter * len(program))(*[_SockFilter(*ins) for ins in program])
     fprog = _SockFprog(len(program), filters)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -308,12 +338,15 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     workdir = request["workdir"]
-    os.chdir(workdir)
     report = {"pid": os.getpid(), "landlock_abi": 0, "uid": os.getuid(), "seccomp": False}
+    if request.get("workdir_tmpfs_bytes"):
+        report["disk_total_bytes"] = mount_tmpfs(workdir, request["workdir_tmpfs_bytes"],
+                                                 request.get("drop_to"))
+    os.chdir(workdir)
     if request.get("landlock", True):
         report["landlock_abi"] = apply_landlock(workdir)
     if request.get("seccomp", True):
-        report["seccomp"] = apply_seccomp()
+        report["seccomp"] = apply_seccomp(request.get("keep_process_group", False))
     if not report["landlock_abi"] and not report["seccomp"]:
         try:
             set_no_new_privs()

@@ -23,15 +23,18 @@ Backends, the first that works on this machine (recorded in every result's ``iso
     socket, file or directory is even visible. ``--die-with-parent``. Run as ``nobody`` when the
     evaluator is root.
 ``unshare``
-    util-linux ``unshare``: network and PID namespaces (own /proc), a throw-away working
-    directory on the host; as root the program is switched to ``nobody``.
+    util-linux ``unshare``: network, PID (own /proc) and IPC namespaces, and a mount namespace
+    in which the working directory (a throw-away one on the host) is a size-capped tmpfs (the
+    total disk cap); as root the program is switched to ``nobody``.
 ``none``
-    No namespaces (only Landlock, seccomp and the limits below hold).
+    No namespaces (only Landlock, seccomp and the limits below hold); seccomp also refuses
+    setsid/setpgid, so killing the run's process group kills everything it started.
 
 In every backend the boot script adds Landlock (reads only beneath system and interpreter
 directories, writes only beneath the working directory, no TCP, no signals or abstract sockets
-outside), a seccomp filter refusing ``socket(AF_UNIX)`` (no munge, database or tmux server socket
-can be reached), io_uring and foreign-ABI syscalls, and resource limits (CPU seconds, address
+outside), a seccomp filter refusing every socket family but AF_INET/AF_INET6 (no munge, database
+or tmux server socket can be reached, nor a VM's host over AF_VSOCK), io_uring, kernel keyrings
+and foreign-ABI syscalls, and resource limits (CPU seconds, address
 space, processes, file size, open files). Where a memory cgroup can be created (root on cgroup v1,
 or a delegated cgroup v2 subtree) the whole run's memory (tmpfs included) and process count are
 capped in total. Environment: only PATH, LANG/LC_ALL, HOME/TMPDIR; stdin is /dev/null.
@@ -70,7 +73,9 @@ BOOT_SCRIPT = Path(boot.__file__).resolve()
 NOBODY = (65534, 65534)
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 _PROBE_PROGRAM = "import collections, functools, hashlib, heapq, itertools, json, math, re, string\n"
-_MAX_REPLY_BYTES = 32 * 2**20
+# HumanEval's canonical replies are under 300 bytes; decoding holds the GIL and a hostile 32 MiB
+# line of "[]," took 7 s and 800 MiB, stalling the other judging threads
+_MAX_REPLY_BYTES = 2**20
 _BOOT_INSIDE = "/sandbox/boot.py"
 
 # What ``eval.sandbox.require`` may ask for; each name is a property of a finished run's isolation.
@@ -80,7 +85,7 @@ FEATURES = {
     "pid": "a PID namespace (no process outside visible or signalled; nothing outlives the run)",
     "mount": "private /tmp, /run and /dev/shm (no host socket or file there is visible)",
     "landlock": "a Landlock ruleset (reads and writes confined, no TCP)",
-    "seccomp": "a seccomp filter refusing AF_UNIX sockets",
+    "seccomp": "a seccomp filter refusing sockets other than AF_INET/AF_INET6 (AF_UNIX, AF_VSOCK, ...)",
     "unprivileged": "the program ran as a non-root user",
     "memory_total": "a cgroup caps the memory of all the run's processes together",
     "disk_total": "a size-capped tmpfs caps everything the run writes",
@@ -94,7 +99,7 @@ FIXES = {
     "seccomp": "use an x86_64 or aarch64 Linux kernel with seccomp filters",
     "unprivileged": "run as an ordinary user, or as root with a python3 that user nobody can run",
     "memory_total": "run as root (cgroup v1) or in a delegated cgroup v2 subtree with the memory controller",
-    "disk_total": "install bubblewrap (apt-get install bubblewrap)",
+    "disk_total": "install bubblewrap (apt-get install bubblewrap), or util-linux unshare (>= 2.23, --mount-proc)",
 }
 
 
@@ -144,8 +149,12 @@ def namespace_prefix() -> tuple[str, ...]:
     if unshare is None:
         return ()
     user = () if _is_root() else ("--user", "--map-root-user")
-    for flags in (("--net", "--pid", "--fork", "--kill-child", "--mount-proc"),
-                  ("--net", "--pid", "--fork", "--kill-child"),
+    # --ipc: SysV shared memory, queues and semaphores die with the namespace (in the host's they
+    # outlive the run); --mount-proc: a mount namespace too, where the working directory becomes
+    # a size-capped tmpfs
+    for flags in (("--net", "--pid", "--ipc", "--fork", "--kill-child", "--mount-proc"),
+                  ("--net", "--pid", "--ipc", "--fork", "--kill-child"),
+                  ("--net", "--ipc"),
                   ("--net",)):
         command = (unshare, *user, *flags)
         try:
@@ -341,6 +350,11 @@ def _own_cgroup(controller: str) -> Path | None:
     return None
 
 
+def _private_mounts(setup: _Setup) -> bool:
+    """The unshare backend's program has a mount namespace of its own (and root in it)."""
+    return setup.backend == "unshare" and "--mount-proc" in setup.prefix
+
+
 def _bwrap_command(setup: _Setup, limits: SandboxLimits) -> list[str]:
     command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
                "--ro-bind", "/usr", "/usr"]
@@ -384,7 +398,11 @@ class _Run:
         if limits.cgroup:
             self.cgroup = _Cgroup.create(limits, run_as)
         request = {**request, "workdir": workdir, "landlock": limits.landlock,
+                   "workdir_tmpfs_bytes": int(limits.disk_mb) * 2**20 if _private_mounts(setup) else None,
                    "seccomp": limits.seccomp,
+                   # no PID namespace: _terminate kills the process group, so nothing may leave it
+                   "keep_process_group": setup.backend == "none" or (
+                       setup.backend == "unshare" and "--pid" not in setup.prefix),
                    "drop_to": list(NOBODY) if setup.as_nobody and run_as is None else None,
                    "limits": {"cpu_s": max(1, math.ceil(limits.timeout_s)),
                               "memory_bytes": int(limits.memory_mb) * 2**20,
@@ -428,12 +446,13 @@ class _Run:
         if setup.backend == "bwrap":
             namespaces = ["user", "net", "pid", "ipc", "uts", "cgroup", "mount"]
         else:
-            namespaces = [f.lstrip("-") for f in setup.prefix if f in ("--net", "--pid", "--user")]
+            namespaces = [f.lstrip("-") for f in setup.prefix if f in ("--net", "--pid", "--ipc", "--user")]
+            namespaces += ["mount"] if _private_mounts(setup) else []
         record = {"backend": setup.backend, "interpreter": setup.interpreter,
                   "namespaces": namespaces, "private_tmp": setup.backend == "bwrap",
                   "memory_total_bytes": self.cgroup.memory_bytes,
                   "disk_total_bytes": int(self.limits.disk_mb) * 2**20 if setup.backend == "bwrap" else None}
-        record.update(inside)
+        record.update(inside)  # unshare: disk_total_bytes where the boot script mounted the tmpfs
         if setup.backend == "bwrap" and setup.as_nobody:
             record["uid"] = NOBODY[0]  # the uid outside; inside the user namespace it is the same
         return record
@@ -598,10 +617,12 @@ class _Broken(Exception):
 
 class _Channel:
     def __init__(self, run: _Run, deadline: float):
-        self.run, self.deadline, self.buffer = run, deadline, b""
+        self.run, self.deadline = run, deadline
+        self.buffer, self.scanned = bytearray(), 0  # bytes before ``scanned`` hold no newline
 
     def receive(self) -> dict:
-        while b"\n" not in self.buffer:
+        while (end := self.buffer.find(b"\n", self.scanned)) < 0:
+            self.scanned = len(self.buffer)
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise _Broken("timeout", "the candidate did not answer in time")
@@ -614,11 +635,14 @@ class _Channel:
             self.buffer += chunk
             if len(self.buffer) > _MAX_REPLY_BYTES:
                 raise _Broken("failed", "the candidate's reply is too large")
-        line, _, self.buffer = self.buffer.partition(b"\n")
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end + 1]
+        self.scanned = 0
         try:
             message = boot.decode_message(line)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise _Broken("failed", f"malformed reply from the candidate ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - e.g. OverflowError from {"complex": [10**400, 0]}
+            raise _Broken("failed", f"malformed reply from the candidate ({type(exc).__name__}: "
+                                    f"{exc})"[:2000]) from None
         if not isinstance(message, dict) or len(message) != 1:
             raise _Broken("failed", "malformed reply from the candidate")
         return message
@@ -673,15 +697,24 @@ def judge_function(program: str, entry_point: str, check: Callable[[Callable], A
     setup = setup_for(limits)
     run = _Run(setup, limits, {"mode": "serve", "program": program, "entry_point": entry_point},
                serve=True)
-    channel = _Channel(run, run.started + limits.timeout_s)
+    try:  # whatever happens here, the sandbox is killed and its directory and cgroup removed
+        status, reason, inside = _converse(_Channel(run, run.started + limits.timeout_s), check)
+    finally:
+        returncode, duration, tail = run.close()
+    output = (tail.strip("\n") + ("\n" + reason if reason else "")).strip("\n")[-4000:]
+    return SandboxResult(passed=status == "passed", status=status, returncode=returncode,
+                         duration_s=duration, output=output, isolation=run.isolation(inside))
+
+
+def _converse(channel: _Channel, check: Callable[[Callable], Any]) -> tuple[str, str, dict]:
+    """The protocol of one judged run: (status, reason, what the sandbox reported applying)."""
     inside: dict = {}
-    status, reason = "failed", ""
     try:
         hello = channel.receive()
         inside = hello.get("hello") if isinstance(hello.get("hello"), dict) else {}
         ready = channel.receive()
         if "ready" not in ready:
-            raise _Broken("failed", f"the program did not load: {ready.get('load_error', ready)}")
+            raise _Broken("failed", f"the program did not load: {ready.get('load_error', ready)}"[:2000])
         candidate = _Candidate(channel)
         try:
             check(candidate)
@@ -693,13 +726,9 @@ def judge_function(program: str, entry_point: str, check: Callable[[Callable], A
             raise _Broken("failed", f"{type(exc).__name__}: {exc}"[:2000]) from None
         if candidate.broken is not None:  # a test that swallowed the breakage still fails
             raise candidate.broken
-        status = "passed"
+        return "passed", "", inside
     except _Broken as exc:
-        status, reason = exc.status, str(exc)
-    returncode, duration, tail = run.close()
-    output = (tail.strip("\n") + ("\n" + reason if reason else "")).strip("\n")[-4000:]
-    return SandboxResult(passed=status == "passed", status=status, returncode=returncode,
-                         duration_s=duration, output=output, isolation=run.isolation(inside))
+        return exc.status, str(exc), inside
 
 
 # ----------------------------------------------------------------------------- cleanup
