@@ -71,6 +71,12 @@ def test_cost_aware_demo_times_its_four_arms_paired_at_the_demos_size():
     for recipe in [c.recipe for c in plan.cells if c.trains] + [a.recipe for a in timing.timing.arms]:
         assert recipe.layer_pct == 50 and recipe.probe.batches == 3
     assert sorted(c.seed for c in plan.cells if c.arm == "cost_aware") == [42, 123, 999]
+    from aletheia_hpc.campaign.memory import estimate_cell
+
+    standard = next(c for c in plan.cells if c.arm == "standard")
+    # the timing job holds one loaded model with all-layer adapters per arm
+    assert estimate_cell(timing).weights_gib == pytest.approx(4 * estimate_cell(standard).weights_gib)
+    assert estimate_cell(timing).adapters_gib == pytest.approx(4 * estimate_cell(standard).adapters_gib)
 
 
 def test_arms_over_any_setting_expand_into_distinct_cells():

@@ -4,17 +4,15 @@ job, and a paired campaign on a tiny model from launch to the aggregate's speed 
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
 
 from aletheia_hpc.aggregate import aggregate_campaign
 from aletheia_hpc.campaign.matrix import expand
-from aletheia_hpc.config import ConfigError
+from aletheia_hpc.config import CellConfig, ConfigError
 from aletheia_hpc.method import time_interleaved
-from aletheia_hpc.provenance import REPO_ROOT
+from aletheia_hpc.worker.cell import run_cell
 
 
 def test_time_interleaved_rotates_the_arms_and_leaves_the_warmup_rounds_untimed():
@@ -56,6 +54,20 @@ def test_time_interleaved_keeps_the_setup_around_each_step_out_of_the_timed_span
         time_interleaved({"x": lambda i: None}, rounds=0)
 
 
+def test_median_ratio_ci_resamples_the_pairs_together():
+    from aletheia_hpc.aggregate.stats import median_ratio_ci
+
+    # paired rounds where the machine slowed down for both arms: the ratio is 2 in every round
+    reference, arm = [2.0, 4.0, 8.0, 16.0], [1.0, 2.0, 4.0, 8.0]
+    assert median_ratio_ci(reference, arm) == pytest.approx((2.0, 2.0, 2.0))
+    point, lo, hi = median_ratio_ci([1.0, 1.2, 0.9, 1.1, 1.0], [0.5, 0.7, 0.5, 0.6, 0.4])
+    assert point == pytest.approx(1.0 / 0.5) and lo <= point <= hi and lo < hi
+    assert median_ratio_ci([3.0], [1.5]) == (2.0, None, None)
+    assert median_ratio_ci([], []) == (None, None, None)
+    with pytest.raises(ValueError, match="differ in length"):
+        median_ratio_ci([1.0, 2.0], [1.0])
+
+
 def test_paired_timing_adds_one_cell_per_model_and_keeps_every_other_cell_id():
     sequential = expand(["campaign=smoke"])
     paired = expand(["campaign=smoke", "campaign.timing=paired"])
@@ -67,6 +79,7 @@ def test_paired_timing_adds_one_cell_per_model_and_keeps_every_other_cell_id():
         trained = {c.arm: c.recipe for c in sequential.cells if c.model.name == cell.model.name and c.seed == 42}
         assert {a.arm: a.recipe for a in cell.timing.arms} == trained
         assert cell.timing.arms[0].arm == "standard"
+        assert CellConfig.from_dict(json.loads(json.dumps(cell.to_dict()))) == cell  # as the worker reads cell.json
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -90,9 +103,9 @@ def test_a_paired_campaign_times_every_arm_in_one_cell_and_the_aggregate_says_so
                  "campaign.timing_warmup=1", "train.steps=2", "train.grad_accum=1", "recipe.probe.batches=2",
                  "recipe.cost.calibration_steps=1", "recipe.cost.calibration_warmup=0", "data.builtin_size=240",
                  "data.eval_size=32", "progress=false"]
-    launch = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *overrides], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert launch.returncode == 0, launch.stderr[-3000:]
+    plan = expand(overrides)
+    for cell in plan.cells:  # as the worker runs each (the local dispatcher's own tests cover launching)
+        run_cell(CellConfig.from_dict(json.loads(json.dumps(cell.to_dict()))), tmp_path, progress=False)
     rows = [json.loads(p.read_text()) for p in (tmp_path / "default" / "cells").glob("*/row.json")]
     by_arm = {r["arm"]: r for r in rows}
     assert set(by_arm) == {"standard", "aletheia", "paired_timing"}

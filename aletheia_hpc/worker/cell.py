@@ -181,8 +181,7 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
                "step_times_s": times[name], "median_step_s": medians[name],
                "ratio_vs_standard": medians["standard"] / medians[name]}
         for name in arms}
-    row.update(train_steps=timing.rounds, train_time_s=sum(sum(v) for v in times.values()),
-               selected_layers=selections["standard"].layers)
+    row.update(train_steps=timing.rounds, train_time_s=sum(sum(v) for v in times.values()))
     log.info("cell %s: paired timing over %d rounds: %s", cell.cell_id, timing.rounds,
              ", ".join(f"{name} {medians[name]:.3f}s ({medians['standard'] / medians[name]:.3f}x)" for name in arms))
 
