@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from aletheia_hpc.evaluation.settings import EvalSettings
-from aletheia_hpc.row import arm_name
+from aletheia_hpc.row import TIMING_RECIPE, arm_name
 
 MODEL_KINDS = ("hub", "local", "gguf", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,6 +27,7 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 # which projections of an adapted layer carry LoRA (aletheia_hpc.method.lora.MODULE_SETS, kept in step by
 # tests/test_configs.py; listed here so that plan-time validation needs no torch)
 LORA_MODULES = ("all", "attention", "mlp")
+TIMINGS = ("sequential", "paired")
 LAYER_CHOICES = ("all", "top", "bottom", "random", "last", "middle", "cost_aware")
 PROBE_NORMS = ("layer", "tensor_sum")
 PROBE_LOSS_TOKENS = ("response", "all")
@@ -127,6 +128,22 @@ class RecipeConfig:
 
 
 @dataclass
+class TimingArmConfig:
+    """One arm of a paired timing cell: its name and the recipe its training cells use."""
+    arm: str = MISSING
+    recipe: RecipeConfig = MISSING
+
+
+@dataclass
+class PairedTimingConfig:
+    """What a paired timing cell (campaign.timing=paired) times: every arm of one model, built as
+    the arm's cells of ``seed`` build it, ``warmup`` untimed rounds, then ``rounds`` timed ones."""
+    arms: list[TimingArmConfig] = field(default_factory=list)
+    rounds: int = 8
+    warmup: int = 2
+
+
+@dataclass
 class TrainConfig:
     steps: int = 200
     warmup_steps: int = 20
@@ -211,6 +228,12 @@ class CampaignConfig:
     seeds: list[int] = field(default_factory=lambda: [42, 123, 999])
     variants: list[VariantConfig] = field(default_factory=lambda: [VariantConfig()])
     base_eval: bool = False  # one base-model evaluation cell per model
+    # how the speed tables measure each arm: sequential (every cell's own step times, paired with
+    # the standard cell of its seed) or paired (also one timing cell per model that times every
+    # arm's steps interleaved in one job on one node; the aggregate then uses its ratios)
+    timing: str = "sequential"
+    timing_steps: int = 8  # paired: timed rounds (one step of every arm each)
+    timing_warmup: int = 2  # paired: untimed rounds before them
     noop: bool = False  # cells write a row without loading or training (dispatch benchmarks)
     # cell selector ("model/recipe/seed", "*" wildcards) -> faults for that cell
     faults: dict[str, FaultConfig] = field(default_factory=dict)
@@ -301,6 +324,12 @@ class CellConfig:
     variant: str
     noop: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
+    timing: Optional[PairedTimingConfig] = None  # set only on a paired timing cell
+
+    @property
+    def trains(self) -> bool:
+        """Whether this cell trains (not a base-model evaluation, not a paired timing cell)."""
+        return not self.recipe.evaluates_only and self.timing is None
 
     @property
     def arm(self) -> str:
@@ -317,6 +346,8 @@ class CellConfig:
     def identity(self) -> dict[str, Any]:
         ident = asdict(self)
         ident.pop("faults")
+        if self.timing is None:  # only timing cells have it: every other cell keeps its id
+            ident.pop("timing")
         ident["train"].pop("report_to")
         ident["model"].pop("resources")
         ident["model"].pop("shape")

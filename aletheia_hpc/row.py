@@ -31,13 +31,17 @@ ACCOUNTING_FILENAME = "accounting.json"
 STAGE_DECISION_FILE = "stages/stage{stage}.json"
 STATUSES = ("ok", "failed", "nan_abort")
 BASE_RECIPE = "base"
+# the recipe name of a campaign's paired timing cells (campaign.timing=paired): one per model,
+# timing every arm's steps interleaved; its row carries paired_timing and trains nothing
+TIMING_RECIPE = "paired_timing"
 DEFAULT_VARIANT = "matched"
 
 
 def arm_name(recipe: str, variant: str) -> str:
     """The stable name of (recipe, variant): ``standard``, ``aletheia``, ``aletheia@compute_matched``,
-    ``random_k``, ``aletheia@budget25``, ...; base-model cells are ``base``."""
-    if recipe == BASE_RECIPE or variant in (DEFAULT_VARIANT, BASE_RECIPE):
+    ``random_k``, ``aletheia@budget25``, ...; base-model cells are ``base``, paired timing cells
+    ``paired_timing``."""
+    if recipe in (BASE_RECIPE, TIMING_RECIPE) or variant in (DEFAULT_VARIANT, BASE_RECIPE):
         return recipe
     return f"{recipe}@{variant}"
 
@@ -95,6 +99,10 @@ class Row:
     # layers whose output received an activation gradient in the first training step; more than
     # num_layers - min(selected_layers): backward ran below the lowest adapted layer (the cell warned)
     backward_layers: Optional[int] = _f(None, group="method")
+    # a paired timing cell's (recipe paired_timing) measurement, per arm of the model:
+    # {arm: {layers, predicted_speedup, step_times_s (one per timed round, rounds paired across
+    # arms), median_step_s, ratio_vs_standard (median standard step / median arm step)}}
+    paired_timing: Optional[dict] = _f(None, group="method", csv=None)
     # ----------------------------------------------------------------------------- training
     train_steps: Optional[int] = _f(0, group="training", required=True)  # optimizer steps completed
     planned_steps: Optional[int] = _f(None, group="training")
@@ -187,7 +195,7 @@ def validate_row(row: Any) -> dict:
     if row["status"] == "ok":
         if row["failure_reason"] is not None:
             raise InvalidRow("an ok row has a failure_reason")
-        if row["recipe"] != BASE_RECIPE:
+        if row["recipe"] not in (BASE_RECIPE, TIMING_RECIPE):
             for key in ("train_time_s", "train_steps", "eval_loss"):
                 value = row[key]
                 if not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -6,7 +6,7 @@ batches, 800 builtin records with 48 held out).
 Per seed: one probe and one step-cost calibration (as a cell does), then every arm gets its LoRA
 (same seed for the adapters' init), and all arms train on the same batches in the same order,
 interleaved step by step (the arm order rotates each step) so that machine noise hits every arm
-alike. Then the held-out loss of each arm.
+alike (aletheia_hpc/method/timing.py). Then the held-out loss of each arm.
 
 Prints, per arm: the median step ratio vs standard (median standard step / median arm step over
 the timed steps of all seeds; the first step of each seed is not timed) with a 95 % bootstrap CI
@@ -28,10 +28,11 @@ import time
 import torch
 from transformers import get_scheduler
 
+from aletheia_hpc.aggregate.stats import median_ratio_ci
 from aletheia_hpc.campaign.matrix import compose_root
 from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
 from aletheia_hpc.method import (LoraRanks, apply_lora, calibrate_step_cost, get_family, probe_layer_scores,
-                                 select_cost_aware, select_layers)
+                                 select_cost_aware, select_layers, time_interleaved)
 from aletheia_hpc.models.loading import load_model
 from aletheia_hpc.worker.cell import probe_batches
 from aletheia_hpc.worker.training import held_out_loss
@@ -47,17 +48,6 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def ratio_ci(reference: list[float], arm: list[float], resamples: int = 4000) -> tuple[float, float, float]:
-    """median(reference) / median(arm), and a 95 % percentile bootstrap over paired steps."""
-    point = statistics.median(reference) / statistics.median(arm)
-    rng, n, draws = random.Random(0), len(reference), []
-    for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        draws.append(statistics.median(reference[i] for i in idx) / statistics.median(arm[i] for i in idx))
-    draws.sort()
-    return point, draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
-
-
 def report(m, r, steps, seeds, arm_names, times, results, elapsed, final) -> None:
     """The summary over the seeds done so far (printed after every seed, so a stopped run keeps it)."""
     status = "" if final else f"(running, after seed {seeds[-1]}) "
@@ -70,7 +60,7 @@ def report(m, r, steps, seeds, arm_names, times, results, elapsed, final) -> Non
           f"{'eval loss [95% CI]':26s} eval loss - aletheia per seed; mean [95% CI]")
     summary = {}
     for name in arm_names:
-        ratio = ratio_ci(times["standard"], times[name])
+        ratio = median_ratio_ci(times["standard"], times[name])
         loss = t_interval(results[name]["loss"])
         diffs = [a - b for a, b in zip(results[name]["loss"], results["aletheia"]["loss"])]
         diff = t_interval(diffs)
@@ -145,24 +135,30 @@ def main() -> None:
         order = list(range(len(train_examples)))
         random.Random(seed).shuffle(order)
         names = list(arms)
-        for step in range(steps):
-            picks = [train_examples[i] for i in order[step * m.batch_size:(step + 1) * m.batch_size]]
-            batch = collator(picks)
-            line = []
-            for name in names[step % len(names):] + names[:step % len(names)]:
-                model = models[name]
-                started = time.perf_counter()
-                loss = model(**batch, use_cache=False).loss
+        batches = [collator([train_examples[i] for i in order[step * m.batch_size:(step + 1) * m.batch_size]])
+                   for step in range(steps)]
+        losses = {name: [] for name in names}
+
+        def step_of(name):
+            model, optimizer, scheduler = models[name], optimizers[name], schedulers[name]
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def run(i):
+                loss = model(**batches[i], use_cache=False).loss
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-                optimizers[name].step()
-                schedulers[name].step()
-                optimizers[name].zero_grad(set_to_none=True)
-                elapsed = time.perf_counter() - started
-                if step > 0:  # the first step of a seed warms caches and allocates optimizer state
-                    times[name].append(elapsed)
-                line.append(f"{name} {elapsed:.2f}s/{loss.item():.3f}")
-            print(f"  step {step + 1}/{steps} (len {batch['input_ids'].shape[1]}): " + "  ".join(line), flush=True)
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses[name].append(loss.detach())
+            return run
+
+        # the first step of a seed warms caches and allocates optimizer state: not timed
+        seed_times = time_interleaved({name: step_of(name) for name in names}, rounds=steps - 1, warmup=1)
+        for name in names:
+            times[name] += seed_times[name]
+        print("  train loss first/last step: " + "  ".join(f"{n} {losses[n][0].item():.3f}/{losses[n][-1].item():.3f}"
+                                                          for n in names), flush=True)
         for name in names:
             results[name]["loss"].append(held_out_loss(models[name], eval_examples, collator, m.batch_size, device))
         print("  eval loss: " + "  ".join(f"{n} {results[n]['loss'][-1]:.4f}" for n in names)

@@ -3,7 +3,8 @@
 Reference model: llama-style, hidden 512, 12 layers, batch 4 x 256, gradient accumulation 2,
 LoRA ranks 16 (attention) / 64 (MLP). Three arms share the model and data: standard (all layers),
 aletheia (the probe's top half) and the top half by depth. Arms are interleaved step by step so
-that machine noise hits all of them alike. Prints per-arm median step time and the ratios.
+that machine noise hits all of them alike (aletheia_hpc/method/timing.py, the arm going first
+rotating each step). Prints per-arm median step time and the ratios.
     .venv/bin/python bench/speed.py [--steps 6] [--layers 12]
 """
 
@@ -15,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from aletheia_hpc.method import LoraRanks, apply_lora, family_of, probe_layer_scores, select_layers
+from aletheia_hpc.method import LoraRanks, apply_lora, family_of, probe_layer_scores, select_layers, time_interleaved
 
 
 def main() -> None:
@@ -45,23 +46,22 @@ def main() -> None:
     half = args.layers // 2
     arms = {"standard": list(range(args.layers)), "aletheia": select_layers(scores, 50),
             "top-half-by-depth": list(range(args.layers - half, args.layers))}
-    models, optimizers, times = {}, {}, {name: [] for name in arms}
+    models, optimizers = {}, {}
     for name, layers in arms.items():
         models[name] = apply_lora(copy.deepcopy(base), family, layers, LoraRanks(16, 64))
         models[name].train()
         optimizers[name] = torch.optim.AdamW([p for p in models[name].parameters() if p.requires_grad], lr=1e-4)
-    for step in range(args.warmup + args.steps):
-        micro = [batch() for _ in range(args.accum)]
-        for name in arms:
-            t0 = time.perf_counter()
-            for b in micro:
+    rounds = [[batch() for _ in range(args.accum)] for _ in range(args.warmup + args.steps)]
+
+    def step(name):
+        def run(i):
+            for b in rounds[i]:
                 (models[name](**b).loss / args.accum).backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-        print(f"step {step + 1}/{args.warmup + args.steps}: " +
-              "  ".join(f"{n} {times[n][-1]:.2f}s" for n in arms if times[n]), flush=True)
+        return run
+
+    times = time_interleaved({name: step(name) for name in arms}, rounds=args.steps, warmup=args.warmup)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"\nspeed benchmark: llama-style hidden {args.hidden}, {args.layers} layers, batch "
           f"{args.batch_size}x{args.seq}, accumulation {args.accum}, {torch.get_num_threads()} threads, "

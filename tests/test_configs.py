@@ -48,6 +48,7 @@ def test_paper_models_match_the_papers_layer_counts():
 
 CAMPAIGN_CELLS = {"paper_c1": 60 + 10, "paper_c2": 51 + 7, "paper": 70 + 58, "smoke": 12, "default": 2,
                   "demo": 7, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4,
+                  "cost_aware_demo": 4 * 3 + 1,
                   # staged studies: stage 1 only (the scan arms); later stages follow from its rows
                   "autoresearch": 8 + 1, "autoresearch_demo": 6 + 1}
 
@@ -58,6 +59,26 @@ def test_every_shipped_campaign_expands_and_validates(campaign):
     plan = expand([f"campaign={campaign}"])
     assert len(plan.cells) == CAMPAIGN_CELLS[campaign]
     assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
+
+
+def test_cost_aware_demo_times_its_four_arms_paired_at_the_demos_size():
+    plan = expand(["campaign=cost_aware_demo"])
+    demo = expand(["campaign=demo"]).cells[0]
+    (timing,) = [c for c in plan.cells if c.timing is not None]
+    assert [a.arm for a in timing.timing.arms] == ["standard", "aletheia", "cost_aware", "last_k"]
+    assert {a.recipe.layers for a in timing.timing.arms} == {"all", "top", "cost_aware", "last"}
+    assert timing.timing.rounds == 12 and timing.model.name == "smollm2-135m-instruct"
+    for cell in plan.cells:
+        assert (cell.model, cell.data, cell.train) == (demo.model, demo.data, demo.train)
+    for recipe in [c.recipe for c in plan.cells if c.trains] + [a.recipe for a in timing.timing.arms]:
+        assert recipe.layer_pct == 50 and recipe.probe.batches == 3
+    assert sorted(c.seed for c in plan.cells if c.arm == "cost_aware") == [42, 123, 999]
+    from aletheia_hpc.campaign.memory import estimate_cell
+
+    standard = next(c for c in plan.cells if c.arm == "standard")
+    # the timing job holds one loaded model with all-layer adapters per arm
+    assert estimate_cell(timing).weights_gib == pytest.approx(4 * estimate_cell(standard).weights_gib)
+    assert estimate_cell(timing).adapters_gib == pytest.approx(4 * estimate_cell(standard).adapters_gib)
 
 
 def test_arms_over_any_setting_expand_into_distinct_cells():

@@ -33,6 +33,8 @@ stats.json layout (definitions in ``stats.CONVENTIONS``, also written under ``co
                        standard_variant, seeds, quality}}  -- always nested by variant
     per_family         {family: {variant: timing block + models, quality}}
     compute_matched    {n_pairs, standard_variant, overall, per_model, note}
+    speed              {arm: {model: measured speedup vs Standard, its 95% CI and the method that
+                       measured it (paired | sequential), predicted_speedup, the difference}} (speed.py)
     cost               GPU-hours per arm (and per model) and what each arm saved against Standard over
                        its pairs, from the cells' accounting.json (cost.py)
     failed_cells, unreadable_rows, cells_without_row, duplicate_runs_superseded, conventions

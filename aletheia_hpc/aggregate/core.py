@@ -21,6 +21,7 @@ from .stats import CONVENTIONS, PairBlocks, clean_json, empty_timing_stats
 from .arms import arm_stats, ranking_stability
 from .cost import cost_stats
 from .staged import load_stage_decisions, staged_stats
+from .speed import paired_timings, speed_stats
 from .tables import (BENCH_FIELDS, CAMPAIGN2_FROM_RUNS, COMPUTE_MATCHED, DEFAULT_VARIANT, MASTER_COLUMNS,
                      PAPER_RECIPES, BadRow, campaign2_rows, csv_text, frame_cells, latest_ok_training_runs,
                      load_rows, master_rows, pairs_frame, paper_pairs, pick, results_campaign2, results_master,
@@ -110,14 +111,15 @@ def _ordered(names: Iterable) -> list:
     return sorted(set(names), key=lambda m: model_sort_key(str(m)))
 
 
-def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+def compute_stats(runs: pd.DataFrame, pairs: pd.DataFrame, timings: dict[str, dict] | None = None) -> dict:
     """The statistics part of ``stats.json`` (layout in the package docstring): the paper's
-    Aletheia-vs-Standard comparison, every arm against Standard, the probe's ranking stability and
-    the GPU-hours the scheduler accounted."""
+    Aletheia-vs-Standard comparison, every arm against Standard, measured vs predicted speed per arm
+    (``timings``: the paired timing rows' measurements, speed.paired_timings), the probe's ranking
+    stability and the GPU-hours the scheduler accounted."""
     latest = latest_ok_training_runs(runs)
     return {**paper_stats(runs[runs["recipe"].isin(PAPER_RECIPES)], paper_pairs(pairs)),
-            "arms": arm_stats(latest, pairs), "stability": ranking_stability(latest),
-            "cost": cost_stats(runs, pairs)}
+            "arms": arm_stats(latest, pairs), "speed": speed_stats(runs, pairs, timings or {}),
+            "stability": ranking_stability(latest), "cost": cost_stats(runs, pairs)}
 
 
 def paper_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
@@ -267,7 +269,7 @@ def aggregate_rows(rows: Sequence[dict], *, campaign: str | None = None, out_dir
         campaign = names.most_common(1)[0][0] if names else "campaign"
     runs = runs_frame(rows)
     pairs = pairs_frame(runs)
-    body = compute_stats(runs, pairs)
+    body = compute_stats(runs, pairs, paired_timings(rows))
     master = results_master(pairs, body["primary_variant"])
     campaign2 = results_campaign2(runs, pairs)
     partial, completeness = _completeness(len(rows), expected_cells, len(bad_rows), len(cells_without_row))

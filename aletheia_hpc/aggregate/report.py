@@ -426,6 +426,27 @@ def _arms(stats: dict) -> list[str]:
     return out
 
 
+SPEED_METHODS = {"paired": "paired (one job, arms interleaved)", "sequential": "sequential (each cell's own steps)"}
+
+
+def _speed(stats: dict) -> list[str]:
+    """Measured against predicted speed per arm and model, saying how each figure was measured."""
+    speed = stats.get("speed") or {}
+    if not speed:
+        return []
+    rows = [[arm, model, SPEED_METHODS.get(s["method"], s["method"]), s["n"], _f(s["speedup"], 3),
+             _ci(s["speedup_ci95"], 3), _f(s["predicted_speedup"], 3), _f(s["predicted_minus_measured"], 3, True)]
+            for arm, by_model in speed.items() for model, s in by_model.items()]
+    return ["## Measured vs predicted speed", "",
+            "Speedup = median Standard step time / median arm step time (per optimizer step). Paired: the "
+            "model's timing cell ran every arm's steps interleaved in one job on one node "
+            "(campaign.timing=paired), n = timed rounds; sequential: each arm's training cells beside the "
+            "Standard cell of the same seed, n = seeds. 95% CI: percentile bootstrap of the ratio. "
+            "Predicted: the step-cost model calibrated in the arm's cells (mean over seeds).", "",
+            _table(["arm", "model", "measured by", "n", "speedup x", "95% CI", "predicted x",
+                    "predicted - measured"], rows)]
+
+
 def _stability(stats: dict) -> list[str]:
     """The referee's second point: does the probe pick the same layers for every seed?"""
     stab = stats.get("stability") or {}
@@ -729,7 +750,7 @@ def render_report(stats: dict, runs: pd.DataFrame, pairs: pd.DataFrame, rows: li
                                                    "own variant, else of `matched` (stage-1 steps): for a staged study "
                                                    "the tables above compare at equal steps.", ""]
     sections = [_headline(stats, ref), _mixed_hardware(pairs), _per_model_timing(stats),
-                _per_family(stats), _cost(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _stability(stats),
+                _per_family(stats), _cost(stats), _quality(stats), _score_quality(stats), _compute_matched(stats), _arms(stats), _speed(stats), _stability(stats),
                 _layer_selection(rows), _paper_vs_run(stats, ref), _setting_differences(rows), _figures(figures),
                 _failures(stats), _provenance(runs)]
     for section in sections:

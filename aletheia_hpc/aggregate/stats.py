@@ -78,6 +78,11 @@ CONVENTIONS = {
                  "allocated GPUs, summed over every job that ran the cell (requeued and cancelled runs "
                  "included), so it covers model loading, the probe, training and evaluation; cost.saved = "
                  "Standard - arm over the pairs with both cells accounted on one hardware",
+    "speed": "speed[arm][model]: measured speedup = median standard step time / median arm step time, "
+             "with a 95% percentile bootstrap CI over the paired rounds or seed pairs; method 'paired' takes "
+             "the model's paired timing cell (every arm's steps interleaved in one job, campaign.timing=paired), "
+             "'sequential' the training cells' own median step times, seed by seed; predicted_speedup is the "
+             "step-cost model's, mean over the arm's rows",
     "stability": "per model, over every two seeds of one probing arm: Jaccard index of the selected "
                  "layer sets and Spearman's rho of the probe scores",
     "per_model": "per_model[model][variant] and per_family[family][variant]; overall covers the "
@@ -181,6 +186,26 @@ def timing_stats(std_time: np.ndarray, arm_time: np.ndarray, probe_time: np.ndar
         "note": test["note"],
     }
     return out
+
+
+def median_ratio_ci(reference, arm, resamples: int = 4000, seed: int = 0
+                    ) -> tuple[float | None, float | None, float | None]:
+    """median(reference) / median(arm) and its 95 % percentile bootstrap interval, resampling the
+    paired positions (a timed round, or a seed's two cells) together; (point, None, None) for
+    fewer than 2 pairs, (None, None, None) for none."""
+    reference, arm = np.asarray(reference, dtype=float), np.asarray(arm, dtype=float)
+    if reference.shape != arm.shape:
+        raise ValueError(f"paired times differ in length: {reference.size} and {arm.size}")
+    if not reference.size:
+        return None, None, None
+    point = finite_or_none(np.median(reference) / np.median(arm))
+    if reference.size < 2:
+        return point, None, None
+    picks = np.random.default_rng(seed).integers(0, reference.size, size=(resamples, reference.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = np.median(reference[picks], axis=1) / np.median(arm[picks], axis=1)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return point, finite_or_none(lo), finite_or_none(hi)
 
 
 def metric_stats(std: np.ndarray, arm: np.ndarray, base: np.ndarray | None = None,

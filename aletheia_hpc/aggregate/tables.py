@@ -4,7 +4,7 @@ Arms. A run's arm is ``recipe`` or ``recipe@variant`` (aletheia_hpc.row.arm_name
 arms are ``standard`` and ``aletheia``; a study adds any others (``random_k``,
 ``aletheia@budget25``, ``aletheia@compute_matched``, ...).
 
-Pairing rule. Training runs are the rows of every recipe but ``base``; only ``ok`` rows pair. Every
+Pairing rule. Training runs are the rows of every recipe but ``base`` and ``paired_timing``; only ``ok`` rows pair. Every
 run of an arm other than ``standard`` is paired with the ok Standard run of the same model and seed
 in its *standard variant*: ``matched`` for the ``compute_matched`` variant and for Standard runs of
 other variants, the run's own variant when that variant has Standard runs, else ``matched``.
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from aletheia_hpc.evaluation.benchmarks import REGISTRY, SCORE_FIELDS
-from aletheia_hpc.row import (BASE_RECIPE, CSV_JSON_FIELDS, CSV_SCALAR_FIELDS, ROW_FILENAME, InvalidRow, arm_name,
-                              read_accounting, read_row)
+from aletheia_hpc.row import (BASE_RECIPE, CSV_JSON_FIELDS, CSV_SCALAR_FIELDS, ROW_FILENAME, TIMING_RECIPE, InvalidRow,
+                              arm_name, read_accounting, read_row)
 
 from .paper import model_sort_key, paper_name
 
@@ -277,8 +277,8 @@ def latest_per_key(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def training_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that trained (every recipe but base), every status."""
-    return runs[runs["recipe"] != BASE_RECIPE]
+    """The runs that trained (every recipe but base and the paired timing cells), every status."""
+    return runs[~runs["recipe"].isin((BASE_RECIPE, TIMING_RECIPE))]
 
 
 def latest_ok_training_runs(runs: pd.DataFrame) -> pd.DataFrame:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -19,12 +19,13 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aletheia_hpc.config import (STAGE_OBJECTIVES, CellConfig, ClusterConfig, ConfigError, FaultConfig, RootConfig,
-                                 VariantConfig, validate_cell, validate_cluster)
+from aletheia_hpc.config import (STAGE_OBJECTIVES, TIMINGS, CellConfig, ClusterConfig, ConfigError, FaultConfig,
+                                 PairedTimingConfig, RecipeConfig, RootConfig, TimingArmConfig, VariantConfig,
+                                 validate_cell, validate_cluster)
 from aletheia_hpc.campaign.stages import override_key
 from aletheia_hpc.data.builtin import BUILTIN_NAME
 from aletheia_hpc.provenance import REPO_ROOT
-from aletheia_hpc.row import arm_name
+from aletheia_hpc.row import TIMING_RECIPE, arm_name
 
 ConfigStore.instance().store(name="schema", node=RootConfig)
 
@@ -136,7 +137,7 @@ def _variant_problems(campaign) -> list[str]:
         if v.name in seen:
             problems.append(f"campaign.variants: two variants are named {v.name!r}; give each its own name")
         seen.add(v.name)
-        if v.name == "base" or "@" in v.name or "/" in v.name:
+        if v.name in ("base", TIMING_RECIPE) or "@" in v.name or "/" in v.name:
             problems.append(f"campaign.variants: name {v.name!r} is reserved or has '@' or '/'")
         for o in v.overrides:
             key = _key(o)
@@ -170,7 +171,7 @@ def expand(overrides: list[str]) -> Plan:
     variant_recipes = {r for v in campaign.variants for r in (v.recipes or [])}
     problems += [f"campaign.recipes: unknown recipe {r!r}; known: {', '.join(sorted(known_recipes))}"
                  for r in sorted(set(campaign.recipes) | variant_recipes) if r not in known_recipes]
-    problems += _variant_problems(campaign)
+    problems += _variant_problems(campaign) + _timing_problems(campaign)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -186,6 +187,8 @@ def expand(overrides: list[str]) -> Plan:
             cells.append(CellConfig(campaign=campaign.name, model=r.model, recipe=r.recipe,
                                     train=r.train, data=r.data, eval=r.eval, seed=0, variant="base",
                                     noop=campaign.noop))
+    if campaign.timing == "paired":
+        cells += timing_cells(campaign, cells)
     plan = Plan(campaign.name, root, cells, list(overrides))
     if campaign.staged:
         _plan_stages(plan, compose)
@@ -330,6 +333,81 @@ def _plan_stages(plan: Plan, compose: _Composer) -> None:
                 "was decided; restore it, or move the stages directory aside to decide again from the rows")
         plan.cells += new
         plan.stages.append(StagePlan(spec["stage"], spec["arms"], spec["seeds"], members))
+
+
+def _timing_problems(campaign) -> list[str]:
+    problems = []
+    if campaign.timing not in TIMINGS:
+        problems.append(f"campaign.timing={campaign.timing!r}: use one of {TIMINGS}")
+    if campaign.timing_steps < 1:
+        problems.append(f"campaign.timing_steps={campaign.timing_steps}: the paired timing needs >= 1 timed round")
+    if campaign.timing_warmup < 0:
+        problems.append(f"campaign.timing_warmup={campaign.timing_warmup}: must be >= 0")
+    if campaign.timing == "paired" and campaign.staged:
+        problems.append("campaign.timing=paired with campaign.stages: a staged study's arms change from stage to "
+                        "stage, and one timing cell per model times one set; set campaign.timing=sequential")
+    return problems
+
+
+def _first_difference(a, b, prefix: str) -> str | None:
+    """The first dotted field where two config dicts differ, with both values, or None."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _first_difference(x, y, f"{prefix}.{key}")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}.{key} is {x!r} there and {y!r} for standard"
+    return None
+
+
+def _unpairable(arm: CellConfig, standard: CellConfig) -> str | None:
+    """Why ``arm``'s steps cannot be timed beside ``standard``'s in one job, or None: both must
+    train the same model on the same data in the same micro-batches (their optimizer settings and
+    step counts may differ: they do not change what one step costs)."""
+    if arm.model != standard.model:
+        return _first_difference(asdict(arm.model), asdict(standard.model), "model")
+    if arm.data != standard.data:
+        return _first_difference(asdict(arm.data), asdict(standard.data), "data")
+    for name in ("grad_accum", "max_grad_norm"):
+        if getattr(arm.train, name) != getattr(standard.train, name):
+            return (f"train.{name} is {getattr(arm.train, name)!r} there and {getattr(standard.train, name)!r} "
+                    "for standard")
+    return None
+
+
+def timing_cells(campaign, cells: list[CellConfig]) -> list[CellConfig]:
+    """One paired timing cell per model (campaign.timing=paired): every training arm of the model,
+    built as its cell of the campaign's first seed builds it (same probe batches, same selection),
+    timed interleaved in one job. Arms that do not train the same model on the same batches as
+    standard cannot share its timing and are refused, as is a model without a standard arm."""
+    seed = campaign.seeds[0]
+    by_model: dict[str, dict[str, CellConfig]] = {}
+    for cell in cells:
+        if cell.trains and cell.seed == seed:
+            by_model.setdefault(cell.model.name, {})[cell.arm] = cell
+    problems, out = [], []
+    for model, arms in by_model.items():
+        standard = arms.get("standard")
+        if standard is None:
+            problems.append(f"campaign.timing=paired: model {model} has no standard arm to time the others "
+                            "against; add standard to campaign.recipes or set campaign.timing=sequential")
+            continue
+        for name, cell in arms.items():
+            why = _unpairable(cell, standard)
+            if why:
+                problems.append(f"campaign.timing=paired: model {model}: arm {name} cannot be timed beside "
+                                f"standard in one job: {why}; drop the arm, give it its own campaign, or set "
+                                "campaign.timing=sequential")
+        ordered = sorted(arms, key=lambda name: name != "standard")  # standard first
+        timing = PairedTimingConfig(arms=[TimingArmConfig(arm=name, recipe=arms[name].recipe) for name in ordered],
+                                    rounds=campaign.timing_steps, warmup=campaign.timing_warmup)
+        out.append(replace(standard, recipe=RecipeConfig(name=TIMING_RECIPE), variant=TIMING_RECIPE,
+                           faults=FaultConfig(), timing=timing))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return out
 
 
 def cell_label(cell: CellConfig) -> str:

@@ -20,6 +20,10 @@ Which layers a probe-selected recipe adapts is not known before the probe runs, 
 taken to reach layer 0 (the worst case) for every recipe but ``last``. A cell over several GPUs is
 split evenly (accelerate's balanced device map).
 
+A paired timing cell (campaign.timing=paired) holds one copy of the model and its adapters per arm
+at once; it is counted so: weights and all-layer adapters times the number of arms, activations of
+one step (the arms step one at a time).
+
 The two coefficients are fitted to bench/results/gpu_speed_h100.txt (Qwen2.5-0.5B and -7B, bf16
 autocast and 4-bit NF4, batch 4 x 512, no checkpointing; peaks from torch.cuda.max_memory_allocated):
 the estimates are 0.99x to 1.16x of the twelve measured peaks (tests/test_memory_plan.py).
@@ -143,6 +147,12 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
             activations = depth * tokens * s.hidden_size * full + per_layer
         else:
             activations = depth * per_layer
+    if cell.timing is not None:  # one loaded copy per arm; at most all layers' adapters each
+        arms = [a.recipe for a in cell.timing.arms]
+        weights *= len(arms)
+        adapters = len(arms) * ADAPTER_BYTES * adapter_params(s, L, max(a.attention_rank for a in arms),
+                                                              max(a.mlp_rank for a in arms))
+        probe = weights + L * per_layer + logits if any(a.probes for a in arms) else 0.0
     train = weights + adapters + activations + logits
     probe_peaks = probe > train
     return MemoryEstimate(weights_gib=weights / GIB, adapters_gib=0.0 if probe_peaks else adapters / GIB,

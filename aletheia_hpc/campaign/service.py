@@ -179,7 +179,7 @@ class CampaignService:
             cell = self.by_id[c["cell_id"]]
             p = read_progress(self.results_dir, cell)
             step, times = (p.step, p.step_times_s) if p else (0, [])
-            total = cell.train.steps if not cell.recipe.evaluates_only else 0
+            total = cell.train.steps if cell.trains else 0
             eta = None
             if c["state"] in BUSY and times and total:
                 eta = statistics.median(times) * max(total - step, 0)

@@ -26,6 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(("PROBE_MODES", "PROBE_NORMS", "QuantizedProbeError", "probe_layer_scores"), "probe"),
     **dict.fromkeys(("STRATEGIES", "InfeasibleSpeedup", "layer_budget", "select_cost_aware", "select_layers"),
                     "selection"),
+    "time_interleaved": "timing",
 }
 __all__ = list(_EXPORTS)
 

@@ -43,6 +43,7 @@ import torch
 from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
 from aletheia_hpc.method.lora import LoraRanks, apply_lora
 from aletheia_hpc.method.probe import causal_lm_inputs, restored_grad_state
+from aletheia_hpc.method.timing import time_interleaved
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,6 @@ def calibration_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
     return [(num_layers - 1,), (0,), tuple(range(num_layers))]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextmanager
 def _untouched(model: torch.nn.Module):
     """Restore requires_grad flags, train/eval mode, activation checkpointing (which ``prepare`` may
@@ -160,14 +156,14 @@ def calibrate_step_cost(
 ) -> StepCostModel:
     """Fit a StepCostModel to timed LoRA steps of ``model`` (not yet wrapped by peft).
 
-    ``steps`` rounds; in each, every calibration placement in turn is wrapped with adapters of
-    ``ranks``, given to ``prepare``, timed for one AdamW step on the round's batch (``batches``
-    cycled: all placements see the same batch, so sequence lengths match) and unwrapped.
-    Interleaving the placements round by round, as the benchmarks interleave arms, makes a load
-    that changes on a shared machine hit every placement alike instead of one (each timed step is
-    then a fresh optimizer's first, whose state allocation scales with the adapters and so counts
-    towards adapter_layer_s). ``warmup`` untimed all-layer steps run first. The median of each placement's timed steps enters the fit. The model is left
-    as it was (see the module docstring)."""
+    The calibration placements are timed interleaved (method/timing.py): ``warmup`` untimed rounds,
+    then ``steps`` timed ones; in each round every placement in turn is wrapped with adapters of
+    ``ranks``, given to ``prepare``, stepped once with AdamW on the round's batch (``batches``
+    cycled: all placements of a round see the same batch, so sequence lengths match) and unwrapped,
+    wrapping and unwrapping outside the timed span. Each timed step is a fresh optimizer's first,
+    whose state allocation scales with the adapters and so counts towards adapter_layer_s. The
+    median of each placement's timed steps enters the fit. The model is left as it was (see the
+    module docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"calibration needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     batches = list(batches)
@@ -177,29 +173,29 @@ def calibrate_step_cost(
     total = num_layers(model, family)
     device = model.get_input_embeddings().weight.device
     inputs = [causal_lm_inputs(b, device) for b in batches]
-    placements = calibration_layer_sets(total)
+    placements = {str(layers): layers for layers in calibration_layer_sets(total)}
+    live: dict = {}  # the wrapped model and its optimizer while one placement's step runs
+
+    @contextmanager
+    def wrapped(name: str):
+        peft_model = apply_lora(model, family, placements[name], ranks)
+        try:
+            if prepare is not None:
+                prepare(peft_model)
+            live["model"] = peft_model
+            live["optimizer"] = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+            yield
+        finally:
+            live.clear()
+            peft_model.unload()
+
+    def step(i: int) -> None:
+        _step(live["model"], inputs[i % len(inputs)], live["optimizer"], max_grad_norm)
+
     t_start = time.perf_counter()
-    measured: dict[tuple[int, ...], list[float]] = {layers: [] for layers in placements}
     with _untouched(model):
         model.train()
-        rounds = [(None, inputs[i % len(inputs)]) for i in range(warmup)]
-        rounds += [(i, inputs[i % len(inputs)]) for i in range(steps)]
-        for timed_round, batch in rounds:
-            for layers in placements if timed_round is not None else placements[-1:]:
-                peft_model = apply_lora(model, family, layers, ranks)
-                try:
-                    if prepare is not None:
-                        prepare(peft_model)
-                    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
-                                                  lr=1e-5)
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    _step(peft_model, batch, optimizer, max_grad_norm)
-                    _sync(device)
-                    if timed_round is not None:
-                        measured[layers].append(time.perf_counter() - t0)
-                    del optimizer
-                finally:
-                    peft_model.unload()
-    times = {layers: statistics.median(values) for layers, values in measured.items()}
+        measured = time_interleaved(dict.fromkeys(placements, step), rounds=steps, warmup=warmup, device=device,
+                                    around=wrapped)
+    times = {placements[name]: statistics.median(values) for name, values in measured.items()}
     return StepCostModel.fit(total, times, calibration_s=time.perf_counter() - t_start)

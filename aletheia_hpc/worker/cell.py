@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import random
+import statistics
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,12 +63,134 @@ def probe_batches(train_examples, collator, batch_size: int, n_batches: int, see
     return batches
 
 
+@dataclass
+class Selection:
+    """The layers a cell adapts and what chose them (probe scores, the step-cost model)."""
+    layers: list[int]
+    scores: list[float] | None = None
+    probe: dict | None = None  # what the probe computed (row.probe)
+    probe_time_s: float | None = None
+    cost: object | None = None  # the calibrated StepCostModel, if any
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        if self.scores is None:
+            return 1.0  # all-layer LoRA is the reference itself
+        return self.cost.speedup(self.layers) if self.cost is not None else None
+
+    def record(self, row: Row) -> None:
+        """The selection's fields of a training cell's row."""
+        row.predicted_speedup = self.predicted_speedup
+        if self.scores is not None:
+            row.update(probe_time_s=self.probe_time_s, probe=self.probe, layer_scores=self.scores)
+        if self.cost is not None:
+            row.update(cost_calibration_time_s=self.cost.calibration_s, step_cost=self.cost.to_dict(),
+                       predicted_step_time_s=self.cost.step_time(self.layers))
+
+
+def lora_ranks(recipe):
+    """The recipe's adapter shape as the method library takes it."""
+    from aletheia_hpc.method import LoraRanks
+
+    return LoraRanks(recipe.attention_rank, recipe.mlp_rank, recipe.alpha_factor, recipe.dropout, recipe.modules)
+
+
+def choose_layers(model, cell: CellConfig, recipe, train_examples, collator, family, prepare) -> Selection:
+    """The layers ``recipe`` adapts on ``model`` (not yet wrapped) for ``cell``: all of them, or
+    the probe's scores (batches drawn by the cell's seed), the step-cost calibration where the
+    recipe has one (timing what ``prepare`` makes of the wrapped model), and the recipe's
+    selection rule. Training cells and paired timing cells both choose here, so that the timing
+    cell builds every arm as the arm's own cell does."""
+    from aletheia_hpc.method import calibrate_step_cost, probe_layer_scores, select_cost_aware, select_layers
+
+    m, r = cell.model, recipe
+    if not r.probes:
+        return Selection(list(range(m.num_layers)))
+    probe_batch_size = r.probe.batch_size or m.batch_size
+    batches = probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
+                            r.probe.loss_tokens)
+    t0 = time.perf_counter()
+    scores = probe_layer_scores(model, batches, family=family, mode=r.probe.mode,
+                                chunk_size=r.probe.chunk_size, norm=r.probe.norm)
+    probe_time_s = time.perf_counter() - t0
+    probe = {"norm": r.probe.norm, "loss_tokens": r.probe.loss_tokens, "batch_size": probe_batch_size,
+             "batches": len(batches), "mode": r.probe.mode}
+    cost = None
+    if r.cost.calibration_steps:
+        cost = calibrate_step_cost(model, batches, lora_ranks(r), family=family, steps=r.cost.calibration_steps,
+                                   warmup=r.cost.calibration_warmup, prepare=prepare,
+                                   max_grad_norm=cell.train.max_grad_norm)
+    if r.layers == "cost_aware":
+        layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
+    else:
+        layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
+    return Selection(layers, scores, probe, probe_time_s, cost)
+
+
+def _paired_timing(cell: CellConfig, model, train_examples, collator, family, prepare, device, row: Row) -> None:
+    """A paired timing cell: every arm of the model built as its cell of this seed builds it (one
+    copy of the model per arm), then ``timing.warmup`` untimed and ``timing.rounds`` timed rounds of
+    one optimizer step per arm, interleaved (method/timing.py), all arms on the same batches."""
+    from aletheia_hpc.method import apply_lora, time_interleaved
+    from aletheia_hpc.models.loading import load_model
+
+    timing, m, t = cell.timing, cell.model, cell.train
+    arms, selections = {}, {}
+    for i, arm in enumerate(timing.arms):
+        selections[arm.arm] = choose_layers(model, cell, arm.recipe, train_examples, collator, family, prepare)
+        # a fresh load per arm (quantized weights cannot be deep-copied); the last arm takes the
+        # model the probes ran on
+        arm_model = model if i == len(timing.arms) - 1 else load_model(m, device)[0]
+        peft_model = apply_lora(arm_model, family, selections[arm.arm].layers, lora_ranks(arm.recipe))
+        if prepare is not None:
+            prepare(peft_model)
+        peft_model.train()
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                      lr=t.lr if t.lr is not None else m.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_eps, weight_decay=t.weight_decay)
+        arms[arm.arm] = (peft_model, optimizer)
+    order = list(range(len(train_examples)))
+    random.Random(cell.seed).shuffle(order)
+    per_round = m.batch_size * t.grad_accum
+    rounds = [[collator([train_examples[order[(n * per_round + j) % len(order)]]
+                         for j in range(k * m.batch_size, (k + 1) * m.batch_size)])
+               for k in range(t.grad_accum)] for n in range(timing.warmup + timing.rounds)]
+    rounds = [[{key: value.to(device) for key, value in b.items()} for b in micro] for micro in rounds]
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.precision) if device.type == "cuda" else None
+
+    def step(name: str):
+        peft_model, optimizer = arms[name]
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+
+        def run(i: int) -> None:
+            for batch in rounds[i]:
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    loss = peft_model(**batch, use_cache=False).loss / t.grad_accum
+                loss.backward()
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    times = time_interleaved({name: step(name) for name in arms}, rounds=timing.rounds, warmup=timing.warmup,
+                             device=device)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    row.paired_timing = {
+        name: {"layers": selections[name].layers, "predicted_speedup": selections[name].predicted_speedup,
+               "step_times_s": times[name], "median_step_s": medians[name],
+               "ratio_vs_standard": medians["standard"] / medians[name]}
+        for name in arms}
+    row.update(train_steps=timing.rounds, train_time_s=sum(sum(v) for v in times.values()))
+    log.info("cell %s: paired timing over %d rounds: %s", cell.cell_id, timing.rounds,
+             ", ".join(f"{name} {medians[name]:.3f}s ({medians['standard'] / medians[name]:.3f}x)" for name in arms))
+
+
 def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progress: bool,
                         cpu_fallback: bool) -> None:
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
-    from aletheia_hpc.method import (LoraRanks, apply_lora, calibrate_step_cost, enable_selective_checkpointing,
-                                     get_family, probe_layer_scores, select_cost_aware, select_layers)
+    from aletheia_hpc.method import apply_lora, enable_selective_checkpointing, get_family
     from aletheia_hpc.models.loading import load_model, resolve_device
     from aletheia_hpc.worker.training import train_cell
 
@@ -101,38 +225,15 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         return
 
     family = get_family(m.family)
-    ranks = LoraRanks(r.attention_rank, r.mlp_rank, r.alpha_factor, r.dropout, r.modules)
     prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
-    if not r.probes:
-        layers = list(range(m.num_layers))
-        row.predicted_speedup = 1.0  # all-layer LoRA is the reference itself
-    else:
-        probe_batch_size = r.probe.batch_size or m.batch_size
-        batches = probe_batches(train_examples, collator, probe_batch_size, r.probe.batches, cell.seed,
-                                 r.probe.loss_tokens)
-        t0 = time.perf_counter()
-        scores = probe_layer_scores(model, batches, family=family, mode=r.probe.mode,
-                                    chunk_size=r.probe.chunk_size, norm=r.probe.norm)
-        row.probe_time_s = time.perf_counter() - t0
-        row.probe = {"norm": r.probe.norm, "loss_tokens": r.probe.loss_tokens, "batch_size": probe_batch_size,
-                     "batches": len(batches), "mode": r.probe.mode}
-        row.layer_scores = scores
-        cost = None
-        if r.cost.calibration_steps:
-            cost = calibrate_step_cost(model, batches, ranks, family=family, steps=r.cost.calibration_steps,
-                                       warmup=r.cost.calibration_warmup, prepare=prepare,
-                                       max_grad_norm=cell.train.max_grad_norm)
-            row.cost_calibration_time_s = cost.calibration_s
-            row.step_cost = cost.to_dict()
-        if r.layers == "cost_aware":
-            layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
-        else:
-            layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
-        if cost is not None:
-            row.predicted_speedup = cost.speedup(layers)
-            row.predicted_step_time_s = cost.step_time(layers)
+    if cell.timing is not None:
+        _paired_timing(cell, model, train_examples, collator, family, prepare, device, row)
+        return
+    selection = choose_layers(model, cell, r, train_examples, collator, family, prepare)
+    selection.record(row)
+    layers = selection.layers
     row.selected_layers = layers
-    model = apply_lora(model, family, layers, ranks)
+    model = apply_lora(model, family, layers, lora_ranks(r))
     if prepare is not None:
         prepare(model)
     row.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
