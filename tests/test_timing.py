@@ -98,6 +98,11 @@ def test_arms_that_cannot_share_a_timing_job_are_refused_at_plan_time(overrides,
     assert message in str(refused.value)
 
 
+def test_a_staged_study_with_paired_timing_is_refused_at_plan_time():
+    with pytest.raises(ConfigError, match="campaign.timing=paired with campaign.stages"):
+        expand(["campaign=autoresearch_demo", "campaign.timing=paired"])
+
+
 def test_a_paired_campaign_times_every_arm_in_one_cell_and_the_aggregate_says_so(tmp_path):
     overrides = ["campaign=default", f"results_dir={tmp_path}", "campaign.timing=paired", "campaign.timing_steps=3",
                  "campaign.timing_warmup=1", "train.steps=2", "train.grad_accum=1", "recipe.probe.batches=2",
