@@ -70,9 +70,8 @@ def race_processes(child_source: str, args: list[str], tmp_path: Path, n: int, *
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers), every test of the one SLURM dev cluster runs
-    in one worker (`--dist loadgroup`): its daemons, ports and state directory exist once per machine,
-    and the degraded-accounting tests stop and start them."""
+    """Every test of the SLURM dev cluster carries the slurm marker (scripts/test.sh runs them in a
+    session of their own, beside the rest: the cluster's daemons, ports and state exist once)."""
     for item in items:
-        if "dev_cluster" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        if "dev_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
