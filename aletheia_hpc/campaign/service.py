@@ -229,7 +229,8 @@ class CampaignService:
             result = self._launch(force, retry_nan, only=[m["cell_id"] for m in stage.cells])
             result.stage, result.held = stage.stage, held
             force = []  # a forced cell reruns once, not once per stage
-            if not until_done or result.failed_cells or not result.todo and held:
+            stopped = result.submission is not None and result.submission.stopped_by
+            if not until_done or stopped or result.failed_cells or not result.todo and held:
                 return result
 
     def _study_line(self) -> str:
