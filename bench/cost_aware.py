@@ -14,7 +14,7 @@ over paired steps; the cost model's predicted speedup (mean over seeds); the eva
 seeds, 95 % t-interval); and the paired eval-loss differences vs aletheia, per seed and as a mean
 with its 95 % t-interval. Then the issue's floor: cost_aware >= 1.5x AND lower eval loss than
 aletheia in every seed.
-    .venv/bin/python bench/cost_aware.py [--seeds 42 123 999] [--steps 24] [--targets 1.5]
+    .venv/bin/python bench/cost_aware.py [--seeds 42 123 999] [--steps 24] [--targets 1.5] [--depth-floors 0.333]
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's train.steps")
     parser.add_argument("--targets", type=float, nargs="+", default=None,
                         help="cost_aware speed targets (default: the recipe's); the first is the arm 'cost_aware'")
+    parser.add_argument("--depth-floors", type=float, nargs="*", default=[],
+                        help="extra arms, one per depth fraction d: the top layers by score (aletheia's budget) "
+                             "among layers >= round(d * L), e.g. 0.333 for the upper two thirds")
     args = parser.parse_args()
     root = compose_root(["campaign=demo", "model=smollm2-135m-instruct", "recipe=cost_aware"])
     m, r, t, d = root.model, root.recipe, root.train, root.data
@@ -102,6 +105,8 @@ def main() -> None:
     L = m.num_layers
     arm_names = ["standard", "aletheia"] + [("cost_aware" if i == 0 else f"cost_aware@{x}")
                                             for i, x in enumerate(targets)] + ["top-half-by-depth"]
+    floors = {f"top-by-score-from-{round(d * L)}": round(d * L) for d in args.depth_floors}
+    arm_names += list(floors)
     times = {name: [] for name in arm_names}  # timed steps of all seeds, paired by index
     results = {name: {"loss": [], "predicted": [], "layers": []} for name in arm_names}
 
@@ -117,6 +122,8 @@ def main() -> None:
         for name, target in zip(arm_names[2:], targets):
             arms[name] = select_cost_aware(scores, cost, target, r.layer_pct)
         arms["top-half-by-depth"] = select_layers(scores, r.layer_pct, "last")
+        for name, lowest in floors.items():  # aletheia's rule on the layers at or above ``lowest``
+            arms[name] = [lowest + i for i in select_layers(scores[lowest:], min(100.0, r.layer_pct * L / (L - lowest)))]
         print(f"\nseed {seed}: cost model fixed {cost.fixed_s:.3f}s, backward/layer {cost.backward_layer_s:.4f}s, "
               f"adapters/layer {cost.adapter_layer_s:.4f}s (calibration {cost.calibration_s:.1f}s)", flush=True)
         models, optimizers, schedulers = {}, {}, {}

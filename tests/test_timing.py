@@ -13,6 +13,13 @@ from aletheia_hpc.campaign.matrix import expand
 from aletheia_hpc.config import CellConfig, ConfigError
 from aletheia_hpc.method import time_interleaved
 from aletheia_hpc.worker.cell import run_cell
+from aletheia_hpc.worker.stop import StopSignal
+from aletheia_hpc.worker.training import StopForRequeue
+
+TINY_PAIRED = ["campaign=default", "campaign.timing=paired", "campaign.timing_steps=3",
+               "campaign.timing_warmup=1", "train.steps=2", "train.grad_accum=1", "recipe.probe.batches=2",
+               "recipe.cost.calibration_steps=1", "recipe.cost.calibration_warmup=0", "data.builtin_size=240",
+               "data.eval_size=32", "progress=false"]
 
 
 def test_time_interleaved_rotates_the_arms_and_leaves_the_warmup_rounds_untimed():
@@ -52,6 +59,23 @@ def test_time_interleaved_keeps_the_setup_around_each_step_out_of_the_timed_span
     assert all(t < 0.3 for ts in times.values() for t in ts)
     with pytest.raises(ValueError, match="rounds >= 1"):
         time_interleaved({"x": lambda i: None}, rounds=0)
+
+
+def test_time_interleaved_calls_before_round_untimed_and_stops_on_what_it_raises():
+    steps, rounds_seen = [], []
+
+    def before_round(i):
+        rounds_seen.append(i)
+        if i == 2:
+            raise KeyboardInterrupt("stop")
+        time.sleep(0.3)
+
+    with pytest.raises(KeyboardInterrupt):
+        time_interleaved({"x": lambda i: steps.append(i), "y": lambda i: steps.append(i)}, rounds=3, warmup=1,
+                         before_round=before_round)
+    assert rounds_seen == [0, 1, 2] and steps == [0, 0, 1, 1]  # round 2 never ran
+    times = time_interleaved({"x": lambda i: None}, rounds=2, warmup=0, before_round=lambda i: time.sleep(0.3))
+    assert all(t < 0.3 for t in times["x"])
 
 
 def test_median_ratio_ci_resamples_the_pairs_together():
@@ -104,11 +128,7 @@ def test_a_staged_study_with_paired_timing_is_refused_at_plan_time():
 
 
 def test_a_paired_campaign_times_every_arm_in_one_cell_and_the_aggregate_says_so(tmp_path):
-    overrides = ["campaign=default", f"results_dir={tmp_path}", "campaign.timing=paired", "campaign.timing_steps=3",
-                 "campaign.timing_warmup=1", "train.steps=2", "train.grad_accum=1", "recipe.probe.batches=2",
-                 "recipe.cost.calibration_steps=1", "recipe.cost.calibration_warmup=0", "data.builtin_size=240",
-                 "data.eval_size=32", "progress=false"]
-    plan = expand(overrides)
+    plan = expand([*TINY_PAIRED, f"results_dir={tmp_path}"])
     for cell in plan.cells:  # as the worker runs each (the local dispatcher's own tests cover launching)
         run_cell(CellConfig.from_dict(json.loads(json.dumps(cell.to_dict()))), tmp_path, progress=False)
     rows = [json.loads(p.read_text()) for p in (tmp_path / "default" / "cells").glob("*/row.json")]
@@ -132,7 +152,9 @@ def test_a_paired_campaign_times_every_arm_in_one_cell_and_the_aggregate_says_so
     assert s["method"] == "paired" and s["n"] == 3
     assert s["speedup"] == pytest.approx(measured["aletheia"]["ratio_vs_standard"])
     assert s["speedup_ci95"][0] <= s["speedup"] <= s["speedup_ci95"][1]
-    assert s["predicted_speedup"] == pytest.approx(by_arm["aletheia"]["predicted_speedup"])
+    # the prediction beside the measurement is the timing cell's own, for the set it timed
+    assert s["predicted_speedup"] == pytest.approx(measured["aletheia"]["predicted_speedup"])
+    assert s["cells_predicted_speedup"] == pytest.approx(by_arm["aletheia"]["predicted_speedup"])
     assert s["predicted_minus_measured"] == pytest.approx(s["predicted_speedup"] - s["speedup"])
     on_disk = json.loads((tmp_path / "default" / "stats.json").read_text())["speed"]
     assert on_disk["aletheia"]["tiny-llama"]["method"] == "paired"
@@ -146,3 +168,30 @@ def test_a_paired_campaign_times_every_arm_in_one_cell_and_the_aggregate_says_so
     assert s["method"] == "sequential" and s["n"] == 1 and s["speedup_ci95"] is None
     assert s["speedup"] == pytest.approx(by_arm["standard"]["step_time_median_s"]
                                          / by_arm["aletheia"]["step_time_median_s"])
+
+
+class _StopAfterQueries(StopSignal):
+    """A stop request that arrives after the cell has asked ``n`` times (as SIGUSR2 would, mid-run)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+def test_a_stopped_timing_cell_writes_no_row_and_its_next_attempt_times_every_round(tmp_path):
+    plan = expand([*TINY_PAIRED, f"results_dir={tmp_path}"])
+    [cell] = [c for c in plan.cells if c.timing is not None]
+    cell = CellConfig.from_dict(json.loads(json.dumps(cell.to_dict())))
+    # two arms built (2 queries), warm-up round (1), then the request: before timed round 1
+    with pytest.raises(StopForRequeue, match="before round 2 of the paired timing"):
+        run_cell(cell, tmp_path, stop=_StopAfterQueries(3), progress=False)
+    work = tmp_path / "default" / "cells" / cell.cell_id
+    assert work.is_dir() and not (work / "row.json").exists()
+    row = run_cell(cell, tmp_path, progress=False)
+    assert row["status"] == "ok" and row["attempts"] == 2
+    assert all(len(m["step_times_s"]) == 3 for m in row["paired_timing"].values())

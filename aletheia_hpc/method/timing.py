@@ -29,6 +29,7 @@ def time_interleaved(
     warmup: int = 1,
     device: torch.device | None = None,
     around: Callable[[str], AbstractContextManager] | None = None,
+    before_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per step of every arm, timed interleaved; ``{arm: [one time per timed round]}``.
 
@@ -37,7 +38,9 @@ def time_interleaved(
     arm once, starting with the ``i mod n``-th, in the mapping's order. ``around(arm)``, when given,
     is entered before each step of that arm and left after it, outside the timed span (calibration
     wraps the model with that arm's adapters there). On CUDA, ``device`` is synchronised before
-    and after each timed span, so that a step's queued kernels count towards it.
+    and after each timed span, so that a step's queued kernels count towards it. ``before_round(i)``,
+    when given, is called before round ``i``, untimed; whatever it raises ends the timing (a stop
+    request, for instance).
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"interleaved timing needs rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
@@ -46,6 +49,8 @@ def time_interleaved(
         raise ValueError("no arms to time")
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + rounds):
+        if before_round is not None:
+            before_round(i)
         start = i % len(names)
         for name in names[start:] + names[:start]:
             with around(name) if around is not None else nullcontext():

@@ -127,16 +127,28 @@ def choose_layers(model, cell: CellConfig, recipe, train_examples, collator, fam
     return Selection(layers, scores, probe, probe_time_s, cost)
 
 
-def _paired_timing(cell: CellConfig, model, train_examples, collator, family, prepare, device, row: Row) -> None:
+def _paired_timing(cell: CellConfig, model, train_examples, collator, family, prepare, device, row: Row,
+                   stop) -> None:
     """A paired timing cell: every arm of the model built as its cell of this seed builds it (one
     copy of the model per arm), then ``timing.warmup`` untimed and ``timing.rounds`` timed rounds of
-    one optimizer step per arm, interleaved (method/timing.py), all arms on the same batches."""
+    one optimizer step per arm, interleaved (method/timing.py), all arms on the same batches.
+
+    A stop request before an arm is built or before a round ends the attempt with nothing kept: the
+    next attempt times every round again, since ratios are only paired when one job on one node
+    measured them all."""
     from aletheia_hpc.method import apply_lora, time_interleaved
     from aletheia_hpc.models.loading import load_model
+    from aletheia_hpc.worker.training import StopForRequeue
 
     timing, m, t = cell.timing, cell.model, cell.train
+
+    def stop_point(where: str) -> None:
+        if stop.requested:
+            raise StopForRequeue(f"stop requested {where} of the paired timing; the next attempt times it all again")
+
     arms, selections = {}, {}
     for i, arm in enumerate(timing.arms):
+        stop_point(f"before building arm {arm.arm!r}")
         selections[arm.arm] = choose_layers(model, cell, arm.recipe, train_examples, collator, family, prepare)
         # a fresh load per arm (quantized weights cannot be deep-copied); the last arm takes the
         # model the probes ran on
@@ -174,7 +186,7 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
         return run
 
     times = time_interleaved({name: step(name) for name in arms}, rounds=timing.rounds, warmup=timing.warmup,
-                             device=device)
+                             device=device, before_round=lambda i: stop_point(f"before round {i + 1}"))
     medians = {name: statistics.median(values) for name, values in times.items()}
     row.paired_timing = {
         name: {"layers": selections[name].layers, "predicted_speedup": selections[name].predicted_speedup,
@@ -227,7 +239,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     family = get_family(m.family)
     prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if cell.timing is not None:
-        _paired_timing(cell, model, train_examples, collator, family, prepare, device, row)
+        _paired_timing(cell, model, train_examples, collator, family, prepare, device, row, stop)
         return
     selection = choose_layers(model, cell, r, train_examples, collator, family, prepare)
     selection.record(row)
