@@ -10,6 +10,7 @@ from statsmodels.stats.multitest import multipletests
 
 from aletheia_hpc.aggregate import aggregate_campaign, aggregate_rows
 from aletheia_hpc.aggregate.stats import holm
+from aletheia_hpc.aggregate.tables import runs_frame
 from tests.test_aggregate import make_row, scipy_ci, write_campaign
 from tests.test_aggregate_report import PNG_SIGNATURE
 
@@ -105,6 +106,37 @@ def test_a_control_with_another_layer_count_is_not_compared_at_equal_k():
             r["selected_layers"] = [1, 3, 5]
     vs = aggregate_rows(rows, report=False).stats["arms"]["random_k"]["vs_aletheia"]["overall"]
     assert vs["n_pairs"] == 2 and vs["n_unequal_k"] == 1
+
+
+def test_cost_aware_picks_its_own_k_and_is_compared_with_aletheia_at_the_same_budget():
+    cost_losses = [0.97, 0.93, 0.99]
+
+    def rows_with(cost_pct):
+        rows = study_rows()
+        for r in rows:
+            if r["recipe"] == "aletheia":
+                r["config"] = {"recipe": {"layers": "top", "layer_pct": 50.0}}
+        for k, seed in enumerate(SEEDS):  # three layers where aletheia has four: the rule's own choice
+            rows.append(make_row(MODEL, "cost_aware", seed, time_s=80.0, eval_loss=cost_losses[k], num_layers=L,
+                                 selected_layers=[5, 6, 7], layer_scores=[float(x) for x in SCORES[seed]],
+                                 config={"recipe": {"layers": "cost_aware", "layer_pct": cost_pct}}))
+        return rows
+
+    runs = runs_frame(rows_with(50.0))
+    cost = runs[runs["recipe"] == "cost_aware"]
+    assert cost["layer_rule"].tolist() == ["cost_aware"] * 3 and cost["layer_pct"].tolist() == [50.0] * 3
+    assert runs[runs["recipe"] == "standard"]["layer_rule"].isna().all()  # a row without its config
+    result = aggregate_rows(rows_with(50.0), report=False)
+    vs = result.stats["arms"]["cost_aware"]["vs_aletheia"]["overall"]
+    assert vs["n_pairs"] == 3 and vs["n_own_k"] == 3 and vs["n_unequal_k"] == 0
+    diff = np.array(cost_losses) - np.array(ARMS["aletheia"][1])
+    q = vs["quality"]["eval_loss"]
+    assert q["diff_mean"] == pytest.approx(diff.mean()) and q["diff_ci95"] == pytest.approx(list(scipy_ci(diff)))
+    # the equal-k controls are unchanged by it
+    assert result.stats["arms"]["random_k"]["vs_aletheia"]["overall"]["n_own_k"] == 0
+    # at another layer budget the unequal k is no longer the rule's choice within Aletheia's budget
+    vs = aggregate_rows(rows_with(25.0), report=False).stats["arms"]["cost_aware"]["vs_aletheia"]["overall"]
+    assert vs["n_pairs"] == 0 and vs["n_unequal_k"] == 3
 
 
 def test_ranking_stability_is_jaccard_and_spearman_over_seed_pairs(stats):

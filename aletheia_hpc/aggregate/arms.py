@@ -8,9 +8,12 @@ the probe's ranking is across seeds.
     per_model   {model: the same over that model's pairs}
     vs_aletheia for a selection control (any recipe but standard and aletheia): its runs paired
                 with the Aletheia run of the same model, seed and variant (else the matched
-                variant) at an equal number of adapted layers; {aletheia_arm, overall: {n_pairs,
-                n_unequal_k, quality}, per_model}, quality blocks named ``aletheia_*`` / ``arm_*``
-                with differences arm - aletheia. None for other arms.
+                variant) at an equal number of adapted layers, or, for a rule that picks its own
+                number up to the layer budget (``recipe.layers`` in OWN_K_RULES: cost_aware), at
+                the same budget (``recipe.layer_pct``); {aletheia_arm, overall: {n_pairs,
+                n_own_k (pairs of that second kind at unequal numbers), n_unequal_k (left out),
+                quality}, per_model}, quality blocks named ``aletheia_*`` / ``arm_*`` with
+                differences arm - aletheia. None for other arms.
 Holm. Each family of tests is one comparison (timing vs Standard, a quality metric vs Standard, a
 quality metric vs Aletheia) at one scope (the campaign, or one model), across its arms; Holm's
 step-down adjustment (stats.holm) is applied within each family.
@@ -38,6 +41,9 @@ from .stats import QUALITY_METRICS, PairBlocks, finite_or_none, holm, metric_sta
 from .tables import ALETHEIA, BENCH_FIELDS, PAPER_RECIPES, STANDARD
 
 MAX_LISTED_SEED_PAIRS = 45  # 10 seeds
+# selection rules whose number of layers is their own choice, at most the recipe's layer budget:
+# their question is whether they beat Aletheia at that budget, so they pair with it at unequal k
+OWN_K_RULES = frozenset({"cost_aware"})
 # every two of this many seeds (the lowest, in seed order) at most: a study has a handful; a
 # synthetic or sweep campaign with thousands would otherwise cost a seeds x seeds matrix
 MAX_STABILITY_SEEDS = 50
@@ -60,7 +66,8 @@ def _adjust(blocks: list[dict]) -> None:
 
 def control_pairs(ok: pd.DataFrame) -> pd.DataFrame:
     """Each ok run of a selection control beside the ok Aletheia run of the same model and seed
-    (same variant, else matched): arm, model, seed, k of both, eval loss and benchmarks of both.
+    (same variant, else matched): arm, model, seed, k of both, whether the arm picks its own k at
+    Aletheia's budget (``own_k``), eval loss and benchmarks of both.
     ``ok``: tables.latest_ok_training_runs of the runs."""
     ale = ok[ok["recipe"] == ALETHEIA].set_index(["model", "variant", "seed_key"])
     controls = ok[~ok["recipe"].isin(PAPER_RECIPES)]
@@ -74,11 +81,12 @@ def control_pairs(ok: pd.DataFrame) -> pd.DataFrame:
                 break
         else:
             continue
+        own_k = r.layer_rule in OWN_K_RULES and r.layer_pct == partner["layer_pct"]
         records.append({"arm": r.arm, "model": r.model, "seed": r.seed, "aletheia_arm": partner["arm"],
-                        "arm_k": r.n_selected_layers, "aletheia_k": partner["n_selected_layers"],
+                        "arm_k": r.n_selected_layers, "aletheia_k": partner["n_selected_layers"], "own_k": own_k,
                         **{f"arm_{m}": getattr(r, m) for m in metrics},
                         **{f"aletheia_{m}": partner[m] for m in metrics}})
-    columns = ["arm", "model", "seed", "aletheia_arm", "arm_k", "aletheia_k",
+    columns = ["arm", "model", "seed", "aletheia_arm", "arm_k", "aletheia_k", "own_k",
                *(f"{side}_{m}" for side in ("arm", "aletheia") for m in metrics)]
     return pd.DataFrame.from_records(records, columns=columns)
 
@@ -88,7 +96,9 @@ def _numbers(col: pd.Series) -> np.ndarray:
 
 
 def _vs_aletheia_block(group: pd.DataFrame) -> dict:
-    equal = group[_numbers(group["arm_k"]) == _numbers(group["aletheia_k"])]
+    same_k = _numbers(group["arm_k"]) == _numbers(group["aletheia_k"])
+    own_k = group["own_k"].to_numpy(dtype=bool) & ~same_k
+    equal = group[same_k | own_k]
     quality = {}
     for metric, scale, unit in QUALITY_METRICS:
         field = "eval_loss" if metric == "eval_loss" else BENCH_FIELDS[metric]
@@ -96,7 +106,8 @@ def _vs_aletheia_block(group: pd.DataFrame) -> dict:
                          scale=scale, unit=unit, ref="aletheia")
         if q is not None:
             quality[metric] = q
-    return {"n_pairs": int(len(equal)), "n_unequal_k": int(len(group) - len(equal)), "quality": quality}
+    return {"n_pairs": int(len(equal)), "n_own_k": int(own_k.sum()), "n_unequal_k": int(len(group) - len(equal)),
+            "quality": quality}
 
 
 def arm_stats(ok: pd.DataFrame, pairs: pd.DataFrame) -> dict:

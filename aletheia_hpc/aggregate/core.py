@@ -215,14 +215,15 @@ def score_quality(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     ok = runs[runs["status"] == "ok"]
     # eval_source is JSON text in runs, and most cells share one: decode each distinct text once
     decoded = {text: json.loads(text) for text in ok["eval_source"].dropna().unique() if isinstance(text, str)}
-    for r in ok.itertuples(index=False):
-        source = decoded.get(r.eval_source) if isinstance(r.eval_source, str) else None
-        cells.append({"cell_id": r.cell_id, "model": r.model, "arm": r.arm, "seed": r.seed,
+    columns = (ok[c].tolist() for c in ("cell_id", "model", "arm", "seed", "eval_source", "row_path"))
+    for cell_id, model, arm, seed, text, row_path in zip(*columns):
+        source = decoded.get(text) if isinstance(text, str) else None
+        cells.append({"cell_id": cell_id, "model": model, "arm": arm, "seed": seed,
                       "eval_source": source if isinstance(source, dict) else {}})
-        if isinstance(r.row_path, str) and r.row_path:
-            found = {name: s for name in REGISTRY if (s := read_samples(Path(r.row_path).parent, name))}
+        if isinstance(row_path, str) and row_path:
+            found = {name: s for name in REGISTRY if (s := read_samples(Path(row_path).parent, name))}
             if found:
-                samples[r.cell_id] = found
+                samples[cell_id] = found
     chance = {b.name: b.chance for b in REGISTRY.values()}
     return campaign_quality(cells, samples, chance, list(zip(pairs["std_cell_id"], pairs["arm_cell_id"])))
 

@@ -273,34 +273,43 @@ def _t975(df: int) -> float:
     return float(sps.t.ppf(0.975, df))
 
 
+def _as_floats(values: list) -> np.ndarray:
+    try:
+        return np.array(values, dtype=float)
+    except (TypeError, ValueError):  # a non-number among them: NaN there
+        return np.array([v if isinstance(v, (int, float)) else np.nan for v in values], dtype=float)
+
+
 def layer_score_summary(rows: list[dict]) -> dict[str, dict]:
     """Per model: mean per-layer probe score (each run scaled to max 1) and selection frequency."""
-    acc: dict[str, dict] = {}
+    by_model: dict[str, list[tuple[list, list]]] = {}
     for row in rows:
         scores = row.get("layer_scores")
-        if row.get("recipe") != "aletheia" or not isinstance(scores, list) or not scores:
-            continue
-        values = np.array([s if isinstance(s, (int, float)) else np.nan for s in scores], dtype=float)
-        top = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
-        if top > 0:
-            values = values / top
-        entry = acc.setdefault(row.get("model"), {"runs": []})
-        selected = np.zeros(values.size)
-        for layer in row.get("selected_layers") or []:
-            if isinstance(layer, int) and 0 <= layer < values.size:
-                selected[layer] = 1.0
-        entry["runs"].append((values, selected))
+        if row.get("recipe") == "aletheia" and isinstance(scores, list) and scores:
+            by_model.setdefault(row.get("model"), []).append((scores, row.get("selected_layers") or []))
     out = {}
-    for model, entry in acc.items():
-        width = max(v.size for v, _ in entry["runs"])
-        scores = np.full((len(entry["runs"]), width), np.nan)
-        chosen = np.full((len(entry["runs"]), width), np.nan)
-        for i, (v, s) in enumerate(entry["runs"]):
-            scores[i, : v.size] = v
-            chosen[i, : s.size] = s
+    for model, runs in by_model.items():
+        width = max(len(scores) for scores, _ in runs)
+        sizes = np.array([len(scores) for scores, _ in runs])
+        grid = np.full((len(runs), width), np.nan)
+        if (sizes == width).all():  # the usual case: one layer count, one conversion
+            grid[:] = _as_floats([scores for scores, _ in runs])
+        else:
+            for i, (scores, _) in enumerate(runs):
+                grid[i, : len(scores)] = _as_floats(scores)
+        top = np.nanmax(np.abs(grid), axis=1, initial=0.0)  # each run scaled to its largest |score|
+        top[~np.isfinite(grid).any(axis=1)] = 0.0
         with np.errstate(invalid="ignore"):
-            out[model] = {"score": np.nanmean(scores, axis=0), "selected_freq": np.nanmean(chosen, axis=0),
-                          "n_runs": len(entry["runs"])}
+            grid = np.where((top > 0)[:, None], grid / np.where(top > 0, top, 1.0)[:, None], grid)
+        chosen = np.where(np.arange(width)[None, :] < sizes[:, None], 0.0, np.nan)
+        for i, (_, selected) in enumerate(runs):
+            picks = np.array(selected)
+            if picks.dtype.kind != "i":  # not all integers: keep those that are
+                picks = np.array([x for x in selected if isinstance(x, int)], dtype=int)
+            chosen[i, picks[(picks >= 0) & (picks < sizes[i])]] = 1.0
+        with np.errstate(invalid="ignore"):
+            out[model] = {"score": np.nanmean(grid, axis=0), "selected_freq": np.nanmean(chosen, axis=0),
+                          "n_runs": len(runs)}
     return out
 
 

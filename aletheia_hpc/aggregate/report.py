@@ -417,7 +417,8 @@ def _arms(stats: dict) -> list[str]:
            "Each arm's runs are paired with the Standard run of the same model and seed. Speedup = "
            "(1 - t_arm / t_std) x 100, without and with the arm's probe time; loss d = held-out eval loss, "
            "arm - Standard (negative: better). For the selection controls, 'vs Aletheia' pairs each run "
-           "with the Aletheia run of the same model and seed at the same number of adapted layers: a "
+           "with the Aletheia run of the same model and seed at the same number of adapted layers (a rule "
+           "that picks its own number up to the layer budget, cost_aware, at the same budget): a "
            "negative loss d there means the control beat the gradient ranking. p (Holm) = two-sided "
            "paired t-test, Holm-adjusted across the arms of each comparison. 95% CIs are t-intervals "
            "over seeds.", "",
@@ -434,17 +435,25 @@ def _speed(stats: dict) -> list[str]:
     speed = stats.get("speed") or {}
     if not speed:
         return []
-    rows = [[arm, model, SPEED_METHODS.get(s["method"], s["method"]), s["n"], _f(s["speedup"], 3),
-             _ci(s["speedup_ci95"], 3), _f(s["predicted_speedup"], 3), _f(s["predicted_minus_measured"], 3, True)]
+    def timed(s: dict) -> str:
+        layers = s.get("layers")
+        return f"{len(layers)} from {min(layers)}" if layers else DASH
+
+    rows = [[arm, model, SPEED_METHODS.get(s["method"], s["method"]), s["n"], timed(s), _f(s["speedup"], 3),
+             _ci(s["speedup_ci95"], 3), _f(s["predicted_speedup"], 3), _f(s["predicted_minus_measured"], 3, True),
+             _f(s.get("cells_predicted_speedup"), 3) if s["method"] == "paired" else DASH]
             for arm, by_model in speed.items() for model, s in by_model.items()]
     return ["## Measured vs predicted speed", "",
             "Speedup = median Standard step time / median arm step time (per optimizer step). Paired: the "
             "model's timing cell ran every arm's steps interleaved in one job on one node "
-            "(campaign.timing=paired), n = timed rounds; sequential: each arm's training cells beside the "
-            "Standard cell of the same seed, n = seeds. 95% CI: percentile bootstrap of the ratio. "
-            "Predicted: the step-cost model calibrated in the arm's cells (mean over seeds).", "",
-            _table(["arm", "model", "measured by", "n", "speedup x", "95% CI", "predicted x",
-                    "predicted - measured"], rows)]
+            "(campaign.timing=paired), n = timed rounds, timed layers = how many layers it adapted for the "
+            "arm and the lowest; sequential: each arm's training cells beside the Standard cell of the same "
+            "seed, n = seeds. 95% CI: percentile bootstrap of the ratio. Predicted: the step-cost model's "
+            "prediction of what was measured (paired: the timing cell's own calibration for the set it "
+            "timed; sequential: the arm's cells, mean over seeds). Cells' predicted: the mean over the "
+            "arm's training cells, whose calibrations may have led a cost-aware rule to other layers.", "",
+            _table(["arm", "model", "measured by", "n", "timed layers", "speedup x", "95% CI", "predicted x",
+                    "predicted - measured", "cells' predicted x"], rows)]
 
 
 def _stability(stats: dict) -> list[str]:
@@ -503,16 +512,19 @@ def _layer_selection(rows: list[dict]) -> list[str]:
     return out[:-1]
 
 
-def _config_values(rows: list[dict], *keys: str) -> list[str]:
-    """Distinct values of a nested config field over the rows, in first-seen order."""
-    seen: dict[str, None] = {}
+def _config_values(rows: list[dict], *paths: tuple[str, ...]) -> list[list[str]]:
+    """Per path (nested config keys), the distinct values over the rows, in first-seen order; one
+    pass over the rows."""
+    seen: list[dict[str, None]] = [{} for _ in paths]
     for row in rows:
-        node = row.get("config") or {}
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None:
-            seen[str(node)] = None
-    return list(seen)
+        config = row.get("config") or {}
+        for found, keys in zip(seen, paths):
+            node = config
+            for key in keys:
+                node = node.get(key) if isinstance(node, dict) else None
+            if node is not None:
+                found[str(node)] = None
+    return [list(found) for found in seen]
 
 
 def _setting_differences(rows: list[dict]) -> list[str]:
@@ -520,12 +532,10 @@ def _setting_differences(rows: list[dict]) -> list[str]:
     trained = [r for r in rows if r.get("recipe") != "base"]
     if not trained:
         return []
-    sizes = _config_values(trained, "model", "params")
+    sizes, sources, seqs, accum = _config_values(trained, ("model", "params"), ("data", "source"),
+                                                 ("model", "max_seq_len"), ("train", "grad_accum"))
     steps = sorted({r.get("planned_steps") for r in trained if r.get("planned_steps")})
     gpus = sorted({r["gpu_name"] for r in trained if r.get("gpu_name")})
-    sources = _config_values(trained, "data", "source")
-    seqs = _config_values(trained, "model", "max_seq_len")
-    accum = _config_values(trained, "train", "grad_accum")
     hardware = ", ".join(gpus) if gpus else "CPU only (no GPU)"
     out = ["## How this run differs from the paper", "",
            "The paper fine-tuned 14 models of 0.5B to 72B parameters on A100-SXM4-64GB GPUs (one per "

@@ -12,9 +12,12 @@
                         or the seed pairs (sequential) together (stats.median_ratio_ci); null
                         for fewer than 2
     n                   timed rounds (paired) or seed pairs (sequential)
-    predicted_speedup   the step-cost model's prediction, mean over the arm's ok training rows of
-                        the model (Row.predicted_speedup; the timing cell's own when no training
-                        row has one); null when no row was calibrated
+    predicted_speedup   the step-cost model's prediction of what was measured: paired, the timing
+                        cell's own for the set it timed (its calibration, on its node; else the
+                        training rows' mean); sequential, the mean over the arm's ok training rows
+                        of the model (Row.predicted_speedup); null when nothing was calibrated
+    cells_predicted_speedup  the mean over the arm's ok training rows (paired only): a rule that
+                        reads its calibration (cost_aware) may pick other layers in another job
     predicted_minus_measured  predicted_speedup - speedup
     layers              the timing cell's selection for the arm (paired only)
 The paired figure is used whenever the model has an ok timing row holding both the arm and
@@ -58,22 +61,28 @@ def speed_stats(runs: pd.DataFrame, pairs: pd.DataFrame, timings: dict[str, dict
                  .groupby(["arm", "model"])["p"].mean().to_dict()) if len(train) else {}
     step = dict(zip(runs["cell_id"], pd.to_numeric(runs["step_time_median_s"], errors="coerce")))
     out: dict[str, dict] = {}
-    arms = set(pairs["arm"]) | {a for t in timings.values() for a in t}
+    same = pairs[pairs["same_hardware"].astype(bool)]
+    by_arm_model = same.groupby(["arm", "model"], sort=False).indices
+    pair_models: dict[str, set] = {}
+    for arm, model in pairs.groupby(["arm", "model"], sort=False).indices:
+        pair_models.setdefault(arm, set()).add(model)
+    std_cells, arm_cells = same["std_cell_id"].to_numpy(), same["arm_cell_id"].to_numpy()
+    arms = set(pair_models) | {a for t in timings.values() for a in t}
     for arm in arm_order(arms - {STANDARD}):
         entry = {}
-        models = set(pairs.loc[pairs["arm"] == arm, "model"]) | {m for m, t in timings.items() if arm in t}
+        models = pair_models.get(arm, set()) | {m for m, t in timings.items() if arm in t}
         for model in sorted(models, key=str):
             guess = finite_or_none(predicted.get((arm, model)))
             timing = timings.get(model) or {}
             if arm in timing and STANDARD in timing:
-                if guess is None:
-                    guess = finite_or_none(timing[arm].get("predicted_speedup"))
+                own = finite_or_none(timing[arm].get("predicted_speedup"))
                 entry[model] = _figure("paired", timing[STANDARD]["step_times_s"], timing[arm]["step_times_s"],
-                                       guess, layers=timing[arm].get("layers"))
+                                       guess if own is None else own, cells_predicted_speedup=guess,
+                                       layers=timing[arm].get("layers"))
                 continue
-            mine = pairs[(pairs["arm"] == arm) & (pairs["model"] == model) & pairs["same_hardware"].astype(bool)]
-            std = np.array([step.get(c, np.nan) for c in mine["std_cell_id"]], dtype=float)
-            other = np.array([step.get(c, np.nan) for c in mine["arm_cell_id"]], dtype=float)
+            idx = by_arm_model.get((arm, model), [])
+            std = np.array([step.get(c, np.nan) for c in std_cells[idx]], dtype=float)
+            other = np.array([step.get(c, np.nan) for c in arm_cells[idx]], dtype=float)
             keep = np.isfinite(std) & np.isfinite(other) & (other > 0)
             if keep.any():
                 entry[model] = _figure("sequential", std[keep], other[keep], guess)

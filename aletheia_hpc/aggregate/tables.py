@@ -47,14 +47,20 @@ _SLURM_KEYS = ("job_id", "array_job_id", "array_task_id", "node")
 ACCOUNTING_COLUMNS = {"gpu_hours": "gpu_hours", "job_elapsed_s": "elapsed_s"}
 
 
+# runs column -> the key of the resolved config's recipe it comes from (how a run chose its layers)
+CONFIG_RECIPE_COLUMNS = {"layer_rule": "layers", "layer_pct": "layer_pct"}
+
+
 def _run_columns() -> tuple[str, ...]:
     """runs.csv's columns: the row's scalar fields in schema order (paper_model after model,
+    layer_rule and layer_pct, the resolved config's recipe.layers and recipe.layer_pct, after recipe,
     n_selected_layers after num_layers), then its JSON fields, slurm_*, the scheduler's accounting,
     row_path."""
     columns = []
     for name in CSV_SCALAR_FIELDS:
         columns.append(name)
-        columns += {"model": ["paper_model"], "num_layers": ["n_selected_layers"]}.get(name, [])
+        columns += {"model": ["paper_model"], "recipe": list(CONFIG_RECIPE_COLUMNS),
+                    "num_layers": ["n_selected_layers"]}.get(name, [])
     return (*columns, *CSV_JSON_FIELDS, *(f"slurm_{k}" for k in _SLURM_KEYS), *ACCOUNTING_COLUMNS, "row_path")
 
 
@@ -170,7 +176,7 @@ def _json_column(values: list) -> list:
     return out
 
 
-_ROW_KEYS = CSV_SCALAR_FIELDS + CSV_JSON_FIELDS + ("slurm", ACCOUNTING_KEY, ROW_PATH_KEY)
+_ROW_KEYS = CSV_SCALAR_FIELDS + CSV_JSON_FIELDS + ("config", "slurm", ACCOUNTING_KEY, ROW_PATH_KEY)
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
@@ -195,6 +201,11 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
             df[name] = pd.to_numeric(pd.Series([v.get(key) if type(v) is dict else None
                                                 for v in raw[ACCOUNTING_KEY].tolist()], index=raw.index, dtype=object),
                                      errors="coerce").astype(float)
+        elif name in CONFIG_RECIPE_COLUMNS:
+            key = CONFIG_RECIPE_COLUMNS[name]
+            values = [((c.get("recipe") if type(c) is dict else None) or {}).get(key) for c in raw["config"].tolist()]
+            df[name] = (pd.to_numeric(pd.Series(values, index=raw.index, dtype=object), errors="coerce").astype(float)
+                        if name == "layer_pct" else pd.Series(values, index=raw.index, dtype=object))
         elif name == "paper_model":
             names = {m: paper_name(m) for m in raw["model"].unique()}
             df[name] = raw["model"].map(names).astype(object)
