@@ -6,6 +6,7 @@ the campaign lacks the data for it; ``make_figures`` collects both.
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -302,11 +303,12 @@ def layer_score_summary(rows: list[dict]) -> dict[str, dict]:
         with np.errstate(invalid="ignore"):
             grid = np.where((top > 0)[:, None], grid / np.where(top > 0, top, 1.0)[:, None], grid)
         chosen = np.where(np.arange(width)[None, :] < sizes[:, None], 0.0, np.nan)
-        for i, (_, selected) in enumerate(runs):
-            picks = np.array(selected)
-            if picks.dtype.kind != "i":  # not all integers: keep those that are
-                picks = np.array([x for x in selected if isinstance(x, int)], dtype=int)
-            chosen[i, picks[(picks >= 0) & (picks < sizes[i])]] = 1.0
+        # every run's selected layers as one (run, layer) index pair list; non-integers are ignored
+        picks = [[x for x in selected if isinstance(x, int)] for _, selected in runs]
+        run_of = np.repeat(np.arange(len(runs)), [len(p) for p in picks])
+        layer = np.fromiter(chain.from_iterable(picks), dtype=np.int64, count=run_of.size)
+        inside = (layer >= 0) & (layer < sizes[run_of])
+        chosen[run_of[inside], layer[inside]] = 1.0
         with np.errstate(invalid="ignore"):
             out[model] = {"score": np.nanmean(grid, axis=0), "selected_freq": np.nanmean(chosen, axis=0),
                           "n_runs": len(runs)}
