@@ -6,7 +6,16 @@ and 4-bit NF4 through bitsandbytes) three arms are timed one after the other on 
 
   standard           LoRA on every layer
   aletheia           LoRA on the top 50% of layers by the gradient probe
+  cost_aware         the probe's scores and a step-cost model calibrated on this model, precision
+                     and GPU (method/cost.py): the best score mass predicted >= --target-speedup x
+                     faster than standard, at aletheia's budget (README, "the cost_aware recipe")
   top-half-by-depth  LoRA on the half of the layers nearest the output (no probe)
+
+Every arm's predicted speedup (the calibrated model, T(all) / T(S)) is printed beside the measured
+ratio. Calibration times single micro-batch AdamW steps of three placements on the probe batches,
+without autocast, so it predicts ratios, not the seconds of an accumulated autocast step. The 4-bit
+section calibrates again on the 4-bit model (its step costs differ) and picks its cost_aware set
+with those costs and the bf16 probe's scores.
 
 LoRA ranks are 16 (attention) / 64 (MLP), alpha = 2 x rank, dropout 0, as in the project. A step is
 ``--accum`` micro-batches of ``--batch-size`` x ``--seq`` random tokens, forward and backward under
@@ -47,8 +56,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from aletheia_hpc.method import (LoraRanks, QuantizedProbeError, apply_lora, enable_selective_checkpointing,
-                                 family_of, probe_layer_scores, select_layers)
+from aletheia_hpc.method import (InfeasibleSpeedup, LoraRanks, QuantizedProbeError, apply_lora,
+                                 calibrate_step_cost, enable_selective_checkpointing, family_of, probe_layer_scores,
+                                 select_cost_aware, select_layers)
 
 # From the models' public config.json files (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-7B).
 MODEL_CONFIGS: dict[str, dict] = {
@@ -65,7 +75,7 @@ MODEL_CONFIGS: dict[str, dict] = {
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=1024, rope_theta=10000.0,
                  rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False),
 }
-ARMS = ("standard", "aletheia", "top-half-by-depth")
+ARMS = ("standard", "aletheia", "cost_aware", "top-half-by-depth")
 RANKS = LoraRanks(attention=16, mlp=64)
 
 
@@ -75,6 +85,7 @@ class ArmResult:
     precision: str
     arm: str
     layers: list[int]
+    predicted_speedup: float = float("nan")  # the section's calibrated step-cost model, vs standard
     trainable_params: int = 0
     step_times_s: list[float] = field(default_factory=list)
     median_s: float = float("nan")
@@ -89,6 +100,8 @@ class SectionInfo:
     model: str
     precision: str
     layers: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # StepCostModel.to_dict() of this section's calibration
+    predicted: dict = field(default_factory=dict)  # arm -> predicted speedup vs standard
     probe_s: float = float("nan")
     scores: list[float] = field(default_factory=list)
     selection_source: str = ""
@@ -220,9 +233,28 @@ def run_arm(base, family, res: ArmResult, micro: list[dict], args, device: torch
     return base
 
 
+def calibrate(base, family, info: SectionInfo, scores, probe_batches, args, device) -> None:
+    """Fit this section's step-cost model, choose its cost_aware set and predict every arm's speedup."""
+    sync(device)
+    cost = calibrate_step_cost(base, probe_batches, RANKS, family=family, max_grad_norm=args.max_grad_norm)
+    info.cost = cost.to_dict()
+    try:
+        info.layers["cost_aware"] = select_cost_aware(scores, cost, args.target_speedup, 50)
+    except InfeasibleSpeedup as exc:
+        info.layers.pop("cost_aware", None)
+        info.note = (info.note + "; " if info.note else "") + f"cost_aware not run: {exc}"
+    info.predicted = {arm: cost.speedup(layers) for arm, layers in info.layers.items()}
+    log(f"  [{info.model} {info.precision}] step cost: fixed {cost.fixed_s:.4f}s, backward/layer "
+        f"{cost.backward_layer_s:.5f}s, adapters/layer {cost.adapter_layer_s:.5f}s (calibration "
+        f"{cost.calibration_s:.1f}s); cost_aware layers {info.layers.get('cost_aware')}")
+
+
 def time_arms(base, family, info: SectionInfo, micro, args, device, deadline, report: Report):
     for arm in ARMS:
-        res = ArmResult(info.model, info.precision, arm, info.layers[arm])
+        if arm not in info.layers:
+            continue
+        res = ArmResult(info.model, info.precision, arm, info.layers[arm],
+                        predicted_speedup=info.predicted.get(arm, float("nan")))
         try:
             base = run_arm(base, family, res, micro, args, device, deadline)
         except Exception as exc:  # keep the other arms' figures
@@ -267,6 +299,7 @@ def bench_model(name: str, args, device, t_start: float, report: Report):
     log(f"  probe ({args.probe_batches} batches of {args.batch_size}x{args.seq}): {info.probe_s:.2f}s; "
         f"aletheia layers {info.layers['aletheia']}")
     log("  scores: " + " ".join(f"{s:.3g}" for s in scores))
+    calibrate(base, family, info, scores, probe_batches, args, device)
 
     if "bf16" in precisions:
         if time.monotonic() > deadline:
@@ -280,7 +313,8 @@ def bench_model(name: str, args, device, t_start: float, report: Report):
         del base
         free_memory(device)
         return
-    qinfo = SectionInfo(name, "nf4", layers=info.layers, probe_s=float("nan"),
+    qinfo = SectionInfo(name, "nf4", layers={a: info.layers[a] for a in info.layers if a != "cost_aware"},
+                        probe_s=float("nan"),
                         selection_source="bf16 probe of the same random-init weights (same seed)")
     report.sections.append(qinfo)
     if time.monotonic() > deadline:
@@ -317,6 +351,7 @@ def bench_model(name: str, args, device, t_start: float, report: Report):
     except QuantizedProbeError as exc:
         qinfo.note = f"plain probe on 4-bit refused as designed: QuantizedProbeError: {str(exc)[:110]}..."
     log("  " + qinfo.note)
+    calibrate(qbase, family, qinfo, scores, probe_batches, args, device)
     time_arms(qbase, family, qinfo, micro, args, device, deadline, report)
     del qbase
     free_memory(device)
@@ -349,7 +384,7 @@ def table(results: list[ArmResult], sections: list[SectionInfo], args, header: s
              f"{args.warmup} warm-up + up to {args.steps} timed steps, median; random-init weights, seed {args.seed}",
              "",
              f"{'model':13s} {'prec':5s} {'arm':18s} {'#L':>3s} {'trainable':>11s} {'median s':>9s} "
-             f"{'std/arm':>8s} {'peak GiB':>9s} {'steps':>5s}"]
+             f"{'std/arm':>8s} {'predicted':>9s} {'peak GiB':>9s} {'steps':>5s}"]
     for info in sections:
         rows = [r for r in results if r.model == info.model and r.precision == info.precision]
         if not rows:
@@ -359,7 +394,8 @@ def table(results: list[ArmResult], sections: list[SectionInfo], args, header: s
         for r in rows:
             ratio = std / r.median_s if r.median_s == r.median_s and r.median_s > 0 else float("nan")
             lines.append(f"{r.model:13s} {r.precision:5s} {r.arm:18s} {len(r.layers):3d} {r.trainable_params:11,d} "
-                         f"{r.median_s:9.4f} {ratio:7.3f}x {r.peak_gib:9.2f} {len(r.step_times_s):5d}"
+                         f"{r.median_s:9.4f} {ratio:7.3f}x {r.predicted_speedup:8.3f}x {r.peak_gib:9.2f} "
+                         f"{len(r.step_times_s):5d}"
                          + (f"  ERROR {r.error}" if r.error else ""))
     lines.append("")
     for info in sections:
@@ -368,7 +404,7 @@ def table(results: list[ArmResult], sections: list[SectionInfo], args, header: s
         src = info.selection_source
         probe = f"probe {info.probe_s:.2f}s, " if info.probe_s == info.probe_s else ""
         lines.append(f"{info.model} {info.precision}: {probe}aletheia layers ({src}) {info.layers['aletheia']}; "
-                     f"top-half-by-depth {info.layers['top-half-by-depth']}"
+                     f"cost_aware {info.layers.get('cost_aware')}; top-half-by-depth {info.layers['top-half-by-depth']}"
                      + (f"; model built/loaded in {info.build_s:.1f}s" if info.build_s == info.build_s else ""))
         if info.note:
             lines.append(f"  {info.note}")
@@ -389,6 +425,7 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=3, help="timed steps kept even past the deadline")
     parser.add_argument("--probe-batches", type=int, default=5, help="the project's recipe uses 5")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--target-speedup", type=float, default=1.5, help="cost_aware's speed target")
     parser.add_argument("--no-autocast", dest="autocast", action="store_false")
     parser.add_argument("--checkpointing", action="store_true",
                         help="non-reentrant activation checkpointing without input grads")
