@@ -31,8 +31,9 @@ def _spent(runs: pd.DataFrame) -> dict:
             "gpu_hours": float(hours.sum()) if accounted else None}
 
 
-def _spent_by(runs: pd.DataFrame, keys: list[str]) -> dict:
-    """_spent of every group of ``keys``, in one groupby: {key tuple: {cells, cells_accounted, gpu_hours}}."""
+def _spent_by(runs: pd.DataFrame, keys: str | list[str]) -> dict:
+    """_spent of every group of ``keys`` (a column, or a list of them: tuple keys), in one groupby:
+    {key: {cells, cells_accounted, gpu_hours}}."""
     grouped = runs.groupby(keys, sort=False)["gpu_hours"].agg(["size", "count", "sum"])
     return {key: {"cells": int(size), "cells_accounted": int(count), "gpu_hours": float(total) if count else None}
             for key, size, count, total in zip(grouped.index, grouped["size"], grouped["count"], grouped["sum"])}
@@ -62,9 +63,9 @@ def cost_stats(runs: pd.DataFrame, pairs: pd.DataFrame) -> dict:
         saved[arm] = {"overall": _saving(mine),
                       "per_model": {m: _saving(g) for m, g in mine.groupby("model", sort=False)}}
     total = _spent(runs)
+    by_arm_spent = _spent_by(runs, "arm") if len(runs) else {}
+    per_arm = {arm: by_arm_spent[arm] for arm in arm_order(by_arm_spent)}
     spent = _spent_by(runs, ["model", "arm"]) if len(runs) else {}
     per_model = {m: {arm: spent[(m, arm)] for arm in arm_order({a for mm, a in spent if mm == m})} for m in by_model}
-    by_arm_runs = runs.groupby("arm", sort=False).indices
-    per_arm = {arm: _spent(runs.iloc[by_arm_runs[arm]]) for arm in arm_order(by_arm_runs)}
     return {"n_cells": total["cells"], "n_cells_accounted": total["cells_accounted"],
             "gpu_hours": total["gpu_hours"], "per_arm": per_arm, "per_model": per_model, "saved": saved}

@@ -64,7 +64,7 @@ def speed_stats(runs: pd.DataFrame, pairs: pd.DataFrame, timings: dict[str, dict
     same = pairs[pairs["same_hardware"].astype(bool)]
     by_arm_model = same.groupby(["arm", "model"], sort=False).indices
     pair_models: dict[str, set] = {}
-    for arm, model in pairs.groupby(["arm", "model"], sort=False).indices:
+    for arm, model in set(zip(pairs["arm"].tolist(), pairs["model"].tolist())):
         pair_models.setdefault(arm, set()).add(model)
     std_cells, arm_cells = same["std_cell_id"].to_numpy(), same["arm_cell_id"].to_numpy()
     arms = set(pair_models) | {a for t in timings.values() for a in t}

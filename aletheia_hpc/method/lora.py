@@ -43,6 +43,14 @@ class LoraRanks:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
+    @property
+    def adapts_attention(self) -> bool:
+        return self.modules in ("all", "attention")
+
+    @property
+    def adapts_mlp(self) -> bool:
+        return self.modules in ("all", "mlp")
+
 
 class AdapterPlacementError(RuntimeError):
     """peft put adapters somewhere other than the selected layers' attention and MLP."""
@@ -51,9 +59,9 @@ class AdapterPlacementError(RuntimeError):
 def expected_adapters(family: FamilySpec, layers: Sequence[int], ranks: LoraRanks) -> dict[str, int]:
     """Target name -> rank for every adapter that must exist."""
     targets = {}
-    if ranks.modules in ("all", "attention"):
+    if ranks.adapts_attention:
         targets.update({name: ranks.attention for name in family.attention_targets(layers)})
-    if ranks.modules in ("all", "mlp"):
+    if ranks.adapts_mlp:
         targets.update({name: ranks.mlp for name in family.mlp_module_targets(layers)})
         targets.update({name: ranks.mlp for name in family.mlp_parameter_targets(layers)})
     return targets
@@ -64,13 +72,12 @@ def build_lora_config(family: FamilySpec, layers: Sequence[int], ranks: LoraRank
     layers = sorted(set(layers))
     if not layers:
         raise ValueError("no layers selected for LoRA")
-    if family.mlp_parameters and ranks.dropout and ranks.modules != "attention":
+    if family.mlp_parameters and ranks.dropout and ranks.adapts_mlp:
         raise ValueError(f"family {family.name} adapts fused expert parameters, which peft supports "
                          "only with LoRA dropout 0; set dropout=0")
-    attention = family.attention_targets(layers) if ranks.modules in ("all", "attention") else []
-    with_mlp = ranks.modules in ("all", "mlp")
-    mlp_modules = family.mlp_module_targets(layers) if with_mlp else []
-    mlp_parameters = family.mlp_parameter_targets(layers) if with_mlp else []
+    attention = family.attention_targets(layers) if ranks.adapts_attention else []
+    mlp_modules = family.mlp_module_targets(layers) if ranks.adapts_mlp else []
+    mlp_parameters = family.mlp_parameter_targets(layers) if ranks.adapts_mlp else []
     mlp_names = mlp_modules + mlp_parameters
     # Patterns are anchored at a name boundary so "layers.1." never also matches "layers.11.".
     mlp_patterns = {rf"^(.*\.)?{re.escape(name)}$": ranks.mlp for name in mlp_names}
