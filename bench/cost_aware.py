@@ -89,6 +89,8 @@ def main() -> None:
                         help="extra arms, one per depth fraction d: the top layers by score (aletheia's budget) "
                              "among layers >= round(d * L), e.g. 0.333 for the upper two thirds")
     args = parser.parse_args()
+    if any(not 0 <= d < 1 for d in args.depth_floors):
+        parser.error(f"--depth-floors {args.depth_floors}: each must be in [0, 1) (a fraction of the depth)")
     root = compose_root(["campaign=demo", "model=smollm2-135m-instruct", "recipe=cost_aware"])
     m, r, t, d = root.model, root.recipe, root.train, root.data
     steps = args.steps or t.steps

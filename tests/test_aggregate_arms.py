@@ -126,6 +126,8 @@ def test_cost_aware_picks_its_own_k_and_is_compared_with_aletheia_at_the_same_bu
     cost = runs[runs["recipe"] == "cost_aware"]
     assert cost["layer_rule"].tolist() == ["cost_aware"] * 3 and cost["layer_pct"].tolist() == [50.0] * 3
     assert runs[runs["recipe"] == "standard"]["layer_rule"].isna().all()  # a row without its config
+    odd = runs_frame([{**rows_with(50.0)[0], "config": {"recipe": "not a mapping"}}])
+    assert odd["layer_rule"].isna().all() and odd["layer_pct"].isna().all()
     result = aggregate_rows(rows_with(50.0), report=False)
     vs = result.stats["arms"]["cost_aware"]["vs_aletheia"]["overall"]
     assert vs["n_pairs"] == 3 and vs["n_own_k"] == 3 and vs["n_unequal_k"] == 0

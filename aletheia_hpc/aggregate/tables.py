@@ -203,7 +203,8 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
                                      errors="coerce").astype(float)
         elif name in CONFIG_RECIPE_COLUMNS:
             key = CONFIG_RECIPE_COLUMNS[name]
-            values = [((c.get("recipe") if type(c) is dict else None) or {}).get(key) for c in raw["config"].tolist()]
+            recipes = [c.get("recipe") if type(c) is dict else None for c in raw["config"].tolist()]
+            values = [r.get(key) if type(r) is dict else None for r in recipes]  # a hand-edited config: None
             df[name] = (pd.to_numeric(pd.Series(values, index=raw.index, dtype=object), errors="coerce").astype(float)
                         if name == "layer_pct" else pd.Series(values, index=raw.index, dtype=object))
         elif name == "paper_model":
