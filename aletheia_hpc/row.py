@@ -226,6 +226,28 @@ def read_accounting(cell_dir: Path) -> dict:
     return known if isinstance(known, dict) else {}
 
 
+class InvalidStageDecision(ValueError):
+    """A stage decision file (STAGE_DECISION_FILE) that is unreadable, truncated or not that stage's."""
+
+
+def read_stage_decision(campaign_dir: Path | str, stage: int) -> dict | None:
+    """The decision on ``stage`` under a campaign directory, or None before it is decided. The one
+    reader of these files (planning and aggregate both read them); InvalidStageDecision names the path."""
+    path = Path(campaign_dir) / STAGE_DECISION_FILE.format(stage=stage)
+    if not path.exists():
+        return None
+    try:
+        decision = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        decision, why = None, f"cannot be read ({exc})"
+    else:
+        why = None if isinstance(decision, dict) and decision.get("stage") == stage else f"is not stage {stage}'s decision"
+    if why:
+        raise InvalidStageDecision(f"{path} {why}: restore it, or move it aside to decide stage {stage} again "
+                                   "from its rows")
+    return decision
+
+
 def read_row(path: Path) -> dict:
     """Read and validate one row file; InvalidRow names the path on any defect."""
     try:

@@ -159,6 +159,21 @@ def test_plan_shows_stage_1_and_the_rule_for_the_next_stages(tmp_path):
     assert "(4 runs;" in out.stdout
 
 
+@pytest.mark.parametrize("text, why", [('{"stage": 1, "adv', "cannot be read"), ('{"stage": 2}', "is not stage 1's")])
+def test_a_corrupt_stage_decision_is_named_with_the_fix_by_plan_and_by_aggregate(tmp_path, text, why):
+    from aletheia_hpc.aggregate.staged import load_stage_decisions
+    from aletheia_hpc.row import InvalidStageDecision
+
+    plan = expand([*BASE, f"results_dir={tmp_path}", GOOD_STAGES])
+    path = tmp_path / plan.name / "stages" / "stage1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"stage1.json {why}.*move it aside to decide stage 1 again"):
+        expand([*BASE, f"results_dir={tmp_path}", GOOD_STAGES])
+    with pytest.raises(InvalidStageDecision, match=why):
+        load_stage_decisions(tmp_path / plan.name)
+
+
 def test_a_misspelt_stages_key_is_refused():
     with pytest.raises(ConfigError, match="advnce"):
         expand([*BASE, "campaign.stages.advnce=1"])

@@ -9,20 +9,19 @@ report.render_staged, which takes this module's dict.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
-from aletheia_hpc.row import STAGE_DECISION_FILE, run_time_s
+from aletheia_hpc.row import read_stage_decision, run_time_s
 
 from .stats import factorial_effects
 
 
 def load_stage_decisions(campaign_dir: Path | str) -> list[dict]:
-    """stage1.json, stage2.json, ... in order, up to the first one missing."""
+    """stage1.json, stage2.json, ... in order, up to the first one missing (row.read_stage_decision)."""
     out = []
-    while (path := Path(campaign_dir) / STAGE_DECISION_FILE.format(stage=len(out) + 1)).exists():
-        out.append(json.loads(path.read_text()))
+    while (decision := read_stage_decision(campaign_dir, len(out) + 1)) is not None:
+        out.append(decision)
     return out
 
 

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aletheia_hpc.config import CellConfig
+from aletheia_hpc.config import CellConfig, ConfigError
 from aletheia_hpc.files import atomic_write
 from aletheia_hpc.provenance import REPO_ROOT, SNAPSHOT_SHA_FILE, git_state
-from aletheia_hpc.row import (ACCOUNTING_FILENAME, ROW_FILENAME, STAGE_DECISION_FILE, InvalidRow, read_accounting,
-                              read_row)
+from aletheia_hpc.row import (ACCOUNTING_FILENAME, ROW_FILENAME, STAGE_DECISION_FILE, InvalidRow,
+                              InvalidStageDecision, read_accounting, read_row)
+from aletheia_hpc.row import read_stage_decision as read_decision_file
 
 CELL_CONFIG_FILE = "cell.json"
 LOG_DIR = "logs"
@@ -54,8 +55,11 @@ def stage_decision_path(results_dir: Path, campaign: str, stage: int) -> Path:
 
 
 def read_stage_decision(results_dir: Path, campaign: str, stage: int) -> dict | None:
-    path = stage_decision_path(results_dir, campaign, stage)
-    return json.loads(path.read_text()) if path.exists() else None
+    """row.read_stage_decision of the campaign; a corrupt file is a ConfigError naming it."""
+    try:
+        return read_decision_file(campaign_dir(results_dir, campaign), stage)
+    except InvalidStageDecision as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def write_stage_decision(results_dir: Path, campaign: str, decision: dict) -> Path:
