@@ -43,7 +43,7 @@ def stop_daemon(cluster, name: str) -> None:
 
 def test_status_and_launch_degrade_when_accounting_then_the_controller_stop(dev_cluster, tmp_path):
     # both cells sleep per step: they are still queued or running through every check below
-    slow = "tiny-llama/standard/42:{sleep_per_step_s:30},tiny-llama/aletheia/42:{sleep_per_step_s:30}"
+    slow = "tiny-llama/standard/42:{sleep_per_step_s:90},tiny-llama/aletheia/42:{sleep_per_step_s:90}"
     ov = ["campaign=default", "cluster=dev", f"results_dir={tmp_path}", "campaign.name=degraded",
           "train.steps=4", f"+campaign.faults={{{slow}}}"]
     assert "submitted 2 cells" in run(dev_cluster, "launch", *ov).stderr

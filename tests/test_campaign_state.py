@@ -109,3 +109,19 @@ def test_one_sacct_answer_gives_states_and_each_jobs_usage():
                               "max_rss_mib": pytest.approx(540896 / 1024)}
     assert "105_2" not in usage  # never started
     assert gpu_hours(usage["105_0"]) == pytest.approx(0.1)  # 180 s on 2 GPUs, both runs counted
+
+
+def test_the_controllers_queue_fills_in_what_accounting_has_not_recorded_yet():
+    from aletheia_hpc.campaign.slurm import fill_from_queue
+
+    accounting = {"7_0": "COMPLETED", "7_1": "PENDING", "7_2": "RUNNING", "7_3": "RUNNING"}
+    queue = {"7_1": "RUNNING", "7_3": "COMPLETING", "7_4": "RUNNING", "8_0": "PENDING"}
+    jobs = ["7_0", "7_1", "7_2", "7_3", "7_4", "7_5"]
+    assert fill_from_queue(accounting, jobs, queue) == {
+        "7_0": "COMPLETED",   # ended: accounting's word
+        "7_1": "RUNNING",     # started; accounting still says PENDING
+        "7_2": "RUNNING",     # ended a moment ago: busy until accounting records how
+        "7_3": "COMPLETING",
+        "7_4": "RUNNING",     # not in accounting yet
+    }                         # 7_5: known to neither; 8_0: not this campaign's
+    assert accounting["7_1"] == "PENDING"  # not changed in place

@@ -1,5 +1,5 @@
-"""The SLURM dispatcher: job arrays per (campaign part, resource class), one sacct per status,
-requeue on USR2.
+"""The SLURM dispatcher: job arrays per (campaign part, resource class), one sacct per status (and
+the controller's queue for the jobs accounting has not caught up with), requeue on USR2.
 
 Orchestration only: nothing here imports torch or the worker. Under ``<results_dir>/<part>/``:
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
+from aletheia_hpc.campaign.state import ACTIVE
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, campaign_dir,
                                          prepare_cell_dir, worker_command)
 from aletheia_hpc.config import CellConfig, ClusterConfig, sbatch_extra_parameters
@@ -289,6 +290,20 @@ def squeue_states() -> dict[str, str]:
                              "the controller (squeue)"))
 
 
+def fill_from_queue(accounting: dict[str, str], job_ids: Iterable[str],
+                    queue: dict[str, str]) -> dict[str, str]:
+    """Accounting's states, with the controller's word for the jobs still in its queue that
+    accounting does not know yet or still calls queued or running. slurmdbd records a job's start
+    after the controller does (seconds on a quiet cluster, minutes when the database is slow), so a
+    running job can be unknown to sacct or PENDING there. A job that accounting calls active and the
+    queue no longer lists has just ended: accounting's (busy) word stands until it records the end."""
+    states = dict(accounting)
+    for jid in job_ids:
+        if jid in queue and (jid not in states or states[jid] in ACTIVE):
+            states[jid] = queue[jid]
+    return states
+
+
 class SlurmDispatcher:
     kind = "slurm"
 
@@ -300,13 +315,19 @@ class SlurmDispatcher:
             return SchedulerView("sacct")
         try:
             states, usage = sacct_states(r["array_job_id"] for r in jobs.values())
-            return SchedulerView("sacct", states, accounting=usage)
         except SchedulerDown as accounting:
             try:
                 return SchedulerView("squeue", squeue_states(),
                                      f"{accounting}: states from the controller's queue and the cells' files")
             except SchedulerDown as controller:
                 return SchedulerView("none", {}, f"{accounting}; {controller}: states from the cells' files only")
+        job_ids = [r["job_id"] for r in jobs.values()]
+        if any(states.get(jid, "PENDING") in ACTIVE for jid in job_ids):
+            try:
+                states = fill_from_queue(states, job_ids, squeue_states())
+            except SchedulerDown:
+                pass  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
+        return SchedulerView("sacct", states, accounting=usage)
 
     def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
         """One sbatch per (campaign part, resource class, chunk of MaxArraySize): each part keeps its
