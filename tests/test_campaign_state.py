@@ -117,7 +117,7 @@ def test_the_controllers_queue_fills_in_what_accounting_has_not_recorded_yet():
     accounting = {"7_0": "COMPLETED", "7_1": "PENDING", "7_2": "RUNNING", "7_3": "RUNNING"}
     queue = {"7_1": "RUNNING", "7_3": "COMPLETING", "7_4": "RUNNING", "8_0": "PENDING"}
     jobs = ["7_0", "7_1", "7_2", "7_3", "7_4", "7_5"]
-    assert fill_from_queue(accounting, jobs, queue) == {
+    assert fill_from_queue(accounting, jobs, lambda: queue) == {
         "7_0": "COMPLETED",   # ended: accounting's word
         "7_1": "RUNNING",     # started; accounting still says PENDING
         "7_2": "RUNNING",     # ended a moment ago: busy until accounting records how
@@ -125,3 +125,8 @@ def test_the_controllers_queue_fills_in_what_accounting_has_not_recorded_yet():
         "7_4": "RUNNING",     # not in accounting yet
     }                         # 7_5: known to neither; 8_0: not this campaign's
     assert accounting["7_1"] == "PENDING"  # not changed in place
+
+    def no_controller_call():
+        raise AssertionError("squeue asked although every job has ended in accounting")
+    assert fill_from_queue({"7_0": "COMPLETED", "7_1": "FAILED"}, ["7_0", "7_1"],
+                           no_controller_call) == {"7_0": "COMPLETED", "7_1": "FAILED"}

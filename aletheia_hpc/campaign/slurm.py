@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
 from aletheia_hpc.campaign.state import ACTIVE
@@ -291,17 +291,18 @@ def squeue_states() -> dict[str, str]:
 
 
 def fill_from_queue(accounting: dict[str, str], job_ids: Iterable[str],
-                    queue: dict[str, str]) -> dict[str, str]:
+                    queue: Callable[[], dict[str, str]]) -> dict[str, str]:
     """Accounting's states, with the controller's word for the jobs still in its queue that
     accounting does not know yet or still calls queued or running. slurmdbd records a job's start
     after the controller does (seconds on a quiet cluster, minutes when the database is slow), so a
     running job can be unknown to sacct or PENDING there. A job that accounting calls active and the
-    queue no longer lists has just ended: accounting's (busy) word stands until it records the end."""
-    states = dict(accounting)
-    for jid in job_ids:
-        if jid in queue and (jid not in states or states[jid] in ACTIVE):
-            states[jid] = queue[jid]
-    return states
+    queue no longer lists has just ended: accounting's (busy) word stands until it records the end.
+    ``queue`` (squeue_states) is asked only when some job may lag, i.e. not once all have ended."""
+    lagging = [jid for jid in job_ids if jid not in accounting or accounting[jid] in ACTIVE]
+    if not lagging:
+        return accounting
+    in_queue = queue()
+    return accounting | {jid: in_queue[jid] for jid in lagging if jid in in_queue}
 
 
 class SlurmDispatcher:
@@ -321,12 +322,10 @@ class SlurmDispatcher:
                                      f"{accounting}: states from the controller's queue and the cells' files")
             except SchedulerDown as controller:
                 return SchedulerView("none", {}, f"{accounting}; {controller}: states from the cells' files only")
-        job_ids = [r["job_id"] for r in jobs.values()]
-        if any(states.get(jid, "PENDING") in ACTIVE for jid in job_ids):
-            try:
-                states = fill_from_queue(states, job_ids, squeue_states())
-            except SchedulerDown:
-                pass  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
+        try:
+            states = fill_from_queue(states, (r["job_id"] for r in jobs.values()), squeue_states)
+        except SchedulerDown:
+            pass  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
         return SchedulerView("sacct", states, accounting=usage)
 
     def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
