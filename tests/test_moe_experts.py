@@ -184,3 +184,21 @@ def test_fused_layouts_other_than_mixtrals_are_refused():
     with pytest.raises(ExpertsLayoutError, match=r"model\.layers\.1\.mlp\.experts.*is_transposed.*quantization=none"):
         split_fused_experts(model, None)
     assert experts_in(model) == "fused fp32"  # refused before anything was replaced
+
+
+def test_the_report_says_which_form_the_experts_trained_in(tmp_path):
+    from aletheia_hpc.aggregate import aggregate_campaign
+    from tests.test_aggregate import CAMPAIGN, make_row, write_campaign
+
+    rows = [make_row("mixtral-8x7b", recipe, 1, family="mixtral", experts="per-expert nf4")
+            for recipe in ("standard", "aletheia")]
+    rows += [make_row("qwen2.5-0.5b", recipe, 1) for recipe in ("standard", "aletheia")]
+    write_campaign(tmp_path, rows)
+    report = aggregate_campaign(tmp_path, CAMPAIGN, expected_cells=len(rows), figures=False).report_md.read_text()
+    assert "- mixture-of-experts experts held as per-expert nf4 (2 runs)\n" in report
+    fused = [dict(r, experts="fused bf16") if r["model"] == "mixtral-8x7b" and r["recipe"] == "standard" else r
+             for r in rows]
+    write_campaign(tmp_path, fused)
+    report = aggregate_campaign(tmp_path, CAMPAIGN, expected_cells=len(rows), figures=False).report_md.read_text()
+    assert ("held as fused bf16 (1 runs), per-expert nf4 (1 runs); fused experts are not quantized, unlike the "
+            "paper's Mixtral (QLoRA 4-bit)") in report
