@@ -42,7 +42,9 @@ def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
     for cell in plan.cells:
         est = estimate_cell(cell)
         estimates[cell.cell_id] = (f"~{est.per_gpu_gib:5.1f} GiB{'/GPU' if cell.model.resources.gpus else ' CPU'}"
-                                   f"{' (rough)' if est.rough else ''}") if est else "memory ?"
+                                   f"{' (rough)' if est.rough else ''}"
+                                   f"{f' ({est.peak_phase}), experts {est.experts}' if est.experts else ''}"
+                                   ) if est else "memory ?"
         problem = fit_problem(cell, est, plan.root.cluster)
         if problem:
             warnings.append(f"warning: cell {cell.cell_id} ({_cell_label(cell)}) will not fit: {problem}")

@@ -88,6 +88,10 @@ class Row:
     # what the probe computed: {norm, loss_tokens, batch_size, batches, mode}; None without a probe
     probe: Optional[dict] = _f(None, group="method", csv="json")
     trainable_params: Optional[int] = _f(None, group="method", required=True)
+    # the form a mixture-of-experts model's experts trained in (models/moe_experts.py): "per-expert nf4"
+    # or "per-expert int8" (split into one quantized Linear per expert), "fused bf16" (unquantized,
+    # fused 3-D tensors); None for a model without experts
+    experts: Optional[str] = _f(None, group="method")
     # the step-cost model's predicted step-time ratio of all-layer LoRA to this selection
     # (aletheia_hpc/method/cost.py): 1.0 for standard, None without calibration; the measured
     # ratio comes from step_time_median_s of the paired standard cell

@@ -67,9 +67,14 @@ def test_quantization_precision_checkpointing_and_gpus_move_the_estimate_the_rig
     checkpointed = estimate_cell(cell("model=qwen2.5-7b", "recipe=standard", "model.gradient_checkpointing=true"))
     assert nf4.weights_gib < int8.weights_gib < bf16.weights_gib < fp32.weights_gib
     assert checkpointed.activations_gib < bf16.activations_gib / 5
-    # bitsandbytes leaves Mixtral's fused experts in 16 bits: 4-bit saves little there
+    # Mixtral's experts are split into 4-bit Linear modules once loaded, after loading in 16 bits
     mixtral = cell("model=mixtral-8x7b")
-    assert mixtral.model.quantization == "nf4" and estimate_cell(mixtral).weights_gib > 80
+    split = estimate_cell(mixtral)
+    assert mixtral.model.quantization == "nf4" and split.experts == "per-expert nf4"
+    assert split.weights_gib < 25 and split.load_gib > 80 and split.peak_phase == "load"
+    fused = estimate_cell(cell("model=mixtral-8x7b", "model.quantization=none"))
+    assert fused.experts == "fused fp16" and fused.load_gib == 0 and fused.weights_gib > 80
+    assert estimate_cell(cell("model=qwen2.5-7b")).experts is None
     on_one = estimate_cell(cell("model=mixtral-8x7b", "model.resources.gpus=1"))
     assert on_one.per_gpu_gib == pytest.approx(4 * estimate_cell(mixtral).per_gpu_gib)
 
@@ -92,6 +97,7 @@ def plan(capsys, *overrides) -> tuple[str, str]:
 def test_plan_warns_before_submission_when_a_cell_cannot_fit_its_gpus(capsys):
     out, err = plan(capsys, "campaign.models=[qwen2.5-7b,mixtral-8x7b]")
     assert "GiB/GPU" in out and "will not fit" not in err
+    assert "GiB/GPU (load), experts per-expert nf4" in out and out.count("experts") == 1
     out, err = plan(capsys, "campaign.models=[qwen2.5-72b,qwen2.5-7b]", "model.quantization=none")
     warnings = err.strip().splitlines()
     assert len(warnings) == 1 and "qwen2.5-72b/standard" in warnings[0]
@@ -99,6 +105,7 @@ def test_plan_warns_before_submission_when_a_cell_cannot_fit_its_gpus(capsys):
     assert "model.quantization=nf4" in warnings[0] and "1 cell(s) will not fit" in out
     _, err = plan(capsys, "campaign.models=[mixtral-8x7b]", "model.resources.gpus=1")
     assert "mixtral-8x7b/standard" in err and "raise model.resources.gpus" in err
+    assert "(load: weights 85.1 before the experts are split into per-expert nf4," in err
     # more GPUs than a node has is no estimate but a request that can never be met: plan fails
     assert cli.main(["plan", "campaign=smoke", "campaign.seeds=[1]", "campaign.recipes=[standard]", "cluster=leonardo",
                      "campaign.models=[mixtral-8x7b]", "model.resources.gpus=8"]) == 2

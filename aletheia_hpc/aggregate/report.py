@@ -547,6 +547,7 @@ def _setting_differences(rows: list[dict]) -> list[str]:
            f"{', '.join(accum) or DASH}, sequences up to {', '.join(seqs) or DASH} tokens",
            f"- training data: {', '.join(sources) or DASH}"
            + (" (the project's own generated instruction set, not the paper's)" if "builtin" in sources else ""),
+           *_experts_lines(trained),
            "- evaluation subsets as listed in the quality tables above", "",
            "Speedup comes from the backward pass and optimizer work saved on unadapted layers. Its size "
            "depends on the model, the hardware and on which layers are picked: when the probe picks low "
@@ -554,6 +555,17 @@ def _setting_differences(rows: list[dict]) -> list[str]:
            "Small models on a CPU, few steps and small evaluation subsets give wide intervals; read the "
            "paper's figures beside these as a check of direction, not as the same measurement."]
     return out
+
+
+def _experts_lines(rows: list[dict]) -> list[str]:
+    """Which form mixture-of-experts models trained their experts in (row.experts), against the
+    paper's Mixtral, QLoRA 4-bit: experts left fused in 16 bits are not that setting."""
+    forms = Counter(r["experts"] for r in rows if r.get("experts"))
+    if not forms:
+        return []
+    fused = any(form.startswith("fused") for form in forms)
+    return [f"- mixture-of-experts experts held as {', '.join(f'{f} ({n} runs)' for f, n in sorted(forms.items()))}"
+            + ("; fused experts are not quantized, unlike the paper's Mixtral (QLoRA 4-bit)" if fused else "")]
 
 
 def _figures(figures: tuple[dict, dict] | None) -> list[str]:

@@ -1,11 +1,11 @@
 """Peak GPU memory of a cell, estimated from its config before anything is submitted.
 
-The estimate is the larger of the probe's peak and the training peak, each the sum of
+The estimate is the largest of the load peak, the probe's peak and the training peak, each the sum of
 
 weights      parameters x bytes per weight. Quantized cells (nf4: 4 bits plus double-quantized
-             absmax, int8: 1 byte) store the layers' linear weights that way; embeddings, LM head
-             and fused MoE experts, which bitsandbytes does not quantize, stay in the model's
-             precision.
+             absmax, int8: 1 byte) store the layers' linear weights that way, MoE experts included
+             once split into one Linear per expert (models/experts_layout.py says which form they
+             take: ``MemoryEstimate.experts``); embeddings and LM head stay in the model's precision.
 adapters     LoRA parameters of the adapted layers (ranks as in the recipe; per expert for fused
              MoE experts) x 16 bytes: fp32 weight, gradient and two AdamW moments. Training only.
 activations  what backward keeps per token and layer, ACTIVATION_BYTES x (hidden + active
@@ -14,6 +14,9 @@ activations  what backward keeps per token and layer, ACTIVATION_BYTES x (hidden
              The probe runs without checkpointing through every layer.
 logits       LOGIT_BYTES per token and vocabulary entry (16-bit logits, their fp32 copy in the loss
              and its gradient).
+
+Loading (MoE only): a quantized load materialises the fused experts in the model's precision
+before splitting and quantizing them, so the load peaks at the weights with 16-bit experts.
 
 for ``batch_size x max_seq_len`` tokens (a batch padded to the longest sequence is never longer).
 Which layers a probe-selected recipe adapts is not known before the probe runs, so backward is
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 
 from aletheia_hpc.config import CellConfig, ClusterConfig, ModelConfig, ShapeConfig
 from aletheia_hpc.method.selection import layer_budget
+from aletheia_hpc.models.experts_layout import PER_EXPERT, experts_layout, planned_experts_label
 
 GIB = 2**30
 ACTIVATION_BYTES = 11.0  # per token, layer and unit of (hidden + intermediate), 16-bit activations
@@ -63,14 +67,17 @@ class MemoryEstimate:
     train_gib: float
     gpus: int
     rough: bool  # sizes guessed from the nominal parameter count (model.shape not given)
+    load_gib: float = 0.0  # weights while loading, fused experts not yet split (0: no MoE split)
+    experts: str | None = None  # the experts' form once loaded (``per-expert nf4``), None without
 
     @property
     def peak_gib(self) -> float:
-        return max(self.probe_gib, self.train_gib)
+        return max(self.load_gib, self.probe_gib, self.train_gib)
 
     @property
     def peak_phase(self) -> str:
-        return "probe" if self.probe_gib > self.train_gib else "train"
+        phases = {"train": self.train_gib, "probe": self.probe_gib, "load": self.load_gib}
+        return max(phases, key=phases.get)
 
     @property
     def per_gpu_gib(self) -> float:
@@ -129,7 +136,9 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
     embeddings = s.vocab_size * s.hidden_size * (1 if s.tied_embeddings else 2)
     full = PRECISION_BYTES[m.precision]
     linear = QUANTIZED_BYTES.get(m.quantization, full)
-    weights = L * ((attention + mlp) * linear + experts * full) + embeddings * full
+    split = bool(experts) and experts_layout(m.quantization) == PER_EXPERT
+    weights = L * ((attention + mlp) * linear + experts * (linear if split else full)) + embeddings * full
+    load = L * ((attention + mlp) * linear + experts * full) + embeddings * full if split else 0.0
 
     tokens = m.batch_size * m.max_seq_len
     active_intermediate = s.intermediate_size * max(s.experts_per_token, 1)
@@ -150,6 +159,8 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
     if cell.timing is not None:  # one loaded copy per arm; at most all layers' adapters each
         arms = [a.recipe for a in cell.timing.arms]
         weights *= len(arms)
+        if split:  # the arms loaded before the last one stay in memory while it loads
+            load += weights * (len(arms) - 1) / len(arms)
         adapters = len(arms) * ADAPTER_BYTES * adapter_params(s, L, max(a.attention_rank for a in arms),
                                                               max(a.mlp_rank for a in arms))
         probe = weights + L * per_layer + logits if any(a.probes for a in arms) else 0.0
@@ -158,7 +169,8 @@ def estimate_cell(cell: CellConfig) -> MemoryEstimate | None:
     return MemoryEstimate(weights_gib=weights / GIB, adapters_gib=0.0 if probe_peaks else adapters / GIB,
                           activations_gib=(L * per_layer if probe_peaks else activations) / GIB,
                           logits_gib=logits / GIB, probe_gib=probe / GIB, train_gib=train / GIB,
-                          gpus=m.resources.gpus, rough=rough)
+                          gpus=m.resources.gpus, rough=rough, load_gib=load / GIB,
+                          experts=planned_experts_label(m.quantization, m.precision) if experts else None)
 
 
 def fit_problem(cell: CellConfig, estimate: MemoryEstimate | None, cluster: ClusterConfig) -> str | None:
@@ -170,7 +182,11 @@ def fit_problem(cell: CellConfig, estimate: MemoryEstimate | None, cluster: Clus
     if estimate.per_gpu_gib <= usable:
         return None
     e = estimate
-    return (f"estimated peak {e.per_gpu_gib:.1f} GiB per GPU ({e.peak_phase}: weights {e.weights_gib:.1f}, "
+    if e.peak_phase == "load":
+        weights = f"weights {e.load_gib:.1f} before the experts are split into {e.experts}"
+    else:
+        weights = f"weights {e.weights_gib:.1f}" + (f", experts {e.experts}" if e.experts else "")
+    return (f"estimated peak {e.per_gpu_gib:.1f} GiB per GPU ({e.peak_phase}: {weights}, "
             f"adapters {e.adapters_gib:.1f}, activations {e.activations_gib:.1f}, logits {e.logits_gib:.1f} "
             f"GiB over {gpus} GPU(s)) exceeds {usable:.1f} of {cluster.name}'s {cluster.gpu_mem_gb} GiB per "
             "GPU; raise model.resources.gpus, set model.quantization=nf4, turn on "

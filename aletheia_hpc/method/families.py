@@ -3,7 +3,8 @@
 A family is described by the dotted path of its layer list and the module paths, relative to one
 layer, of its attention and MLP projections. Mixture-of-experts models whose experts are fused 3-D
 parameters (Mixtral in transformers 5) list those under ``mlp_parameters``: peft reaches them only
-through ``target_parameters``, one name per layer.
+through ``target_parameters``, one name per layer. A quantized load splits them into one module per
+expert (models/moe_experts.py); ``FamilySpec.per_expert`` names those modules instead.
 
 To support a new family, register it::
 
@@ -14,7 +15,7 @@ To support a new family, register it::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at runtime: campaign validation looks families up without torch
@@ -53,6 +54,14 @@ class FamilySpec:
 
     def mlp_parameter_targets(self, layers) -> list[str]:
         return [f"{self.layer_prefix(i)}.{p}" for i in layers for p in self.mlp_parameters]
+
+    def per_expert(self, experts: int) -> FamilySpec:
+        """This family once its fused expert parameters are split into one module per expert
+        (models/moe_experts.py): ``mlp.experts.gate_up_proj`` becomes the modules
+        ``mlp.experts.<e>.gate_up_proj`` for e < ``experts``."""
+        split = tuple(f"{owner}.{e}.{parameter}" for e in range(experts)
+                      for owner, _, parameter in (p.rpartition(".") for p in self.mlp_parameters))
+        return replace(self, mlp=self.mlp + split, mlp_parameters=())
 
 
 _LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

@@ -6,8 +6,9 @@ Ampere) is refused before anything loads, naming the fix, rather than failing in
 
 Quantization (``model.quantization``, QLoRA): ``nf4`` loads linear weights as 4-bit NF4 with double
 quantization and bf16 compute, ``int8`` as LLM.int8, both through bitsandbytes (which also runs on
-CPUs). bitsandbytes quantizes nn.Linear modules only: fused MoE expert tensors (Mixtral) stay in the
-model's precision.
+CPUs). bitsandbytes quantizes nn.Linear modules only, so a quantized model's fused MoE expert tensors
+(Mixtral) are split after loading into one Linear per expert, quantized the same way
+(models/moe_experts.py).
 
 Placement: a cell with ``model.resources.gpus > 1`` is spread over that many GPUs by accelerate
 (device_map="auto", balanced, with a per-GPU memory cap); anything else sits on one device.
@@ -22,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from aletheia_hpc.config import ModelConfig
+from aletheia_hpc.models.experts_layout import PER_EXPERT, experts_layout
+from aletheia_hpc.models.moe_experts import split_fused_experts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Share of each GPU that weights may take when a model is spread over several; the rest is left
@@ -115,6 +118,8 @@ def _from_pretrained(source: str, model_cfg: ModelConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[model_cfg.precision], device_map=device_map,
                                                  max_memory=max_memory,
                                                  quantization_config=quantization_config(model_cfg))
+    if experts_layout(model_cfg.quantization) == PER_EXPERT:
+        split_fused_experts(model, quantization_config(model_cfg))
     offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
     if device.type == "cuda" and offloaded:
         raise DeviceError(f"model {model_cfg.name} does not fit on {max(model_cfg.resources.gpus, 1)} GPU(s): "

@@ -204,6 +204,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
     from aletheia_hpc.method import apply_lora, enable_selective_checkpointing, get_family
     from aletheia_hpc.models.loading import load_model, resolve_device
+    from aletheia_hpc.models.moe_experts import experts_in, family_for
     from aletheia_hpc.worker.training import train_cell
 
     m, r = cell.model, cell.recipe
@@ -224,6 +225,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     t0 = time.perf_counter()
     model, tokenizer = load_model(m, device)
     row.model_load_time_s = time.perf_counter() - t0
+    row.experts = experts_in(model)
 
     records = load_records(cell.data.source, cell.data.builtin_size)
     train_records, held_out = split_records(records, cell.data.eval_size, cell.data.split_seed)
@@ -236,7 +238,7 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
                   progress, work_dir)
         return
 
-    family = get_family(m.family)
+    family = family_for(model, get_family(m.family))  # per-expert targets once the experts are split
     prepare = enable_selective_checkpointing if m.gradient_checkpointing else None
     if cell.timing is not None:
         _paired_timing(cell, model, train_examples, collator, family, prepare, device, row, stop)
