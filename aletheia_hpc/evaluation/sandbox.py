@@ -44,7 +44,8 @@ syscalls) and resource limits (CPU seconds, address space, file size, open files
 cgroups can be created (root on cgroup v1, or a delegated cgroup v2 subtree) each run gets its
 own: memory (tmpfs included) of all its processes together, a process count (pids.max) and a
 CPU share (cpu.max), for that run alone; where no pids cgroup exists RLIMIT_NPROC stands in,
-which counts every process of the run's uid on the machine. The program's stdout and stderr go
+which counts the processes of the run's uid: in bubblewrap's user namespace those of that
+namespace, on the other backends every process of that uid on the machine. The program's stdout and stderr go
 through a pipe the evaluator drains and caps (no host file). Environment: only PATH,
 LANG/LC_ALL, HOME/TMPDIR; stdin is /dev/null. docs/sandbox.md has the threat model and a table
 of what each backend gives.
@@ -741,7 +742,9 @@ class _Channel:
             if ready:
                 try:
                     view = view[os.write(self.run.calls_w, view):]
-                except (BrokenPipeError, OSError):
+                except BlockingIOError:  # the pipe filled between select and write
+                    continue
+                except OSError:
                     raise _Broken("failed", "the candidate's process ended") from None
 
 
