@@ -130,7 +130,9 @@ def test_failures_and_early_exits_do_not_pass():
 def test_resource_limits_are_reported():
     result = run_untrusted("pass", FAST)
     limits = result.isolation["rlimits"]
-    assert limits["RLIMIT_AS"] == 1024 * 2**20 and limits["RLIMIT_NPROC"] == 16
+    assert limits["RLIMIT_AS"] == 1024 * 2**20
+    # the process count: this run's own pids cgroup, else RLIMIT_NPROC (all of the uid's)
+    assert (result.isolation["pids_max"] == 16) != (limits.get("RLIMIT_NPROC") == 16)
     assert limits["RLIMIT_CPU"] == 2 and limits["RLIMIT_FSIZE"] == 16 * 2**20
     assert limits["RLIMIT_NOFILE"] == 64
     if os.geteuid() == 0:
@@ -681,8 +683,10 @@ def test_root_with_no_interpreter_for_nobody_refuses(monkeypatch):
     monkeypatch.setattr(sandbox, "_interpreter_candidates", lambda: [sys.executable])
     sandbox._setup_for.cache_clear()
     try:
+        # without namespaces (a private root would bind the interpreter's installation where
+        # nobody can reach it, so the namespace backends may still run it as nobody)
         with pytest.raises(sandbox.SandboxUnavailable, match="not run as root.*python3"):
-            run_untrusted("print('ran')", FAST)
+            run_untrusted("print('ran')", SandboxLimits(timeout_s=2.0, namespaces=False))
     finally:
         sandbox._setup_for.cache_clear()
 
@@ -845,3 +849,223 @@ def test_values_cross_as_plain_builtins():
                     b"[" * 100000 + b"]" * 100000):
         with pytest.raises((ValueError, TypeError, RecursionError)):
             boot.decode_message(hostile)
+
+
+# ----------------------------------------------------------------------------- second red team
+# Each hostile completion answers correctly only if its attack worked, so an attack that gets
+# through passes (and this test fails); each prints what the kernel said, so a refusal shows.
+# They run through check_completions with a correct neighbour beside each, which must pass.
+
+ROOT_BACKENDS = [
+    pytest.param(SandboxLimits(timeout_s=5.0), "bwrap", id="bwrap",
+                 marks=pytest.mark.skipif(not HAS_BWRAP, reason="needs bubblewrap (apt-get install bubblewrap)")),
+    pytest.param(SandboxLimits(timeout_s=5.0, bwrap=False), "unshare", id="unshare",
+                 marks=pytest.mark.skipif("--mount-proc" not in NAMESPACES,
+                                          reason="needs util-linux unshare with a mount namespace")),
+]
+_HASH_ZERO = 2**61 - 1  # hash(k * (2**61 - 1)) == 0 for every int k
+
+SECOND_ROUND = {
+    # about 42,000 ints that hash alike: building the set while decoding was quadratic (10 s)
+    "set subclass of equal hashes": (
+        "    class Flood(set):\n"
+        "        def __iter__(self):\n"
+        f"            return iter(range({_HASH_ZERO}, {_HASH_ZERO} * 42000, {_HASH_ZERO}))\n"
+        "    return Flood()\n", "reply is too large"),
+    "equal hashes under the size cap": (
+        f"    return {{{_HASH_ZERO} * k for k in range(1, 2700)}}\n", "members with one hash"),
+    # the last "ok" answers the call; the first makes the evaluator build the set at every call
+    "duplicate keys": (
+        "    import json, os, sys\n"
+        "    serving = sys._getframe(1).f_locals\n"
+        "    out, reader, call = serving['calls_out'], serving['reader'], serving['call']\n"
+        f"    junk = ','.join(str({_HASH_ZERO} * k) for k in range(1, 2000))\n"
+        "    while True:\n"
+        "        os.write(out, ('{\"ok\": {\"set\": [%s]}, \"ok\": [\"%s\", %d]}\\n' % (junk, call, a + b)).encode())\n"
+        "        line = reader.readline()\n"
+        "        if not line:\n"
+        "            os._exit(0)\n"
+        "        call, (a, b) = json.loads(line)['args']\n", "malformed"),
+    # KEEP_SIZE reserves blocks past RLIMIT_FSIZE (on the stdout file, once a host file)
+    "fallocate": (
+        "    import ctypes, os, stat\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]\n"
+        "    print('stdout is a pipe', stat.S_ISFIFO(os.fstat(1).st_mode))\n"
+        "    for fd in (1, os.open('reserve', os.O_RDWR | os.O_CREAT)):\n"
+        "        if libc.fallocate(fd, 1, 0, 256 << 20) == 0:\n"
+        "            return a + b\n"
+        "        print('REFUSED fallocate', ctypes.get_errno())\n"
+        "    return 0\n", "stdout is a pipe True"),
+    # a socketpair end can sendto() any host datagram socket path, and pass descriptors
+    "unix datagrams": (
+        "    import socket\n"
+        "    for make in (lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0],\n"
+        "                 lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)):\n"
+        "        try:\n"
+        "            make().sendto(b'from the sandbox', @DGRAM@)\n"
+        "            return a + b\n"
+        "        except OSError as exc:\n"
+        "            print('REFUSED', exc.errno)\n"
+        "    return 0\n", "REFUSED"),
+    # watches on host directories see the names of the files the host creates
+    "inotify and fanotify": (
+        "    import ctypes, os\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    for name, fd in (('inotify_init1', libc.inotify_init1(0)),\n"
+        "                     ('fanotify_init', libc.fanotify_init(0, 0))):\n"
+        "        if fd >= 0:\n"
+        "            return a + b\n"
+        "        print('REFUSED', name, ctypes.get_errno())\n"
+        "    return 0\n", "REFUSED fanotify_init"),
+    # stat, readlink and getxattr need no Landlock right; /dev/ptmx opened a host pty
+    "host metadata and ptmx": (
+        "    import os\n"
+        "    for probe in (lambda: os.stat(@SECRET@), lambda: os.readlink(@LINK@),\n"
+        "                  lambda: os.getxattr(@SECRET@, 'user.secret'), lambda: os.listdir('/tmp'),\n"
+        "                  lambda: os.open('/dev/ptmx', os.O_RDWR)):\n"
+        "        try:\n"
+        "            if probe() not in ([], None):\n"
+        "                return a + b\n"
+        "        except OSError as exc:\n"
+        "            print('ABSENT', exc.errno)\n"
+        "    return 0\n", "ABSENT"),
+    # a user namespace of its own gives capabilities there: fsopen, fsmount, open_tree worked
+    # (fsopen and open_tree have one number on both machines)
+    "user namespaces and the new mount API": (
+        "    import ctypes, os\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    clone = {'x86_64': 56, 'aarch64': 220}[os.uname().machine]\n"
+        "    if libc.unshare(0x10000000) == 0:\n"
+        "        return a + b\n"
+        "    print('REFUSED unshare', ctypes.get_errno())\n"
+        "    child = libc.syscall(clone, 0x10000000 | 17, 0, 0, 0, 0)\n"
+        "    if child == 0:\n"
+        "        os._exit(0)\n"
+        "    if child > 0:\n"
+        "        return a + b\n"
+        "    print('REFUSED clone', ctypes.get_errno())\n"
+        "    if libc.syscall(430, b'tmpfs', 0) >= 0 or libc.syscall(428, -100, b'/', 1) >= 0:\n"
+        "        return a + b\n"
+        "    print('REFUSED mount API', ctypes.get_errno())\n"
+        "    return 0\n", "REFUSED mount API 1"),
+}
+
+
+@pytest.fixture
+def host_targets():
+    """Host things the second round reached for: a datagram socket where /dev/log-like services
+    listen, and a file with an owner, an mtime and a ``user.*`` xattr, and a symlink to it."""
+    directory = Path(tempfile.mkdtemp(prefix="aletheia-host-"))
+    directory.chmod(0o777)
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dgram.bind(str(directory / "log.sock"))
+    (directory / "log.sock").chmod(0o777)
+    dgram.setblocking(False)
+    secret = directory / "secret.txt"
+    secret.write_text("host data")
+    secret.chmod(0o644)
+    try:
+        os.setxattr(secret, "user.secret", b"xattr value")
+    except OSError:
+        pass  # a filesystem without user xattrs: stat and readlink still probe
+    (directory / "link").symlink_to(secret)
+    yield {"dgram": str(directory / "log.sock"), "secret": str(secret), "link": str(directory / "link")}, dgram
+    dgram.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="seccomp filter is x86_64/aarch64")
+@pytest.mark.parametrize("limits,backend", ROOT_BACKENDS)
+def test_second_round_fails_alone_and_its_neighbours_pass(limits, backend, host_targets):
+    paths, dgram = host_targets
+    names = list(SECOND_ROUND)
+    completions = []
+    for name in names:
+        hostile = SECOND_ROUND[name][0]
+        for placeholder, path in (("@DGRAM@", paths["dgram"]), ("@SECRET@", paths["secret"]),
+                                  ("@LINK@", paths["link"])):
+            hostile = hostile.replace(placeholder, repr(path))
+        completions += [hostile, ADD.canonical_solution]
+    results = check_completions([ADD] * len(completions), completions, timeout_s=limits.timeout_s,
+                                workers=2, progress=False, bwrap=limits.bwrap)
+    hostile_results, neighbours = results[0::2], results[1::2]
+    assert {r.isolation.get("backend") for r in results} == {backend}
+    assert [r.passed for r in neighbours] == [True] * len(names), \
+        [(n, r.status, r.output[-300:]) for n, r in zip(names, neighbours)]
+    for name, result in zip(names, hostile_results):
+        assert not result.passed and SECOND_ROUND[name][1] in result.output, (name, result.output[-600:])
+    with pytest.raises(BlockingIOError):  # no datagram reached the host's socket
+        dgram.recv(100)
+
+
+RUN_CGROUPS = sandbox.isolation_summary(FAST)
+# holds every process its run may have, for the whole run
+FILLS_ITS_PROCESSES = ("import os, time\n"
+                       "try:\n"
+                       "    while True:\n"
+                       "        if os.fork() == 0:\n"
+                       "            time.sleep(30)\n"
+                       "            os._exit(0)\n"
+                       "except OSError as exc:\n"
+                       "    print('FULL', exc.errno)\n"
+                       "def add(a, b):\n"
+                       "    time.sleep(30)\n")
+# starts once its neighbour is full, then needs a process per call
+FORKS_PER_CALL = ("import os, time\n"
+                  "time.sleep(1.5)\n"
+                  "def add(a, b):\n"
+                  "    pid = os.fork()\n"
+                  "    if pid == 0:\n"
+                  "        os._exit(0)\n"
+                  "    os.waitpid(pid, 0)\n"
+                  "    return a + b\n")
+
+
+@pytest.mark.skipif(not RUN_CGROUPS.get("pids_max"), reason="needs a pids cgroup")
+@pytest.mark.parametrize("limits,backend", ROOT_BACKENDS)
+def test_the_process_cap_is_the_runs_own(limits, backend):
+    """RLIMIT_NPROC counts every process of the uid (nobody) on the machine: a run that held
+    its cap left none to the runs beside it, or to host services running as nobody."""
+    token = _token()
+    problem = CodeProblem(task_id="redteam/add-forks", entry_point="add", prompt="",
+                          canonical_solution="", test=ADD.test)
+    results = check_completions([problem, problem], [_named(FILLS_ITS_PROCESSES, token), FORKS_PER_CALL],
+                                timeout_s=5.0, workers=2, progress=False, bwrap=limits.bwrap)
+    assert [r.isolation.get("backend") for r in results] == [backend, backend]
+    assert results[0].status == "timeout" and "FULL" in results[0].output, results[0].output
+    assert results[1].passed, results[1].output
+    assert results[0].isolation["pids_max"] == 16 and "RLIMIT_NPROC" not in results[0].isolation["rlimits"]
+    _assert_no_survivors(token)
+
+
+# three processes spin for two seconds, then report the CPU time they got
+TAKES_MORE_CPU = """
+import os, time
+started = time.monotonic()
+children = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        while time.monotonic() < started + 2.0:
+            pass
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print('CPU', sum(os.times()[2:4]), 'in', time.monotonic() - started)
+"""
+
+
+@pytest.mark.skipif(not RUN_CGROUPS.get("cpus"), reason="needs a cpu cgroup")
+@pytest.mark.parametrize("limits,backend", ROOT_BACKENDS)
+def test_a_run_gets_its_cpu_share_at_most(limits, backend):
+    """cpu.max of the run's own cgroup: a tenth of a CPU here, so that even a loaded machine
+    would give three spinning processes more than that."""
+    capped = SandboxLimits(timeout_s=10.0, cpus=0.1, bwrap=limits.bwrap)
+    results = run_many([TAKES_MORE_CPU, "print(sum(range(10**6)))"], capped, workers=2)
+    assert [r.isolation["backend"] for r in results] == [backend, backend]
+    assert results[0].passed and results[0].isolation["cpus"] == 0.1, results[0].output
+    cpu, wall = (float(word) for word in results[0].output.split("CPU")[-1].split()[::2])
+    assert cpu <= 0.1 * wall + 0.25, results[0].output
+    assert results[1].passed and "499999500000" in results[1].output, results[1].output

@@ -54,12 +54,13 @@ def check_one(problem: CodeProblem, completion: str, limits: SandboxLimits) -> S
 
 def check_completions(problems: Sequence[CodeProblem], completions: Sequence[str], *,
                       timeout_s: float = 10.0, memory_mb: int = 1024, workers: int = 2,
-                      progress: bool = True) -> list[SandboxResult]:
+                      progress: bool = True, bwrap: bool = True) -> list[SandboxResult]:
     """Test each completion, ``workers`` sandboxes at a time; one result per problem, in order.
-    A run that breaks (even the evaluator's side) fails that problem only."""
+    A run that breaks (even the evaluator's side) fails that problem only. ``bwrap=False``
+    passes over bubblewrap for the next backend (``unshare``)."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb)
+    limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, bwrap=bwrap)
     bar = tqdm(total=len(problems), desc="humaneval exec", unit="prog", disable=not progress,
                dynamic_ncols=True)
     try:

@@ -6,38 +6,49 @@ started by :mod:`._sandbox_boot`. Two uses:
 :func:`judge_function` (HumanEval)
     The candidate's code is loaded in the sandbox, which then only answers calls of its entry
     point over a pipe (arguments and results as tagged JSON, decoded into plain built-in values,
-    never pickle; each reply must carry its call's random id). The tests run in the evaluator's process and decide the verdict; the candidate
-    never sees them, their expected answers or any pass token, so exiting early, tracing, reading
-    frames or rebinding ``os._exit`` cannot make a wrong answer pass.
+    never pickle; each reply must carry its call's random id). The tests run in the evaluator's
+    process and decide the verdict; the candidate never sees them, their expected answers or any
+    pass token, so exiting early, tracing, reading frames or rebinding ``os._exit`` cannot make a
+    wrong answer pass. A reply is capped at 64 KiB and decoded in time linear in its size
+    (:func:`._sandbox_boot.decode_message`), so no reply stalls the other problems' threads.
 :func:`run_untrusted` / :func:`run_many`
     Run a whole program; ``passed`` means it ran to its end without an exception, which is the
     program's own claim (used by the containment tests, not for verdicts).
 
-Backends, the first that works on this machine (recorded in every result's ``isolation``):
+Backends, the first that works on this machine (recorded in every result's ``isolation``).
+Both namespace backends give the run the same root (:func:`root_layout`): a tmpfs holding
+read-only binds of /usr (and /bin, /lib, ...) and the interpreter's installation, /dev with null,
+zero and urandom only, a fresh /proc and a size-capped tmpfs /tmp (the working directory: the
+total disk cap). The host's /tmp, /run, /dev, home directories and the project checkout do not
+exist in it, so no host socket, file or directory outside those binds can be named, watched or
+stat'ed.
 
 ``bwrap``
-    bubblewrap (``apt-get install bubblewrap``): new user, network, PID, IPC, UTS and cgroup
-    namespaces, a mount namespace whose root holds only read-only binds of /usr (and /bin, /lib,
-    ...), the interpreter and the boot script, a fresh /proc and /dev, and size-capped tmpfs on
-    /tmp (the working directory: the total disk cap), /run, /var/tmp and /dev/shm, so no host
-    socket, file or directory is even visible. ``--die-with-parent``. Run as ``nobody`` when the
-    evaluator is root.
+    bubblewrap (``apt-get install bubblewrap``) builds that root, with new user, network, PID,
+    IPC, UTS and cgroup namespaces; ``--die-with-parent``. Run as ``nobody`` when the evaluator
+    is root.
 ``unshare``
-    util-linux ``unshare``: network, PID (own /proc) and IPC namespaces, and a mount namespace
-    in which the working directory (a throw-away one on the host) is a size-capped tmpfs (the
-    total disk cap); as root the program is switched to ``nobody``.
+    util-linux ``unshare``: network, PID (own /proc), IPC and mount namespaces (with
+    ``--user`` when the evaluator is not root); the boot script builds that root and
+    ``pivot_root``s into it; as root the program is switched to ``nobody``.
 ``none``
-    No namespaces (only Landlock, seccomp and the limits below hold); seccomp also refuses
-    setsid/setpgid, so killing the run's process group kills everything it started.
+    No namespaces (only Landlock, seccomp and the limits below hold; the host's paths stay
+    visible to stat); seccomp also refuses setsid/setpgid, so killing the run's process group
+    kills everything it started.
 
 In every backend the boot script adds Landlock (reads only beneath system and interpreter
 directories, writes only beneath the working directory, no TCP, no signals or abstract sockets
-outside), a seccomp filter refusing every socket family but AF_INET/AF_INET6 (no munge, database
-or tmux server socket can be reached, nor a VM's host over AF_VSOCK), io_uring, kernel keyrings
-and foreign-ABI syscalls, and resource limits (CPU seconds, address
-space, processes, file size, open files). Where a memory cgroup can be created (root on cgroup v1,
-or a delegated cgroup v2 subtree) the whole run's memory (tmpfs included) and process count are
-capped in total. Environment: only PATH, LANG/LC_ALL, HOME/TMPDIR; stdin is /dev/null.
+outside), a seccomp filter (sockets and socket pairs of AF_INET/AF_INET6 only, no new
+namespaces, no mounts, no inotify/fanotify, no io_uring, kernel keyrings, fallocate or foreign-ABI
+syscalls) and resource limits (CPU seconds, address space, file size, open files). Where
+cgroups can be created (root on cgroup v1, or a delegated cgroup v2 subtree) each run gets its
+own: memory (tmpfs included) of all its processes together, a process count (pids.max) and a
+CPU share (cpu.max), for that run alone; where no pids cgroup exists RLIMIT_NPROC stands in,
+which counts the processes of the run's uid: in bubblewrap's user namespace those of that
+namespace, on the other backends every process of that uid on the machine. The program's stdout and stderr go
+through a pipe the evaluator drains and caps (no host file). Environment: only PATH,
+LANG/LC_ALL, HOME/TMPDIR; stdin is /dev/null. docs/sandbox.md has the threat model and a table
+of what each backend gives.
 
 When the evaluator is root and no interpreter can be run as ``nobody``, nothing runs:
 :class:`SandboxUnavailable` names the fix. ``SandboxLimits(drop_privileges=False)`` runs as the
@@ -73,9 +84,9 @@ BOOT_SCRIPT = Path(boot.__file__).resolve()
 NOBODY = (65534, 65534)
 _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 _PROBE_PROGRAM = "import collections, functools, hashlib, heapq, itertools, json, math, re, string\n"
-# HumanEval's canonical replies are under 300 bytes; decoding holds the GIL and a hostile 32 MiB
-# line of "[]," took 7 s and 800 MiB, stalling the other judging threads
-_MAX_REPLY_BYTES = 2**20
+# what the evaluator keeps of a run's stdout+stderr, and where it stops reading (the run's next
+# write then fails with EPIPE): the output never touches the host's disk
+_OUTPUT_HEAD, _OUTPUT_TAIL, _MAX_OUTPUT_BYTES = 4096, 8192, 2**20
 _BOOT_INSIDE = "/sandbox/boot.py"
 
 # What ``eval.sandbox.require`` may ask for; each name is a property of a finished run's isolation.
@@ -83,9 +94,10 @@ FEATURES = {
     "bwrap": "the bubblewrap backend ran",
     "net": "a network namespace (no interface reachable)",
     "pid": "a PID namespace (no process outside visible or signalled; nothing outlives the run)",
-    "mount": "private /tmp, /run and /dev/shm (no host socket or file there is visible)",
+    "mount": "a root of the run's own: no host /tmp, /run, /dev or checkout (no host socket or file there is visible)",
     "landlock": "a Landlock ruleset (reads and writes confined, no TCP)",
-    "seccomp": "a seccomp filter refusing sockets other than AF_INET/AF_INET6 (AF_UNIX, AF_VSOCK, ...)",
+    "seccomp": ("a seccomp filter refusing sockets other than AF_INET/AF_INET6 (AF_UNIX, AF_VSOCK, ...), "
+                "new namespaces, mounts and inotify/fanotify"),
     "unprivileged": "the program ran as a non-root user",
     "memory_total": "a cgroup caps the memory of all the run's processes together",
     "disk_total": "a size-capped tmpfs caps everything the run writes",
@@ -94,7 +106,7 @@ FIXES = {
     "bwrap": "install bubblewrap (apt-get install bubblewrap) and allow unprivileged user namespaces",
     "net": "install util-linux unshare or bubblewrap and allow (user) namespaces",
     "pid": "install util-linux unshare or bubblewrap and allow (user) namespaces",
-    "mount": "install bubblewrap (apt-get install bubblewrap)",
+    "mount": "install bubblewrap (apt-get install bubblewrap), or util-linux unshare (>= 2.23, --mount-proc)",
     "landlock": "use a kernel >= 5.13 with Landlock enabled (lsm=...,landlock)",
     "seccomp": "use an x86_64 or aarch64 Linux kernel with seccomp filters",
     "unprivileged": "run as an ordinary user, or as root with a python3 that user nobody can run",
@@ -113,9 +125,10 @@ class SandboxLimits:
 
     timeout_s: float = 10.0
     memory_mb: int = 1024
-    max_processes: int = 16
+    max_processes: int = 16  # this run's (pids cgroup), else every process of its uid (RLIMIT_NPROC)
     max_file_mb: int = 16
-    disk_mb: int = 64  # the whole working directory (bwrap backend)
+    disk_mb: int = 64  # the whole working directory (the private root's /tmp)
+    cpus: float = 1.0  # the run's CPU share, all its processes together (cpu cgroup)
     max_open_files: int = 64
     namespaces: bool = True
     bwrap: bool = True
@@ -266,63 +279,79 @@ def check_requirements(require: Sequence[str], limits: SandboxLimits = SandboxLi
 
 
 class _Cgroup:
-    """A memory cgroup for one run (all its processes and tmpfs pages together), or nothing
-    where none can be made. (No pids cgroup: RLIMIT_NPROC already counts per user namespace,
-    and every cgroup move costs the run milliseconds.)"""
+    """The run's own cgroups (one directory per hierarchy holding memory, pids or cpu), or
+    nothing where none can be made: the memory of all its processes and tmpfs pages together,
+    its process count and its CPU share, each for this run alone."""
 
-    def __init__(self, path: Path | None, memory_bytes: int | None):
-        self.path, self.memory_bytes = path, memory_bytes
+    CONTROLLERS = ("memory", "pids", "cpu")
+
+    def __init__(self, paths: Sequence[Path] = (), memory_bytes: int | None = None,
+                 pids_max: int | None = None, cpus: float | None = None):
+        self.paths, self.memory_bytes, self.pids_max, self.cpus = list(paths), memory_bytes, pids_max, cpus
 
     @classmethod
     def create(cls, limits: SandboxLimits, owner: int | None) -> "_Cgroup":
-        parent = _own_cgroup("memory")
-        if parent is None:
-            return cls(None, None)
+        cgroup = cls()
         memory = int(limits.memory_mb) * 2**20
-        path = parent / f"aletheia-sandbox-{secrets.token_hex(6)}"
-        try:
-            path.mkdir()
-        except OSError as exc:
-            logger.debug("sandbox: no cgroup (%s)", exc)
-            return cls(None, None)
-        cgroup = cls(path, None)
-        try:
-            for name in ("memory.limit_in_bytes", "memory.max", "memory.memsw.limit_in_bytes",
-                         "memory.swap.max"):
-                if (path / name).exists():
-                    (path / name).write_text(str(memory) if "swap." not in name else "0")
-                    if name in ("memory.limit_in_bytes", "memory.max"):
-                        cgroup.memory_bytes = memory
-            if owner is not None:
-                os.chown(path / "cgroup.procs", owner, -1)
-        except OSError as exc:
-            logger.debug("sandbox: cgroup %s unusable (%s)", path, exc)
-            cgroup.remove()
-            return cls(None, None)
-        if cgroup.memory_bytes is None:
-            cgroup.remove()
-            return cls(None, None)
+        period = 100_000
+        settings = {  # file -> value; the first that exists is how that controller is capped
+            "memory": [("memory.limit_in_bytes", memory), ("memory.max", memory),
+                       ("memory.memsw.limit_in_bytes", memory), ("memory.swap.max", 0)],
+            "pids": [("pids.max", int(limits.max_processes))],
+            "cpu": [("cpu.cfs_period_us", period), ("cpu.cfs_quota_us", round(limits.cpus * period)),
+                    ("cpu.max", f"{round(limits.cpus * period)} {period}")],
+        }
+        made: dict[Path, Path] = {}  # parent -> this run's directory there
+        for controller in cls.CONTROLLERS:
+            parent = _own_cgroup(controller)
+            if parent is None:
+                continue
+            path = made.get(parent)
+            try:
+                if path is None:
+                    path = parent / f"aletheia-sandbox-{secrets.token_hex(6)}"
+                    path.mkdir()
+                    made[parent] = path
+                    cgroup.paths.append(path)
+                    if owner is not None:
+                        os.chown(path / "cgroup.procs", owner, -1)
+                capped = False
+                for name, value in settings[controller]:
+                    if (path / name).exists():
+                        (path / name).write_text(str(value))
+                        capped = capped or name in ("memory.limit_in_bytes", "memory.max", "pids.max",
+                                                    "cpu.cfs_quota_us", "cpu.max")
+            except OSError as exc:
+                logger.debug("sandbox: no %s cgroup (%s)", controller, exc)
+                continue
+            if capped and controller == "memory":
+                cgroup.memory_bytes = memory
+            elif capped and controller == "pids":
+                cgroup.pids_max = int(limits.max_processes)
+            elif capped:
+                cgroup.cpus = float(limits.cpus)
         return cgroup
 
     def wrap(self, command: list[str]) -> list[str]:
-        """``command`` started by a shell that first moves itself into the cgroup."""
-        if self.path is None:
+        """``command`` started by a shell that first moves itself into the cgroups."""
+        if not self.paths:
             return command
-        procs = shlex.quote(str(self.path / "cgroup.procs"))
-        return ["/bin/sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *command]
+        moves = " && ".join(f"echo $$ > {shlex.quote(str(path / 'cgroup.procs'))}" for path in self.paths)
+        return ["/bin/sh", "-c", f'{moves} && exec "$@"', "sh", *command]
 
     def remove(self) -> None:
-        if self.path is None:
-            return
-        for _ in range(200):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:  # processes of the run still exiting
-                time.sleep(0.005)
-        logger.warning("sandbox: could not remove cgroup %s", self.path)
+        for path in self.paths:
+            for _ in range(200):
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # processes of the run still exiting
+                    time.sleep(0.005)
+            else:
+                logger.warning("sandbox: could not remove cgroup %s", path)
+        self.paths = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,29 +380,80 @@ def _own_cgroup(controller: str) -> Path | None:
 
 
 def _private_mounts(setup: _Setup) -> bool:
-    """The unshare backend's program has a mount namespace of its own (and root in it)."""
+    """The unshare backend's program has a mount namespace of its own (and root in it), where
+    the boot script builds the run's root."""
     return setup.backend == "unshare" and "--mount-proc" in setup.prefix
 
 
-def _bwrap_command(setup: _Setup, limits: SandboxLimits) -> list[str]:
-    command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
-               "--ro-bind", "/usr", "/usr"]
+def root_layout(interpreter: str) -> dict:
+    """What the run's root holds beside /dev, /proc and /tmp, on both namespace backends:
+    ``binds`` (host directories, bound read-only at the same path) and ``symlinks`` ([target,
+    path]); the interpreter's installation is bound where it lies outside /usr."""
+    binds, symlinks = ["/usr"], []
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
-            command += ["--symlink", os.readlink(top), top]
+            symlinks.append([os.readlink(top), top])
         elif os.path.isdir(top):
-            command += ["--ro-bind", top, top]
-    # an interpreter outside /usr: its installation prefix (<prefix>/bin/python3) and the link
-    real = os.path.realpath(setup.interpreter)
-    for directory in sorted({os.path.dirname(os.path.dirname(real)), os.path.dirname(setup.interpreter)}):
-        if not directory.startswith("/usr/") and directory != "/usr" and os.path.isdir(directory):
-            command += ["--ro-bind", directory, directory]
-    disk = str(int(limits.disk_mb) * 2**20)
-    command += ["--ro-bind", str(BOOT_SCRIPT), _BOOT_INSIDE, "--proc", "/proc", "--dev", "/dev",
-                "--size", disk, "--tmpfs", "/tmp", "--size", str(2**20), "--tmpfs", "/run",
-                "--size", str(2**20), "--tmpfs", "/dev/shm", "--size", str(2**20), "--tmpfs", "/var/tmp",
-                "--chdir", "/tmp", "--", setup.interpreter, "-I", "-S", _BOOT_INSIDE]
+            binds.append(top)
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(interpreter)))  # <prefix>/bin/python3
+    if prefix != "/usr" and not prefix.startswith("/usr/") and os.path.isdir(prefix):
+        binds.append(prefix)
+    return {"binds": binds, "symlinks": symlinks}
+
+
+def _bwrap_command(setup: _Setup, limits: SandboxLimits) -> list[str]:
+    layout = root_layout(setup.interpreter)
+    command = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session"]
+    for path in layout["binds"]:
+        command += ["--ro-bind", path, path]
+    for target, path in layout["symlinks"]:
+        command += ["--symlink", target, path]
+    for device in boot.DEVICES:
+        command += ["--dev-bind", device, device]
+    command += ["--ro-bind", str(BOOT_SCRIPT), _BOOT_INSIDE, "--proc", "/proc",
+                "--size", str(int(limits.disk_mb) * 2**20), "--tmpfs", "/tmp", "--remount-ro", "/",
+                "--chdir", "/tmp", "--", os.path.realpath(setup.interpreter), "-I", "-S", _BOOT_INSIDE]
     return command
+
+
+class _Output:
+    """The run's stdout and stderr: a pipe the evaluator drains without blocking, keeping its
+    head and tail. Past :data:`_MAX_OUTPUT_BYTES` it closes its end, so the run's next write
+    fails (EPIPE) instead of filling anything."""
+
+    def __init__(self, fd: int):
+        os.set_blocking(fd, False)
+        self.fd: int | None = fd
+        self.head, self.tail, self.total = bytearray(), bytearray(), 0
+
+    def drain(self) -> None:
+        """Read what the pipe holds now; close it at its end or past the cap."""
+        while self.fd is not None:
+            try:
+                chunk = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close()
+                return
+            self.total += len(chunk)
+            room = _OUTPUT_HEAD - len(self.head)
+            self.head += chunk[:max(room, 0)]
+            self.tail += chunk[max(room, 0):]
+            del self.tail[:-_OUTPUT_TAIL]
+            if self.total > _MAX_OUTPUT_BYTES:
+                self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def text(self) -> str:
+        kept = len(self.head) + len(self.tail)
+        cut = f"\n[... {self.total - kept} bytes of output left out ...]\n" if self.total > kept else ""
+        return (bytes(self.head).decode("utf-8", "replace") + cut
+                + bytes(self.tail).decode("utf-8", "replace"))
 
 
 class _Run:
@@ -383,12 +463,12 @@ class _Run:
         self.setup, self.limits = setup, limits
         self.base = Path(tempfile.mkdtemp(prefix="aletheia-sandbox-"))
         self.proc: subprocess.Popen | None = None
-        self.cgroup = _Cgroup(None, None)
+        self.cgroup = _Cgroup()
         self.calls_w = self.replies_r = None
         run_as = NOBODY[0] if (setup.as_nobody and setup.backend == "bwrap") else None
         if setup.backend == "bwrap":
             workdir, cwd = "/tmp", "/"
-        else:
+        else:  # the work directory, or (private root) only the mount point of the run's root
             work = self.base / "work"
             work.mkdir()
             if setup.as_nobody:  # nobody may pass through base (0711, not list it) to its dir
@@ -398,7 +478,8 @@ class _Run:
         if limits.cgroup:
             self.cgroup = _Cgroup.create(limits, run_as)
         request = {**request, "workdir": workdir, "landlock": limits.landlock,
-                   "workdir_tmpfs_bytes": int(limits.disk_mb) * 2**20 if _private_mounts(setup) else None,
+                   "root": ({**root_layout(setup.interpreter), "tmp_bytes": int(limits.disk_mb) * 2**20}
+                            if _private_mounts(setup) else None),
                    "seccomp": limits.seccomp,
                    # no PID namespace: _terminate kills the process group, so nothing may leave it
                    "keep_process_group": setup.backend == "none" or (
@@ -406,13 +487,16 @@ class _Run:
                    "drop_to": list(NOBODY) if setup.as_nobody and run_as is None else None,
                    "limits": {"cpu_s": max(1, math.ceil(limits.timeout_s)),
                               "memory_bytes": int(limits.memory_mb) * 2**20,
-                              "nproc": int(limits.max_processes),
+                              "nproc": None if self.cgroup.pids_max else int(limits.max_processes),
                               "fsize_bytes": int(limits.max_file_mb) * 2**20,
                               "nofile": int(limits.max_open_files)}}
+        out_r, out_w = os.pipe()
+        self.output = _Output(out_r)
         pass_fds: tuple[int, ...] = ()
         if serve:
             calls_r, self.calls_w = os.pipe()
             self.replies_r, replies_w = os.pipe()
+            os.set_blocking(self.calls_w, False)
             request.update(calls_in=calls_r, calls_out=replies_w)
             pass_fds = (calls_r, replies_w)
         if setup.backend == "bwrap":
@@ -421,18 +505,14 @@ class _Run:
             command = [*setup.prefix, setup.interpreter, "-I", "-S", str(BOOT_SCRIPT)]
         command = self.cgroup.wrap(command)
         env = {**_ENV, "HOME": workdir, "TMPDIR": workdir}
-        self.out_path = self.base / "output"
         self.started = time.monotonic()
         try:
-            with open(os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-                if run_as is not None:
-                    os.fchown(out.fileno(), run_as, -1)
-                self.proc = subprocess.Popen(
-                    command, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                    env=env, start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                    **({"user": run_as, "group": NOBODY[1], "extra_groups": []} if run_as is not None else {}))
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=out_w, stderr=out_w, cwd=cwd,
+                env=env, start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                **({"user": run_as, "group": NOBODY[1], "extra_groups": []} if run_as is not None else {}))
         finally:
-            for fd in pass_fds:
+            for fd in (*pass_fds, out_w):
                 os.close(fd)
         try:
             self.proc.stdin.write(json.dumps(request).encode("utf-8"))
@@ -448,25 +528,36 @@ class _Run:
         else:
             namespaces = [f.lstrip("-") for f in setup.prefix if f in ("--net", "--pid", "--ipc", "--user")]
             namespaces += ["mount"] if _private_mounts(setup) else []
+        inside = dict(inside)
+        private_root = setup.backend == "bwrap" or bool(inside.pop("private_root", False))
         record = {"backend": setup.backend, "interpreter": setup.interpreter,
-                  "namespaces": namespaces, "private_tmp": setup.backend == "bwrap",
-                  "memory_total_bytes": self.cgroup.memory_bytes,
+                  "namespaces": namespaces, "private_tmp": private_root,
+                  "memory_total_bytes": self.cgroup.memory_bytes, "pids_max": self.cgroup.pids_max,
+                  "cpus": self.cgroup.cpus,
                   "disk_total_bytes": int(self.limits.disk_mb) * 2**20 if setup.backend == "bwrap" else None}
-        record.update(inside)  # unshare: disk_total_bytes where the boot script mounted the tmpfs
+        record.update(inside)  # unshare: disk_total_bytes where the boot script built the root
         if setup.backend == "bwrap" and setup.as_nobody:
             record["uid"] = NOBODY[0]  # the uid outside; inside the user namespace it is the same
         return record
 
     def wait(self, deadline: float) -> bool:
-        """Wait for the process to exit by ``deadline``; False on timeout."""
+        """Wait for the process to exit by ``deadline``, draining its output; False on timeout."""
         try:  # a pidfd wakes up at the exit; Popen.wait(timeout) polls in growing sleeps
             pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
             pidfd = None
-        if pidfd is not None:
-            try:
-                select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
-            finally:
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                watched = [fd for fd in (pidfd, self.output.fd) if fd is not None]
+                if not watched:
+                    break
+                ready, _, _ = select.select(watched, [], [], min(left, 0.05) if pidfd is None else left)
+                if self.output.fd in ready:
+                    self.output.drain()
+                if pidfd in ready or (pidfd is None and self.proc.poll() is not None):
+                    break
+        finally:
+            if pidfd is not None:
                 os.close(pidfd)
         try:
             self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -475,7 +566,7 @@ class _Run:
             return False
 
     def close(self) -> tuple[int | None, float, str]:
-        """Kill everything left, clean up; (returncode, seconds, output tail). Never raises."""
+        """Kill everything left, clean up; (returncode, seconds, output). Never raises."""
         duration = time.monotonic() - self.started
         for fd in (self.calls_w, self.replies_r):
             if fd is not None:
@@ -483,24 +574,18 @@ class _Run:
                     os.close(fd)
                 except OSError:
                     pass
-        returncode, tail = None, ""
+        returncode = None
         try:
             if self.proc is not None:
                 _terminate(self.proc, pid_namespace="--pid" in self.setup.prefix)
                 returncode = self.proc.returncode
-            tail = _read_tail(self.out_path)
+            self.output.drain()  # every writer is dead: what is left, up to the end
         except Exception as exc:  # noqa: BLE001 - one run's debris must not end the batch
             logger.warning("sandbox: cleanup of %s: %s", self.base, exc)
+        self.output.close()
         self.cgroup.remove()
         remove_tree(self.base)
-        return returncode, duration, tail
-
-
-def _read_tail(path: Path) -> str:
-    with open(path, "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, size - 8192))
-        return handle.read().decode("utf-8", "replace")
+        return returncode, duration, self.output.text()
 
 
 def _children(pid: int) -> list[int]:
@@ -633,7 +718,7 @@ class _Channel:
             if not chunk:
                 raise _Broken("failed", "the candidate's process ended")
             self.buffer += chunk
-            if len(self.buffer) > _MAX_REPLY_BYTES:
+            if len(self.buffer) > boot.MAX_REPLY_BYTES:
                 raise _Broken("failed", "the candidate's reply is too large")
         line = bytes(self.buffer[:end])
         del self.buffer[:end + 1]
@@ -657,7 +742,9 @@ class _Channel:
             if ready:
                 try:
                     view = view[os.write(self.run.calls_w, view):]
-                except (BrokenPipeError, OSError):
+                except BlockingIOError:  # the pipe filled between select and write
+                    continue
+                except OSError:
                     raise _Broken("failed", "the candidate's process ended") from None
 
 
