@@ -300,9 +300,9 @@ def cmd_run_cell(overrides, args) -> int:
 
 
 def cmd_prefetch(overrides, args) -> int:
-    from aletheia_hpc.models.prefetch import run
+    from aletheia_hpc.campaign.preflight import run_prefetch
 
-    return run(overrides)
+    return run_prefetch(overrides, say=lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def cmd_aggregate(overrides, args) -> int:

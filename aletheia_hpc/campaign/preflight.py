@@ -9,6 +9,7 @@ tried offline) must exist. Anything missing stops plan and launch before a job i
 input, the cells that read it, the prefetch command, and the disk space prefetch would need beside
 what the cache's file system has free.
 
+The ``prefetch`` verb runs here too (``run_prefetch``): it fetches (models.prefetch) and then checks.
 Jobs of such a cluster run with the hub's offline switches set (``hub_setup_lines``, ``job_environment``),
 so a cell that still reaches for the hub fails at once instead of waiting on a connection. Orchestration
 only: nothing here imports torch or the hub client.
@@ -191,3 +192,54 @@ def plan_warnings(plan) -> list[str]:
     except ConfigError as exc:
         return [f"inputs: not checked here: {exc}"]
     return [f"inputs: {line}" for line in report.splitlines()] if report else []
+
+
+# ------------------------------------------------------------------ the prefetch verb
+
+def transfer_job(overrides: list[str], cluster: ClusterConfig, log_dir: Path) -> list[str]:
+    """The sbatch command that runs this prefetch as one job on ``cluster.transfer_partition`` (and waits for
+    it): the cluster's setup lines and HF_HOME, never the compute nodes' offline switches."""
+    import sys
+
+    from aletheia_hpc.provenance import REPO_ROOT
+
+    # the same code, from the same directory (relative results_dir and data paths mean the same there)
+    lines = [*cluster.setup, *hub_setup_lines(cluster, offline=False), f"cd {shlex.quote(os.getcwd())}",
+             f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}",
+             shlex.join([sys.executable, "-m", "aletheia_hpc.cli", "prefetch", *overrides])]
+    command = ["sbatch", "--wait", "--parsable", f"--partition={cluster.transfer_partition}",
+               "--job-name=aletheia-prefetch", "--nodes=1", "--ntasks=1", f"--output={log_dir}/prefetch-%j.log"]
+    command += [f"--account={cluster.account}"] if cluster.account else []
+    command += [f"--qos={cluster.qos}"] if cluster.qos else []
+    return command + ["--wrap", "\n".join(lines)]
+
+
+def run_prefetch(overrides: list[str], say) -> int:
+    """The ``prefetch`` verb: fetch here (models.prefetch), or as one job on the transfer partition when the
+    profile names one (inside that job, here); then this preflight over what the jobs will read."""
+    import subprocess
+
+    from aletheia_hpc.campaign.matrix import expand
+    from aletheia_hpc.models.prefetch import PrefetchError, prefetch
+
+    plan = expand(overrides)
+    cluster, results_dir = plan.root.cluster, Path(plan.root.results_dir).resolve()
+    if cluster.transfer_partition and not os.environ.get("SLURM_JOB_ID"):
+        log_dir = results_dir / plan.name / "inputs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        command = transfer_job(list(plan.overrides), cluster, log_dir)
+        say(f"prefetch: one job on partition {cluster.transfer_partition}, log {log_dir}/prefetch-<job>.log; "
+            "waiting for it")
+        proc = subprocess.run(command, text=True, stdout=subprocess.PIPE)
+        say(f"prefetch job {proc.stdout.strip()} ended with exit code {proc.returncode}")
+        return proc.returncode
+    try:
+        for path in prefetch(plan.cells, cluster, results_dir, say):
+            say(f"manifest: {path}")
+    except PrefetchError as exc:
+        say(f"error: {exc}")
+        return 1
+    problems = check_inputs(plan.cells, cluster, results_dir)
+    say(preflight_report(plan, problems) if problems else
+        f"preflight: every input of the {len(plan.cells)} cells is where the jobs will read it")
+    return 1 if problems else 0
