@@ -5,7 +5,8 @@ In order: a launch before prefetch runs nothing; prefetch fetches each file once
 pinned manifest; a second prefetch asks the hub for nothing; a connection dropped mid-file is resumed
 (HTTP Range) and a killed prefetch's partial file is never taken as complete; with the hub stopped, a
 cell loads the pinned commit from the cache and trains, its worker under the offline switches. On the
-dev cluster, a campaign whose hub model is not fetched submits nothing and names it.
+dev cluster, a campaign whose hub model is not fetched submits nothing and names it; after prefetch the
+same launch runs with the hub stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from aletheia_hpc.campaign.matrix import expand
-from aletheia_hpc.campaign.preflight import check_inputs, hub_setup_lines, nominal_bytes
+from aletheia_hpc.campaign.preflight import check_inputs, hub_setup_lines, nominal_bytes, plan_warnings
 from aletheia_hpc.config import ClusterConfig, ConfigError, validate_cluster
 from aletheia_hpc.models.prefetch import campaign_inputs, manifest_path
 from aletheia_hpc.provenance import REPO_ROOT
@@ -42,7 +43,8 @@ DROP_AT = 15_000_000
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def tiny_repo(tmp_path_factory) -> Path:
+    """The files of the stand-in's model repo: a tiny llama's weights, config and tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from aletheia_hpc.models.tiny import tiny_config
@@ -53,8 +55,18 @@ def hub(tmp_path_factory):
     config.vocab_size = VOCAB_ROWS
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
+    return source
+
+
+def start_hub(source: Path) -> StandInHub:
     server = StandInHub().start()
     server.add_repo(REPO, source)
+    return server
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_repo):
+    server = start_hub(tiny_repo)
     yield server
     server.stop()
 
@@ -70,11 +82,17 @@ def overrides(site, *extra) -> list[str]:
     return [*CAMPAIGN, f"results_dir={site['results']}", f"cluster.hf_home={site['hf']}", *extra]
 
 
-def cli(hub, *args, timeout=300, wait=True):
-    """The CLI in a fresh process, as an operator runs it: the stand-in's endpoint, none of the suite's
-    offline switches (the compute_offline profile must set them for the jobs itself)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME")}
+def operator_env(base: dict, hub) -> dict:
+    """``base`` as an operator's shell has it: the stand-in's endpoint, none of the suite's offline switches
+    and no HF_HOME (the compute_offline profile must set them for the jobs itself)."""
+    env = {k: v for k, v in base.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME")}
     env.update(HF_ENDPOINT=hub.endpoint, PYTHONPATH=str(REPO_ROOT))
+    return env
+
+
+def cli(hub, *args, base=None, timeout=300, wait=True):
+    """The CLI in a fresh process, as an operator runs it (operator_env of ``base``, default os.environ)."""
+    env = operator_env(os.environ if base is None else base, hub)
     command = [sys.executable, "-m", "aletheia_hpc.cli", *args]
     if not wait:
         return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -207,6 +225,24 @@ def test_the_disk_estimate_is_two_bytes_a_parameter():
     assert nominal_bytes("tiny") is None
 
 
+def test_plan_estimates_the_paper_campaigns_download_once_per_model(tmp_path):
+    plan = expand(["campaign=paper", "cluster=leonardo", f"cluster.hf_home={tmp_path / 'hf'}",
+                   f"results_dir={tmp_path}"])
+    lines = plan_warnings(plan)
+    # 15 distinct hub models, 243 B parameters in all (each counted once, though two are in both parts)
+    disk = next(line for line in lines if "disk:" in line)
+    assert f"about 485.8 GB of model weights (2 bytes per parameter) into {tmp_path / 'hf' / 'hub'}" in disk
+    assert sum(1 for line in lines if "hub model Qwen/Qwen2.5-7B" in line) == 1  # one line for both parts
+    assert lines[-1].startswith(f"inputs: fix: aletheia-hpc prefetch campaign=paper cluster=leonardo")
+
+
+@pytest.mark.parametrize("params, fits", [("135M", True), ("9000T", False)])
+def test_plan_says_when_the_cache_file_system_is_too_small(tmp_path, params, fits):
+    plan = expand([*CAMPAIGN, f"model.params={params}", f"results_dir={tmp_path}", f"cluster.hf_home={tmp_path}"])
+    disk = next(line for line in plan_warnings(plan) if "disk:" in line)
+    assert ("NOT ENOUGH" not in disk) == fits, disk
+
+
 def test_offline_jobs_get_the_switches_and_the_sites_cache():
     lines = hub_setup_lines(ClusterConfig(kind="slurm", compute_offline=True, hf_home="$WORK/hf-cache"))
     assert lines == ['export HF_HOME="$WORK/hf-cache"', "export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"]
@@ -225,13 +261,45 @@ def test_bad_offline_settings_name_the_field(cluster, message):
 
 # ------------------------------------------------------------------ the dev cluster
 
+def screen(title: str, proc) -> None:
+    """What the operator saw of one command, printed for the closing note (pytest -s shows it)."""
+    print(f"$ aletheia-hpc {title}\n{proc.stdout}{proc.stderr}(exit {proc.returncode})\n")
+
+
 @pytest.mark.slurm
-def test_on_the_dev_cluster_a_model_not_fetched_submits_nothing(dev_cluster, tmp_path):
-    ov = [*CAMPAIGN, "cluster=dev", f"results_dir={tmp_path}", f"cluster.hf_home={tmp_path / 'hf'}",
-          "campaign.name=offline_refused"]
-    proc = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
-                          env=dev_cluster.env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert f"hub model {REPO} (tiny-llama): not prefetched" in proc.stderr and "aletheia-hpc prefetch" in proc.stderr
-    assert dev_cluster.run(["squeue", "-h", "-n", "aletheia-offline_refused"]).stdout.strip() == ""
-    assert not (tmp_path / "offline_refused").exists()
+def test_on_the_dev_cluster_offline_launch_refuses_then_runs_after_prefetch(dev_cluster, tiny_repo, tmp_path):
+    """The issue's closing check: with cluster.compute_offline=true, a launch whose hub model is not fetched
+    exits non-zero and queues nothing; after prefetch from the stand-in hub, the same launch, with the hub
+    stopped, runs the cell to a row on the dev cluster."""
+    from tests.test_campaign_slurm import queued, wait_settled
+
+    name = "offline_dev"
+    ov = [*CAMPAIGN, "cluster=dev", f"results_dir={tmp_path}",
+          f"cluster.hf_home={tmp_path / 'hf'}", f"campaign.name={name}", "eval.benchmarks=[gsm8k]", "eval.gsm8k_n=2",
+          "eval.gsm8k_max_new_tokens=4"]
+    job_name = f"aletheia-{name}"
+    hub = start_hub(tiny_repo)
+    try:
+        refused = cli(hub, "launch", *ov, base=dev_cluster.env)
+        screen("launch " + " ".join(ov), refused)
+        assert refused.returncode == 2, refused.stderr
+        assert f"hub model {REPO} (tiny-llama): not prefetched" in refused.stderr
+        assert "fix: aletheia-hpc prefetch campaign=default" in refused.stderr
+        assert queued(dev_cluster, job_name) == [] and not (tmp_path / name).exists()  # nothing submitted or written
+        fetched = cli(hub, "prefetch", *ov, base=dev_cluster.env)
+        screen("prefetch " + " ".join(ov), fetched)
+        assert fetched.returncode == 0, fetched.stderr
+    finally:
+        hub.stop()
+    manifest = json.loads(manifest_path(tmp_path / name).read_text())
+    print(f"$ cat {manifest_path(tmp_path / name)}\n{json.dumps(manifest, indent=1, sort_keys=True)}\n")
+    launched = cli(hub, "launch", *ov, base=dev_cluster.env)  # HF_ENDPOINT: the stopped stand-in
+    screen("launch " + " ".join(ov), launched)
+    assert launched.returncode == 0, launched.stderr
+    st = wait_settled(dev_cluster, job_name, ov, 400)
+    assert st["counts"] == {"done": 1}, st
+    row = json.loads(next((tmp_path / name / "cells").glob("*/row.json")).read_text())
+    assert row["status"] == "ok" and row["model_revision"] == manifest["inputs"][f"model:{REPO}"]["revision"]
+    assert "HF_HUB_OFFLINE is set" in row["eval_source"]["gsm8k"]  # the job's switch, not the suite's
+    print(f"row {row['cell_id']}: status {row['status']}, model_revision {row['model_revision']}, "
+          f"eval_source {row['eval_source']}")

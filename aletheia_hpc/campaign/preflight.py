@@ -101,18 +101,24 @@ def check_inputs(cells: list[CellConfig], cluster: ClusterConfig, results_dir: P
     out = []
     for item in campaign_inputs(cells):
         if item.kind in ("hub_model", "hub_dataset"):
+            # each part has its own manifest; parts that miss the input for the same reason share one line
+            by_reason: dict[str, list[str]] = {}
             for part in item.cells:
                 if part not in manifests:
                     manifests[part] = read_manifest(results_dir / part)["inputs"]
                 entry = manifests[part].get(item.key)
                 if entry is None:
-                    reason = f"not prefetched (no entry in {manifest_path(results_dir / part)})"
+                    reason = "not prefetched (no entry in {manifests})"
                 elif lost := missing_files(entry, cache):
                     reason = (f"prefetched, but {len(lost)} of its files are not in the hub cache {cache}: "
                               f"{', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}")
                 else:
                     continue
-                out.append(Missing(Input(**{**item.__dict__, "cells": {part: item.cells[part]}}), reason))
+                by_reason.setdefault(reason, []).append(part)
+            for reason, parts in by_reason.items():
+                named = ", ".join(str(manifest_path(results_dir / part)) for part in parts)
+                out.append(Missing(Input(**{**item.__dict__, "cells": {p: item.cells[p] for p in parts}}),
+                                   reason.format(manifests=named)))
         elif item.kind == "local_path":
             if not Path(item.path).exists():
                 out.append(Missing(item, "no such file or directory"))
@@ -156,8 +162,10 @@ def preflight_report(plan, missing: list[Missing]) -> str:
         lines.append(f"  {m.input.what}: {m.reason}; needed by {len(ids)} cell(s): {named}")
     need, unknown, free, cache = disk_estimate(missing, cluster)
     if need or unknown:
-        lines.append(f"prefetch would write about {human_bytes(need)} of model weights (2 bytes per parameter)"
-                     + (f" plus {', '.join(unknown)} of unknown size" if unknown else "")
+        lines.append("disk: prefetch would write "
+                     + (f"about {human_bytes(need)} of model weights (2 bytes per parameter)" if need else "")
+                     + (" and " if need and unknown else "")
+                     + (f"{', '.join(unknown)} (size unknown: model.params unset)" if unknown else "")
                      + f" into {cache}, whose file system has {human_bytes(free)} free"
                      + (": NOT ENOUGH, free space or point cluster.hf_home elsewhere" if need > free else ""))
     if any(m.input.kind in ("hub_model", "hub_dataset") for m in missing):
