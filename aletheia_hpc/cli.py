@@ -52,12 +52,15 @@ def _memory_lines(plan) -> tuple[dict[str, str], list[str]]:
 
 
 def cmd_plan(overrides, args) -> int:
+    from aletheia_hpc.campaign.preflight import plan_warnings
     from aletheia_hpc.campaign.service import require_placement
     from aletheia_hpc.campaign.slurm import resource_class
 
     plan = _plan(overrides)
     if args.json:
         print(json.dumps(plan_json(plan), indent=1))
+        for line in plan_warnings(plan):
+            print(line, file=sys.stderr)
         require_placement(plan.cells, plan.root.cluster)  # stderr and exit 2, after the plan
         return 0
     classes = Counter(resource_class(c, plan.root.cluster) for c in plan.cells)
@@ -72,6 +75,8 @@ def cmd_plan(overrides, args) -> int:
               f"seed={cell.seed:<4d} steps={cell.train.steps}  {estimates[cell.cell_id]}")
     for line in warnings:
         print(line, file=sys.stderr)
+    for line in plan_warnings(plan):  # compute_offline: inputs that are not where the jobs will read them
+        print(line)
     _print_plan_stages(plan)
     if args.sbatch:
         _print_sbatch(plan)
@@ -296,6 +301,12 @@ def cmd_run_cell(overrides, args) -> int:
     return 0 if row["status"] == "ok" else 1
 
 
+def cmd_prefetch(overrides, args) -> int:
+    from aletheia_hpc.campaign.preflight import run_prefetch
+
+    return run_prefetch(overrides, say=lambda text: print(text, file=sys.stderr, flush=True))
+
+
 def cmd_aggregate(overrides, args) -> int:
     from aletheia_hpc.aggregate import aggregate_campaign, summary_table
 
@@ -326,6 +337,7 @@ def cmd_aggregate(overrides, args) -> int:
 # verb -> (handler, what it does); `resubmit` is `launch` under the name operators use for a rerun
 VERBS = {
     "plan": (cmd_plan, "expand and validate the campaign, submit nothing"),
+    "prefetch": (cmd_prefetch, "fetch the campaign's hub models and data into the cluster's cache, pinned"),
     "launch": (cmd_launch, "run or submit every cell that is not done and not queued"),
     "status": (cmd_status, "where every cell stands (cell files + one scheduler query)"),
     "resubmit": (cmd_launch, "the same as launch: failed and missing cells (--force, --retry-nan)"),

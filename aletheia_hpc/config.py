@@ -288,6 +288,16 @@ class ClusterConfig:
     # for clusters whose GPUs are declared but not real (the dev cluster): elsewhere such a cell's
     # timings would not compare with its pair's, so it is refused.
     cpu_fallback: bool = False
+    # Compute nodes cannot reach the internet (most academic sites): jobs run with HF_HUB_OFFLINE=1 and
+    # HF_DATASETS_OFFLINE=1, and plan/launch refuse a campaign whose inputs `aletheia-hpc prefetch` has not
+    # put where the jobs will read them (aletheia_hpc/campaign/preflight.py).
+    compute_offline: bool = False
+    # The hub cache every job and prefetch use, on the shared file system (HF_HOME; $VARS are expanded
+    # where it is used); None: the environment's HF_HOME (or ~/.cache/huggingface).
+    hf_home: Optional[str] = None
+    # A partition whose nodes reach the internet (a transfer or serial partition): prefetch then runs
+    # there as one job instead of on the node it is started on. None: prefetch runs where it is started.
+    transfer_partition: Optional[str] = None
     sbatch: SbatchConfig = field(default_factory=SbatchConfig)
 
 
@@ -513,6 +523,16 @@ def validate_cluster(cluster: ClusterConfig) -> None:
         elif name in DISPATCH_OWNED_OPTIONS:
             problems.append(f"cluster.sbatch.extra: {line!r}: --{name} is set by the dispatcher "
                             "(use model.resources or the cluster profile's own field)")
+    if cluster.transfer_partition is not None:
+        if cluster.kind != "slurm":
+            problems.append(f"cluster.transfer_partition={cluster.transfer_partition!r} on cluster {cluster.name!r} of "
+                            f"kind {cluster.kind}: only a SLURM cluster has partitions; unset it to prefetch here")
+        elif not token.match(cluster.transfer_partition):
+            problems.append(f"cluster.transfer_partition={cluster.transfer_partition!r}: one partition name, "
+                            "no spaces or quotes")
+    if cluster.hf_home is not None and (not cluster.hf_home.strip() or "\n" in cluster.hf_home
+                                        or any(q in cluster.hf_home for q in "'\"`")):
+        problems.append(f"cluster.hf_home={cluster.hf_home!r}: one directory path (may use $VARS), no quotes")
     if cluster.kind != "slurm" and (sb != SbatchConfig()):
         problems.append(f"cluster.sbatch is set on cluster {cluster.name!r} of kind {cluster.kind}: only SLURM "
                         "jobs take sbatch options")

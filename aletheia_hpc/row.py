@@ -147,6 +147,9 @@ class Row:
     # the GPU's name; when requeued attempts trained on different hardware, every kind joined by
     # " + " (e.g. "NVIDIA A100 + cpu"), so that aggregation never takes the time for one machine's
     gpu_name: Optional[str] = _f(None, group="provenance")
+    # the hub commit the model's files came from (pinned by prefetch, else the hub's main at load time);
+    # None for local, GGUF and tiny models
+    model_revision: Optional[str] = _f(None, group="provenance")
     git_sha: Optional[str] = _f(None, group="provenance", required=True)
     git_dirty: Optional[bool] = _f(None, group="provenance")
     package_versions: dict = _f({}, group="provenance", csv="json")

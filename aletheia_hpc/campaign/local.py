@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
+from aletheia_hpc.campaign.preflight import job_environment
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, launch_lock_path,
                                          prepare_cell_dir, unique_stamp, worker_command)
 from aletheia_hpc.config import CellConfig, ClusterConfig, ConfigError
@@ -125,6 +126,7 @@ class LocalDispatcher:
         # many times over (a user's own OMP_NUM_THREADS wins).
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        env.update(job_environment(self.cluster))  # the profile's HF_HOME and, compute_offline, no hub
         gpus = GpuPool(visible_gpu_ids() if any(c.model.resources.gpus for c in cells) else [])
         codes: dict[str, int] = {}
         with self._stop_on_signals(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -160,7 +160,7 @@ def expand(overrides: list[str]) -> Plan:
         base = _without(overrides, "campaign")
         for part in campaign.parts:
             cells += expand(base + [f"campaign={part}"]).cells  # each part checks its own cells
-        return Plan(campaign.name, root, cells)
+        return Plan(campaign.name, root, cells, list(overrides))
 
     if not campaign.models:
         raise ConfigError(f"campaign {campaign.name!r} lists no models (campaign.models)")

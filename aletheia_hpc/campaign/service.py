@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aletheia_hpc.campaign.dispatch import Dispatcher, SchedulerView, Submission
 from aletheia_hpc.campaign.matrix import Plan, StagePlan
+from aletheia_hpc.campaign.preflight import require_inputs
 from aletheia_hpc.campaign.state import BUSY, cell_state
 from aletheia_hpc.campaign.store import (cell_logs, cell_path, latest_job, launch_lock_path, move_progress_aside,
                                          move_row_aside, read_progress, record_accounting, row_state,
@@ -199,6 +200,7 @@ class CampaignService:
         (local) repeats that until the study is complete or a stage is held by failed cells."""
         # every cell, before anything (a lock, a snapshot) is written: as plan refuses it, so does launch
         require_placement(self.plan.cells, self.cluster)
+        require_inputs(self.plan)  # compute nodes without internet: every input prefetched, or nothing runs
         force = list(dict.fromkeys(force))
         unknown = [cid for cid in force if cid not in self.by_id]
         if unknown:

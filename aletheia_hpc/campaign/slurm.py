@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
+from aletheia_hpc.campaign.preflight import hub_setup_lines
 from aletheia_hpc.campaign.state import ACTIVE
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, campaign_dir,
                                          prepare_cell_dir, worker_command)
@@ -122,7 +123,7 @@ def executor_parameters(cls: ResourceClass, cluster: ClusterConfig, snapshot: Pa
         "job_name": job_name, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": cls.cpus,
         "mem": f"{cls.mem_gb}GB", "time": cls.time_min, "signal_delay_s": cluster.signal_delay_s,
         "array_parallelism": cluster.array_parallelism, "stderr_to_stdout": True,
-        "setup": [*cluster.setup, f"export PYTHONPATH={shlex.quote(str(snapshot))}",
+        "setup": [*cluster.setup, *hub_setup_lines(cluster), f"export PYTHONPATH={shlex.quote(str(snapshot))}",
                   f"cd {shlex.quote(str(snapshot))}"],
         "additional_parameters": {"requeue": True, **sbatch_extra_parameters(cluster.sbatch)},
     }

@@ -113,10 +113,10 @@ def model_directory(model_cfg: ModelConfig) -> str:
     return model_cfg.path
 
 
-def _from_pretrained(source: str, model_cfg: ModelConfig, device: torch.device):
+def _from_pretrained(source: str, model_cfg: ModelConfig, device: torch.device, revision: str | None = None):
     device_map, max_memory = device_placement(model_cfg, device)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[model_cfg.precision], device_map=device_map,
-                                                 max_memory=max_memory,
+                                                 max_memory=max_memory, revision=revision,
                                                  quantization_config=quantization_config(model_cfg))
     if experts_layout(model_cfg.quantization) == PER_EXPERT:
         split_fused_experts(model, quantization_config(model_cfg))
@@ -127,9 +127,11 @@ def _from_pretrained(source: str, model_cfg: ModelConfig, device: torch.device):
     return model
 
 
-def load_model(model_cfg: ModelConfig, device: torch.device):
+def load_model(model_cfg: ModelConfig, device: torch.device, revision: str | None = None):
     """(model, tokenizer) in the config's precision and quantization, placed on ``device`` (or over
-    the cell's GPUs); the tokenizer has a pad token."""
+    the cell's GPUs); the tokenizer has a pad token. ``revision``: the hub commit of a hub model (the
+    one prefetch pinned, models.prefetch.pinned_revision; None: the hub's main). Offline
+    (HF_HUB_OFFLINE=1) the files come from the hub cache, where prefetch put them."""
     if model_cfg.kind == "tiny":
         from aletheia_hpc.models.tiny import build_tiny_model
         from aletheia_hpc.models.tokenizer import tiny_tokenizer
@@ -147,8 +149,9 @@ def load_model(model_cfg: ModelConfig, device: torch.device):
             model = model.to(device=device, dtype=DTYPES[model_cfg.precision])
     else:
         source = model_directory(model_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = _from_pretrained(source, model_cfg, device)
+        revision = revision if model_cfg.kind == "hub" else None
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = _from_pretrained(source, model_cfg, device, revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_cfg.num_layers != getattr(model.config, "num_hidden_layers", model_cfg.num_layers):
@@ -156,3 +159,14 @@ def load_model(model_cfg: ModelConfig, device: torch.device):
                            f"but the loaded model has {model.config.num_hidden_layers}; fix the model config")
     model.config.use_cache = False
     return model, tokenizer
+
+
+def loaded_revision(model_cfg: ModelConfig, revision: str | None = None) -> str | None:
+    """The hub commit a hub model loaded with ``revision`` came from: the snapshot of the hub cache its
+    config.json was read from (None for other kinds, or when it is not cached)."""
+    if model_cfg.kind != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_cfg.path, "config.json", revision=revision or "main")
+    return Path(path).parent.name if isinstance(path, str) else None

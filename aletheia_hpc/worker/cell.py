@@ -152,7 +152,7 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
         selections[arm.arm] = choose_layers(model, cell, arm.recipe, train_examples, collator, family, prepare)
         # a fresh load per arm (quantized weights cannot be deep-copied); the last arm takes the
         # model the probes ran on
-        arm_model = model if i == len(timing.arms) - 1 else load_model(m, device)[0]
+        arm_model = model if i == len(timing.arms) - 1 else load_model(m, device, row.model_revision)[0]
         peft_model = apply_lora(arm_model, family, selections[arm.arm].layers, lora_ranks(arm.recipe))
         if prepare is not None:
             prepare(peft_model)
@@ -203,8 +203,9 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     """Fill ``row`` in place; raises NonFiniteLoss / StopForRequeue / anything else on failure."""
     from aletheia_hpc.data.instructions import PadCollator, load_records, split_records, tokenize_records
     from aletheia_hpc.method import apply_lora, enable_selective_checkpointing, get_family
-    from aletheia_hpc.models.loading import load_model, resolve_device
+    from aletheia_hpc.models.loading import load_model, loaded_revision, resolve_device
     from aletheia_hpc.models.moe_experts import experts_in, family_for
+    from aletheia_hpc.models.prefetch import pinned_revision
     from aletheia_hpc.worker.training import train_cell
 
     m, r = cell.model, cell.recipe
@@ -223,9 +224,11 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
     row.device = device.type
     row.gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
-    model, tokenizer = load_model(m, device)
+    revision = pinned_revision(work_dir.parent.parent, m.path) if m.kind == "hub" else None
+    model, tokenizer = load_model(m, device, revision)
     row.model_load_time_s = time.perf_counter() - t0
     row.experts = experts_in(model)
+    row.model_revision = loaded_revision(m, revision)
 
     records = load_records(cell.data.source, cell.data.builtin_size)
     train_records, held_out = split_records(records, cell.data.eval_size, cell.data.split_seed)
