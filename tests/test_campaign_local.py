@@ -90,6 +90,9 @@ def test_launch_reruns_a_failed_cell_and_keeps_its_old_row(tmp_path):
     first = subprocess.run([sys.executable, "-m", "aletheia_hpc.cli", "launch", *ov], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=600)
     assert first.returncode == 1 and "failed" in first.stdout, first.stderr[-2000:]
+    # one line per finished cell, with the launch's ETA
+    assert "finished (exit " in first.stderr and "finished (ok): tiny-llama / aletheia / seed 42" in first.stderr
+    assert "2 of 2 cells done in " in first.stderr and "ETA 0.0 min" in first.stderr
     cells = {json.loads(p.read_text())["recipe"]: p.parent for p in (tmp_path / "default" / "cells").glob("*/row.json")}
     failed_dir = cells["standard"]
     assert json.loads((failed_dir / "row.json").read_text())["status"] == "failed"

@@ -47,18 +47,40 @@ def test_paper_models_match_the_papers_layer_counts():
 
 
 CAMPAIGN_CELLS = {"paper_c1": 60 + 10, "paper_c2": 51 + 7, "paper": 70 + 58, "smoke": 12, "default": 2,
-                  "demo": 7, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4,
+                  "demo": 7 + 1, "demo_full": 7 + 1, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4,
                   "cost_aware_demo": 4 * 3 + 1,
                   # staged studies: stage 1 only (the scan arms); later stages follow from its rows
                   "autoresearch": 8 + 1, "autoresearch_demo": 6 + 1}
 
 
-@pytest.mark.parametrize("campaign", option_names("campaign"))
+# composing a matrix of 50+ cells takes 20-60 s on 2 busy cores: those are slow tests
+@pytest.mark.parametrize("campaign", [pytest.param(c, marks=pytest.mark.slow) if CAMPAIGN_CELLS.get(c, 0) > 50 else c
+                                      for c in option_names("campaign")])
 def test_every_shipped_campaign_expands_and_validates(campaign):
     assert campaign in CAMPAIGN_CELLS, f"campaigns/{campaign}.yaml: add its cell count here"
     plan = expand([f"campaign={campaign}"])
     assert len(plan.cells) == CAMPAIGN_CELLS[campaign]
     assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
+
+
+def test_the_demo_measures_forgetting_above_chance_and_times_paired():
+    from aletheia_hpc.evaluation.benchmarks import REGISTRY
+
+    demo, full = expand(["campaign=demo"]).cells, expand(["campaign=demo_full"]).cells
+    (timing,) = [c for c in demo if c.timing is not None]
+    assert [a.arm for a in timing.timing.arms] == ["standard", "aletheia"]
+    trained = [c for c in demo if c.trains]
+    assert sorted((c.recipe.name, c.seed) for c in trained) == sorted(
+        (r, s) for r in ("standard", "aletheia") for s in (42, 123, 999))
+    settings = demo[0].eval
+    forgetting = [b for b in settings.benchmarks if REGISTRY[b].module == "choice"]
+    assert forgetting and "task" in settings.benchmarks
+    assert not {"mmlu", "gsm8k"} & set(settings.benchmarks)  # at chance for a 135M model: demo_full
+    for name in forgetting:  # enough questions for the paired test to see a few points
+        assert getattr(settings, f"{name}_n") >= 500, name
+    assert {"mmlu", "gsm8k", *forgetting} <= set(full[0].eval.benchmarks)
+    assert full[0].eval.mmlu_shots == 5 and full[0].eval.mmlu_n == 200
+    assert [(c.model, c.train, c.data) for c in full] == [(c.model, c.train, c.data) for c in demo]
 
 
 def test_cost_aware_demo_times_its_four_arms_paired_at_the_demos_size():

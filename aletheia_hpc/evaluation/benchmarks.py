@@ -25,6 +25,7 @@ class Benchmark:
     module: str  # aletheia_hpc.evaluation.<module> defines run(context)
     chance: float | None = 0.0  # accuracy of a uniform guess (0: a generated answer is rarely right by luck)
     held_out: bool = False  # scores the cell's own held-out instruction records
+    extra_fields: tuple[str, ...] = ()  # further row fields it writes (None when it did not run)
 
     def runner(self) -> Callable[["BenchmarkContext"], "BenchmarkResult"]:
         return importlib.import_module(f"aletheia_hpc.evaluation.{self.module}").run
@@ -40,6 +41,7 @@ class BenchmarkContext:
     common: dict  # batch_size, device, max_length, progress
     held_out: list[dict] | None = None  # the cell's held-out instruction records
     template: str = "alpaca"
+    benchmark: str = ""  # the registry name being run (one module may serve several benchmarks)
 
 
 @dataclass
@@ -52,25 +54,37 @@ class BenchmarkResult:
     fields: dict = field(default_factory=dict)  # further row fields (e.g. humaneval_sandbox)
 
 
+def _choice(name: str, label: str, choices: int) -> Benchmark:
+    """A multiple-choice set scored by log-likelihood (module ``choice``): acc is the row's score,
+    acc_norm (length-normalised, as lm-evaluation-harness defines it) a further field."""
+    return Benchmark(name, label, f"{name}_acc", f"{name}_n", "choice", chance=1 / choices,
+                     extra_fields=(f"{name}_acc_norm",))
+
+
 REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("mmlu", "MMLU", "mmlu_acc", "mmlu_n", "mmlu", chance=0.25),
     Benchmark("gsm8k", "GSM8K", "gsm8k_acc", "gsm8k_n", "gsm8k"),
-    Benchmark("humaneval", "HumanEval", "humaneval_pass1", "humaneval_n", "humaneval"),
+    Benchmark("humaneval", "HumanEval", "humaneval_pass1", "humaneval_n", "humaneval",
+              extra_fields=("humaneval_sandbox",)),
     Benchmark("task", "Held-out task accuracy", "task_acc", "task_n", "task", held_out=True),
+    _choice("arc_easy", "ARC-Easy", 4),
+    _choice("arc_challenge", "ARC-Challenge", 4),
+    _choice("piqa", "PIQA", 2),
+    _choice("sciq", "SciQ", 4),
+    _choice("hellaswag", "HellaSwag", 4),
 )}
 BENCHMARK_NAMES = tuple(REGISTRY)
+CHOICE_BENCHMARKS = tuple(b.name for b in REGISTRY.values() if b.module == "choice")
 SAMPLES_DIR = "samples"  # <cell dir>/samples/<benchmark>.jsonl: one JSON object per question
 SCORE_FIELDS = {b.name: b.score_field for b in REGISTRY.values()}
-# further row fields a benchmark writes (besides score and n); None when it did not run
-EXTRA_FIELDS = ("humaneval_sandbox",)
 
 
 def row_fields() -> tuple[str, ...]:
-    """Every per-benchmark row field, in registry order."""
+    """Every per-benchmark row field, in registry order: score and count, then the further ones."""
     out: list[str] = []
     for b in REGISTRY.values():
         out += [b.score_field, b.n_field]
-    return (*out, *EXTRA_FIELDS)
+    return (*out, *(f for b in REGISTRY.values() for f in b.extra_fields))
 
 
 def samples_path(cell_dir, name: str):

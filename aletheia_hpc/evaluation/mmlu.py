@@ -17,24 +17,21 @@ Prompt (k-shot prefix, then the question)::
     Answer:
 
 The model's choice is the letter whose continuation (" A", " B", " C", " D") has the highest
-log-likelihood. With tokenizers that encode each continuation as one token (all the usual ones)
-one forward pass over the prompt scores all four letters; a continuation of k>1 tokens is scored
-from one extra row (prompt + its first k-1 tokens), so any tokenizer is handled exactly.
+log-likelihood, scored by :func:`aletheia_hpc.evaluation.choice.score_pairs`: with tokenizers that
+encode each letter as one token (all the usual ones) one forward pass over the prompt scores all
+four; a continuation of k>1 tokens is scored from one extra row (prompt + its first k-1 tokens).
+Over-long prompts keep their end (the question, not the shots).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-from tqdm.auto import tqdm
-
 from aletheia_hpc.evaluation.benchmarks import BenchmarkContext, BenchmarkResult
+from aletheia_hpc.evaluation.choice import score_pairs
 from aletheia_hpc.evaluation.data import LETTERS, MCQuestion, load_eval_data, record_id
-from aletheia_hpc.evaluation.generation import (batches_longest_first, context_limit,
-                                                encode_prompts, forward_last_logprobs,
-                                                model_device, pad_token_id)
-from aletheia_hpc.evaluation.scoring import choose, continuation_logprob
+from aletheia_hpc.evaluation.generation import encode_prompts, pad_token_id
+from aletheia_hpc.evaluation.scoring import choose
 
 HEADER = "The following are multiple choice questions (with answers).\n\n"
 
@@ -59,46 +56,16 @@ def letter_continuations(tokenizer) -> list[list[int]]:
     return conts
 
 
-@torch.inference_mode()
 def score_questions(model, tokenizer, questions: Sequence[MCQuestion],
                     shots: Sequence[MCQuestion] = (), *, batch_size: int = 8, device=None,
                     max_length: int = 0, progress: bool = True) -> list[list[float]]:
     """Log-likelihood of each letter A-D for each question: a [len(questions)][4] list."""
-    device = device or model_device(model)
-    pad_id = pad_token_id(tokenizer)
     conts = letter_continuations(tokenizer)
-    longest = max(len(c) for c in conts)
-    limit = context_limit(model, max_length)
     prompts = encode_prompts(tokenizer, [build_prompt(q, shots) for q in questions])
-    if limit is not None:  # keep the end of over-long prompts (the question, not the shots)
-        prompts = [p[-(limit - longest + 1):] for p in prompts]
-
-    # One row per distinct sequence "prompt + continuation[:-1]"; single-token letters share the
-    # prompt row. uses[row] = [(question, letter), ...] scored from that row.
-    rows: list[list[int]] = []
-    uses: list[list[tuple[int, int]]] = []
-    for qi, prompt in enumerate(prompts):
-        seen: dict[tuple[int, ...], int] = {}
-        for li, cont in enumerate(conts):
-            key = tuple(cont[:-1])
-            if key not in seen:
-                seen[key] = len(rows)
-                rows.append(prompt + cont[:-1])
-                uses.append([])
-            uses[seen[key]].append((qi, li))
-
-    scores = [[float("-inf")] * len(LETTERS) for _ in questions]
-    bar = tqdm(total=len(rows), desc="mmlu", unit="seq", disable=not progress, dynamic_ncols=True)
-    for batch in batches_longest_first([len(r) for r in rows], batch_size):
-        keep = max(len(conts[li]) for ri in batch for _, li in uses[ri])
-        logprobs = forward_last_logprobs(model, [rows[ri] for ri in batch], keep, pad_id, device)
-        for b, ri in enumerate(batch):
-            for qi, li in uses[ri]:
-                k = len(conts[li])
-                scores[qi][li] = continuation_logprob(logprobs[b, keep - k:], conts[li])
-        bar.update(len(batch))
-    bar.close()
-    return scores
+    pairs = [(prompt, cont) for prompt in prompts for cont in conts]
+    flat = score_pairs(model, pairs, pad_token_id(tokenizer), batch_size=batch_size, device=device,
+                       max_length=max_length, progress=progress, desc="mmlu")
+    return [flat[i:i + len(LETTERS)] for i in range(0, len(flat), len(LETTERS))]
 
 
 def evaluate(model, tokenizer, questions: Sequence[MCQuestion], shots: Sequence[MCQuestion] = (),

