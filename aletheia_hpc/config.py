@@ -108,7 +108,7 @@ DROP_GUIDANCE = ("probe", "uniform")  # aletheia_hpc.method.drop_backward.GUIDAN
 class DropConfig:
     """Backward dropping (aletheia_hpc/method/drop_backward.py): each step detaches sublayers of the
     adapted layers at per-layer rates scaled so that the sublayer step-cost model predicts
-    ``target_speedup``; docs/speed_quality.md has the rule."""
+    ``target_speedup``; docs/drop_backward.md has the rule."""
     target_speedup: float = 0.0  # 0: no dropping
     rates: str = "probe"  # probe (a low probe score drops more) | uniform
     min_keep: float = 0.1  # least keep probability of any adapted layer

@@ -3,7 +3,7 @@ the adapted layers, so that backward skips them and the residual stream carries 
 (DropBP, NeurIPS 2024). A dropped sublayer's forward is unchanged; its adapters get no gradient
 that step, and AdamW leaves them alone (their gradient is None).
 
-The rule (docs/speed_quality.md writes it out with an example):
+The rule (docs/drop_backward.md writes it out):
 
 * every adapted layer ``l`` gets one keep probability ``q_l``, shared by its attention and MLP;
   ``q_l = clip(kappa * w_l, min_keep, 1)`` with ``w_l = s_l / mean(s over the adapted layers)``
