@@ -103,6 +103,20 @@ class CostConfig:
     target_speedup: float = 1.5  # cost_aware: least predicted step-time ratio all-layer LoRA / selection
 
 
+DROP_GUIDANCE = ("probe", "uniform")  # aletheia_hpc.method.drop_backward.GUIDANCE, listed here without torch
+
+
+@dataclass
+class DropConfig:
+    """Backward dropping (aletheia_hpc/method/drop_backward.py): each step detaches sublayers of the
+    adapted layers at per-layer rates scaled so that the sublayer step-cost model predicts
+    ``target_speedup``; docs/drop_backward.md has the rule."""
+    target_speedup: float = 0.0  # 0: no dropping
+    rates: str = "probe"  # probe (a low probe score drops more) | uniform
+    min_keep: float = 0.1  # least keep probability of any adapted layer
+    warmup_steps: int = 0  # optimizer steps at the start that drop nothing
+
+
 @dataclass
 class RecipeConfig:
     name: str = MISSING
@@ -116,6 +130,11 @@ class RecipeConfig:
     dropout: float = 0.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    drop: DropConfig = field(default_factory=DropConfig)
+
+    @property
+    def drops_backward(self) -> bool:
+        return self.drop.target_speedup > 0
 
     @property
     def evaluates_only(self) -> bool:
@@ -158,6 +177,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     scheduler: str = "cosine"
     checkpoint_every: int = 50  # optimizer steps between checkpoints (0: only on preemption)
+    # held-out loss every this many optimizer steps (and at step 0 and the last), with the training
+    # time up to it: the cell's learning curve (row.curve); 0: the final held-out loss only
+    eval_every: int = 0
     # experiment tracking of the Trainer's logs, run name = cell id, files in the cell's tracking/
     # directory (wandb offline): none | tensorboard | wandb | mlflow. Not part of the cell's identity.
     report_to: str = "none"
@@ -396,6 +418,11 @@ class CellConfig:
         return not self.recipe.evaluates_only and self.timing is None
 
     @property
+    def learning_rate(self) -> float:
+        """The one learning-rate rule: train.lr, or the model's lr when it is None."""
+        return self.train.lr if self.train.lr is not None else self.model.lr
+
+    @property
     def arm(self) -> str:
         """The arm this cell belongs to: ``recipe`` or ``recipe@variant`` (aletheia_hpc.row.arm_name)."""
         return arm_name(self.recipe.name, self.variant)
@@ -419,8 +446,12 @@ class CellConfig:
         # settings that cannot change this cell's result stay out, so that adding such a field keeps
         # every earlier cell's id (and its finished row): the cost model only times steps and restores
         # the model unless it chooses the layers; a benchmark's settings matter only when it runs
-        if self.recipe.layers != "cost_aware":
+        if self.recipe.layers != "cost_aware" and not self.recipe.drops_backward:
             ident["recipe"].pop("cost")
+        if not self.recipe.drops_backward:  # fields added later stay out at their defaults
+            ident["recipe"].pop("drop")
+        if not self.train.eval_every:
+            ident["train"].pop("eval_every")
         if self.recipe.modules == "all":  # the default, as before the field existed
             ident["recipe"].pop("modules")
         if "task" not in self.eval.benchmarks:
@@ -523,13 +554,32 @@ def validate_cell(cell: CellConfig) -> None:
         if not c.target_speedup >= 1.0:
             problems.append(f"recipe.cost.target_speedup={c.target_speedup}: must be >= 1.0 (the predicted "
                             "step-time ratio of all-layer LoRA to the selection; 1.0 gives aletheia's choice)")
+    dr = r.drop
+    if r.drops_backward:
+        if not r.probes or c.calibration_steps == 0:
+            problems.append("recipe.drop.target_speedup > 0 needs the probe and a calibrated step-cost model: set "
+                            "recipe.layers to a selection (top with layer_pct=100 adapts every layer) and "
+                            "recipe.cost.calibration_steps >= 1")
+        if dr.target_speedup < 1.0:
+            problems.append(f"recipe.drop.target_speedup={dr.target_speedup}: use 0 (no dropping) or >= 1.0")
+        if dr.rates not in DROP_GUIDANCE:
+            problems.append(f"recipe.drop.rates={dr.rates!r}: use one of {DROP_GUIDANCE}")
+        if not 0 < dr.min_keep <= 1:
+            problems.append(f"recipe.drop.min_keep={dr.min_keep}: must be in (0, 1]")
+        if dr.warmup_steps < 0:
+            problems.append(f"recipe.drop.warmup_steps={dr.warmup_steps}: must be >= 0")
+    elif dr.target_speedup < 0:
+        problems.append(f"recipe.drop.target_speedup={dr.target_speedup}: use 0 (no dropping) or >= 1.0")
+    if t.eval_every < 0:
+        problems.append(f"train.eval_every={t.eval_every}: use 0 (final held-out loss only) or a positive "
+                        "number of optimizer steps")
     if t.steps <= 0:
         problems.append(f"train.steps={t.steps}: must be > 0")
     if t.grad_accum <= 0:
         problems.append(f"train.grad_accum={t.grad_accum}: must be > 0")
     if t.warmup_steps < 0:
         problems.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
-    if (t.lr if t.lr is not None else m.lr) <= 0:
+    if cell.learning_rate <= 0:
         problems.append("train.lr (or model.lr): must be > 0")
     if t.scheduler not in SCHEDULERS:
         problems.append(f"train.scheduler={t.scheduler!r}: use one of {SCHEDULERS}")

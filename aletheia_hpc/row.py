@@ -103,8 +103,12 @@ class Row:
     # layers whose output received an activation gradient in the first training step; more than
     # num_layers - min(selected_layers): backward ran below the lowest adapted layer (the cell warned)
     backward_layers: Optional[int] = _f(None, group="method")
+    # backward dropping (recipe drop_backward): drop probability per layer (None: not adapted), and
+    # the share of adapted sublayers the masks of the trained steps dropped (realised)
+    drop_rates: Optional[list] = _f(None, group="method", csv="json")
+    dropped_fraction: Optional[float] = _f(None, group="method")
     # a paired timing cell's (recipe paired_timing) measurement, per arm of the model:
-    # {arm: {layers, predicted_speedup, step_times_s (one per timed round, rounds paired across
+    # {arm: {layers, predicted_speedup, predicted_step_time_s, step_times_s (one per timed round, rounds paired across
     # arms), median_step_s, ratio_vs_standard (median standard step / median arm step)}}
     paired_timing: Optional[dict] = _f(None, group="method", csv=None)
     # ----------------------------------------------------------------------------- training
@@ -117,6 +121,9 @@ class Row:
     step_times_s: list = _f([], group="training", csv=None)  # per optimizer step
     final_train_loss: Optional[float] = _f(None, group="training", required=True)
     eval_loss: Optional[float] = _f(None, group="training", required=True)  # held-out loss
+    # the learning curve (train.eval_every > 0): [{step, train_time_s, eval_loss}], from step 0;
+    # train_time_s sums the step times up to that step (evaluation not included)
+    curve: list = _f([], group="training", csv=None)
     attempts: Optional[int] = _f(None, group="training")
     # what went wrong and was recovered from (e.g. a damaged checkpoint set aside), one text each
     warnings: list = _f([], group="training", csv=None)

@@ -48,7 +48,8 @@ def test_paper_models_match_the_papers_layer_counts():
 
 CAMPAIGN_CELLS = {"paper_c1": 60 + 10, "paper_c2": 51 + 7, "paper": 70 + 58, "smoke": 12, "default": 2,
                   "demo": 7 + 1, "demo_full": 7 + 1, "referee": 10 * 6 * 3 + 10, "referee_demo": 6 * 3 + 1, "closeout": 12 + 18 + 4,
-                  "cost_aware_demo": 4 * 3 + 1,
+                  "cost_aware_demo": 4 * 3 + 1, "speed_quality_demo": 4 * 3 + 1, "speed_quality_demo_h200": 4 * 3 + 1,
+                  "speed_quality": 10 * 4 * 3 + 10,
                   # staged studies: stage 1 only (the scan arms); later stages follow from its rows
                   "autoresearch": 8 + 1, "autoresearch_demo": 6 + 1}
 

@@ -28,11 +28,13 @@ REQUEUE_EXIT_CODE = 3  # a worker that checkpointed on request and must run agai
 NAN_EXIT_CODE = 4  # a cell that stopped on a non-finite loss (its nan_abort row is written)
 SNAPSHOT_DIRS = ("aletheia_hpc", "conf", "campaigns")
 # What a cell's attempts leave for the next one (the worker writes them; a rerun from scratch sets
-# them aside): Trainer checkpoints, the times of the steps they hold, one record per attempt.
+# them aside): Trainer checkpoints, the times of the steps they hold, one record per attempt, the
+# backward-drop plan the first attempt chose (a resumed attempt replays its masks).
 CHECKPOINT_DIR = "checkpoints"
 PROGRESS_FILE = "progress.json"
 ATTEMPTS_FILE = "attempts.json"
-PROGRESS_FILES = (CHECKPOINT_DIR, PROGRESS_FILE, ATTEMPTS_FILE)
+DROP_PLAN_FILE = "drop_plan.json"
+PROGRESS_FILES = (CHECKPOINT_DIR, PROGRESS_FILE, ATTEMPTS_FILE, DROP_PLAN_FILE)
 
 
 def unique_stamp() -> str:

@@ -35,14 +35,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
+from aletheia_hpc.method.drop_backward import BackwardDropper
 from aletheia_hpc.method.families import FamilySpec, family_of, num_layers
 from aletheia_hpc.method.lora import LoraRanks, apply_lora
 from aletheia_hpc.method.probe import causal_lm_inputs, restored_grad_state
+from aletheia_hpc.method.step import lora_optimizer, lora_step
 from aletheia_hpc.method.timing import time_interleaved
 
 
@@ -93,24 +95,121 @@ class StepCostModel:
         machine where one term is negligible can push its estimate just below zero)."""
         if len(times) < 3:
             raise ValueError(f"need step times of at least 3 layer sets, got {len(times)}")
-        rows, seconds = [], []
-        for layers, t in times.items():
-            layers = sorted(set(layers))
-            rows.append([1.0, float(num_layers - layers[0]), float(len(layers))])
-            seconds.append([float(t)])
-        design, target = torch.tensor(rows, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
-        if int(torch.linalg.matrix_rank(design)) < 3:
-            raise ValueError("the calibration layer sets do not separate fixed, backward and adapter costs")
-        active = [0, 1, 2]
-        while True:  # non-negative least squares on three unknowns: drop a negative term and refit
-            coef = torch.linalg.lstsq(design[:, active], target).solution.flatten().tolist()
-            if min(coef) >= 0 or len(active) == 1:
-                break
-            active.pop(coef.index(min(coef)))
-        full = [0.0, 0.0, 0.0]
-        for index, value in zip(active, coef):
-            full[index] = max(value, 0.0)
+        rows = [[1.0, float(num_layers - min(layers)), float(len(set(layers)))] for layers in times]
+        full = _nonnegative_fit(rows, list(times.values()),
+                                "the calibration layer sets do not separate fixed, backward and adapter costs")
         return cls(num_layers, full[0], full[1], full[2], calibration_s)
+
+
+# the sublayer model's coefficients, in the order of sublayer_counts' columns
+SUBLAYER_COEFFICIENTS = ("fixed_s", "backward_attention_s", "backward_mlp_s", "adapter_layer_s",
+                         "adapter_attention_s", "adapter_mlp_s")
+
+
+def sublayer_counts(num_layers: int, layers: Sequence[int], keep: Mapping[tuple[int, str], float] | None = None
+                    ) -> list[float]:
+    """Expected counts of each SublayerCostModel term (SUBLAYER_COEFFICIENTS' order) with adapters on
+    ``layers`` and sublayer (layer, "attention" | "mlp") kept with probability ``keep`` (default 1;
+    0 or 1 for a fixed mask), masks drawn independently. Backward runs through a kept sublayer when
+    it is adapted, or when some adapted sublayer below it (attention comes before MLP in a layer)
+    is kept; the adapters' forward is paid in every adapted layer, their gradients and update only
+    in kept sublayers."""
+    adapted, keep = set(layers), keep or {}
+    counts = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    none_kept_below = 1.0  # probability that no adapted sublayer below the current one is kept
+    for layer in range(num_layers):
+        for column, kind in enumerate(("attention", "mlp")):
+            q = float(keep.get((layer, kind), 1.0))
+            if layer in adapted:
+                counts[1 + column] += q
+                counts[4 + column] += q
+                none_kept_below *= 1.0 - q
+            else:
+                counts[1 + column] += q * (1.0 - none_kept_below)
+        counts[3] += layer in adapted
+    return counts
+
+
+@dataclass(frozen=True)
+class SublayerCostModel:
+    """The step-cost model at sublayer grain, for backward dropping (method/drop_backward.py):
+
+        T = fixed_s + sum over sublayers backward runs through of backward_<kind>_s
+            + adapted layers x adapter_layer_s (the adapters' forward)
+            + sum over kept adapted sublayers of adapter_<kind>_s (their gradients and update)
+
+    in expectation over the drop masks (:func:`sublayer_counts`). Without dropping it is the layer
+    model: backward_layer_s = backward_attention_s + backward_mlp_s, adapter_layer_s of the layer
+    model = adapter_layer_s + adapter_attention_s + adapter_mlp_s here."""
+    num_layers: int
+    fixed_s: float
+    backward_attention_s: float
+    backward_mlp_s: float
+    adapter_layer_s: float
+    adapter_attention_s: float
+    adapter_mlp_s: float
+    calibration_s: float = 0.0
+
+    def expected_step_time(self, layers: Sequence[int], keep: Mapping[tuple[int, str], float] | None = None
+                           ) -> float:
+        """Predicted mean seconds per step with adapters on ``layers`` and sublayers kept with
+        probability ``keep`` ((layer, kind) -> probability; missing: always kept)."""
+        layers = sorted(set(layers))
+        if not layers or layers[0] < 0 or layers[-1] >= self.num_layers:
+            raise ValueError(f"layers {layers} outside 0..{self.num_layers - 1}")
+        counts = sublayer_counts(self.num_layers, layers, keep)
+        return sum(n * getattr(self, name) for n, name in zip(counts, SUBLAYER_COEFFICIENTS))
+
+    def step_time(self, layers: Sequence[int]) -> float:
+        return self.expected_step_time(layers)
+
+    def speedup(self, layers: Sequence[int], keep: Mapping[tuple[int, str], float] | None = None) -> float:
+        """Predicted step-time ratio of all-layer LoRA without dropping to ``layers`` with ``keep``."""
+        return self.step_time(range(self.num_layers)) / self.expected_step_time(layers, keep)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def fit(cls, num_layers: int, times: Mapping[tuple[tuple[int, ...], frozenset], float],
+            calibration_s: float = 0.0) -> "SublayerCostModel":
+        """Non-negative least squares on measured step times of (layers, dropped sublayers) placements."""
+        rows = [sublayer_counts(num_layers, layers, dict.fromkeys(dropped, 0.0)) for layers, dropped in times]
+        full = _nonnegative_fit(rows, list(times.values()),
+                                "the calibration placements do not separate the sublayer costs")
+        return cls(num_layers, *full, calibration_s=calibration_s)
+
+
+def sublayer_calibration_placements(num_layers: int) -> list[tuple[tuple[int, ...], frozenset]]:
+    """What the sublayer calibration times, as (adapted layers, dropped sublayers): the three layer
+    placements; all layers with every attention dropped, and with every MLP dropped (they separate
+    the two kinds' adapter and backward costs); the bottom layer alone with the attention of every
+    other layer dropped (it separates backward through a frozen attention from its adapters)."""
+    everything = tuple(range(num_layers))
+    return ([(layers, frozenset()) for layers in calibration_layer_sets(num_layers)]
+            + [(everything, frozenset((l, kind) for l in everything)) for kind in ("attention", "mlp")]
+            + [((0,), frozenset((l, "attention") for l in range(1, num_layers)))])
+
+
+def _nonnegative_fit(rows: list[list[float]], seconds: Sequence[float], unseparated: str) -> list[float]:
+    """Least squares of ``seconds`` on the design ``rows``, every coefficient kept >= 0 (noise on a
+    machine where one term is negligible can push its estimate just below zero): a negative term is
+    dropped and the rest refitted."""
+    design = torch.tensor(rows, dtype=torch.float64)
+    target = torch.tensor([[float(t)] for t in seconds], dtype=torch.float64)
+    width = design.shape[1]
+    if int(torch.linalg.matrix_rank(design)) < width:
+        raise ValueError(unseparated)
+    active = list(range(width))
+    while True:
+        coef = torch.linalg.lstsq(design[:, active], target).solution.flatten().tolist()
+        if min(coef) >= 0 or len(active) == 1:
+            break
+        active.pop(coef.index(min(coef)))
+    full = [0.0] * width
+    for index, value in zip(active, coef):
+        full[index] = max(value, 0.0)
+    return full
 
 
 def calibration_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
@@ -134,15 +233,6 @@ def _untouched(model: torch.nn.Module):
                 model.activation_checkpointing_disable()
 
 
-def _step(model, batch, optimizer, max_grad_norm: float) -> None:
-    model(**batch, use_cache=False).loss.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def calibrate_step_cost(
     model: torch.nn.Module,
     batches: Sequence[Mapping[str, torch.Tensor]],
@@ -153,17 +243,20 @@ def calibrate_step_cost(
     warmup: int = 1,
     prepare: Callable[[torch.nn.Module], None] | None = None,
     max_grad_norm: float = 1.0,
-) -> StepCostModel:
-    """Fit a StepCostModel to timed LoRA steps of ``model`` (not yet wrapped by peft).
+    sublayers: bool = False,
+) -> StepCostModel | SublayerCostModel:
+    """Fit a StepCostModel (``sublayers``: a SublayerCostModel) to timed LoRA steps of ``model``
+    (not yet wrapped by peft).
 
-    The calibration placements are timed interleaved (method/timing.py): ``warmup`` untimed rounds,
-    then ``steps`` timed ones; in each round every placement in turn is wrapped with adapters of
-    ``ranks``, given to ``prepare``, stepped once with AdamW on the round's batch (``batches``
-    cycled: all placements of a round see the same batch, so sequence lengths match) and unwrapped,
-    wrapping and unwrapping outside the timed span. Each timed step is a fresh optimizer's first,
-    whose state allocation scales with the adapters and so counts towards adapter_layer_s. The
-    median of each placement's timed steps enters the fit. The model is left as it was (see the
-    module docstring)."""
+    The calibration placements (calibration_layer_sets, or sublayer_calibration_placements) are
+    timed interleaved (method/timing.py): ``warmup`` untimed rounds, then ``steps`` timed ones; in
+    each round every placement in turn is wrapped with adapters of ``ranks``, given to
+    ``prepare``, stepped once (method/step.py) on the round's batch (``batches`` cycled: all
+    placements of a round see the same batch, so sequence lengths match) with its sublayers
+    detached as the placement says, and unwrapped, wrapping and unwrapping outside the timed span.
+    Each timed step is a fresh optimizer's first, whose state allocation scales with the adapters
+    and so counts towards the adapter terms. The median of each placement's timed steps enters the
+    fit. The model is left as it was (see the module docstring)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"calibration needs steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     batches = list(batches)
@@ -173,24 +266,32 @@ def calibrate_step_cost(
     total = num_layers(model, family)
     device = model.get_input_embeddings().weight.device
     inputs = [causal_lm_inputs(b, device) for b in batches]
-    placements = {str(layers): layers for layers in calibration_layer_sets(total)}
-    live: dict = {}  # the wrapped model and its optimizer while one placement's step runs
+    if sublayers:
+        placements = {f"{layers} dropping {sorted(dropped)}": (layers, dropped)
+                      for layers, dropped in sublayer_calibration_placements(total)}
+    else:
+        placements = {str(layers): (layers, frozenset()) for layers in calibration_layer_sets(total)}
+    live: dict = {}  # the wrapped model, its optimizer and the dropper while one placement's step runs
 
     @contextmanager
     def wrapped(name: str):
-        peft_model = apply_lora(model, family, placements[name], ranks)
+        layers, dropped = placements[name]
+        peft_model = apply_lora(model, family, layers, ranks)
         try:
             if prepare is not None:
                 prepare(peft_model)
-            live["model"] = peft_model
-            live["optimizer"] = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
-            yield
+            live.update(model=peft_model, optimizer=lora_optimizer(peft_model, lr=1e-5),
+                        dropper=BackwardDropper(peft_model, family) if dropped else None)
+            with live["dropper"].dropping(dropped) if dropped else nullcontext():
+                yield
         finally:
+            if live.get("dropper") is not None:
+                live["dropper"].remove()
             live.clear()
             peft_model.unload()
 
     def step(i: int) -> None:
-        _step(live["model"], inputs[i % len(inputs)], live["optimizer"], max_grad_norm)
+        lora_step(live["model"], [inputs[i % len(inputs)]], live["optimizer"], max_grad_norm=max_grad_norm)
 
     t_start = time.perf_counter()
     with _untouched(model):
@@ -198,4 +299,7 @@ def calibrate_step_cost(
         measured = time_interleaved(dict.fromkeys(placements, step), rounds=steps, warmup=warmup, device=device,
                                     around=wrapped)
     times = {placements[name]: statistics.median(values) for name, values in measured.items()}
-    return StepCostModel.fit(total, times, calibration_s=time.perf_counter() - t_start)
+    if sublayers:
+        return SublayerCostModel.fit(total, times, calibration_s=time.perf_counter() - t_start)
+    return StepCostModel.fit(total, {layers: t for (layers, _), t in times.items()},
+                             calibration_s=time.perf_counter() - t_start)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from aletheia_hpc import provenance
-from aletheia_hpc.campaign.store import ATTEMPTS_FILE, cell_path, prepare_cell_dir
+from aletheia_hpc.campaign.store import ATTEMPTS_FILE, DROP_PLAN_FILE, cell_path, prepare_cell_dir
+from aletheia_hpc.files import atomic_write
 from aletheia_hpc.config import CellConfig
 from aletheia_hpc.row import ROW_FILENAME, Row, write_row
 
@@ -65,27 +66,46 @@ def probe_batches(train_examples, collator, batch_size: int, n_batches: int, see
 
 @dataclass
 class Selection:
-    """The layers a cell adapts and what chose them (probe scores, the step-cost model)."""
+    """The layers a cell adapts and what chose them (probe scores, the step-cost model), and the
+    backward-drop plan of a drop_backward recipe."""
     layers: list[int]
     scores: list[float] | None = None
     probe: dict | None = None  # what the probe computed (row.probe)
     probe_time_s: float | None = None
-    cost: object | None = None  # the calibrated StepCostModel, if any
+    cost: object | None = None  # the calibrated StepCostModel (SublayerCostModel when dropping), if any
+    drop: object | None = None  # the DropPlan, if the recipe drops backward
+
+    @property
+    def keep(self) -> dict | None:
+        return self.drop.keep_map() if self.drop is not None else None
 
     @property
     def predicted_speedup(self) -> float | None:
         if self.scores is None:
             return 1.0  # all-layer LoRA is the reference itself
+        if self.drop is not None:
+            return self.drop.predicted_speedup
         return self.cost.speedup(self.layers) if self.cost is not None else None
 
-    def record(self, row: Row) -> None:
-        """The selection's fields of a training cell's row."""
+    @property
+    def predicted_step_time_s(self) -> float | None:
+        if self.cost is None:
+            return None
+        if self.drop is not None:
+            return self.cost.expected_step_time(self.layers, self.keep)
+        return self.cost.step_time(self.layers)
+
+    def record(self, row: Row, steps: int) -> None:
+        """The selection's fields of a training cell's row (``steps``: the cell's optimizer steps)."""
         row.predicted_speedup = self.predicted_speedup
         if self.scores is not None:
             row.update(probe_time_s=self.probe_time_s, probe=self.probe, layer_scores=self.scores)
         if self.cost is not None:
             row.update(cost_calibration_time_s=self.cost.calibration_s, step_cost=self.cost.to_dict(),
-                       predicted_step_time_s=self.cost.step_time(self.layers))
+                       predicted_step_time_s=self.predicted_step_time_s)
+        if self.drop is not None:
+            row.update(drop_rates=self.drop.drop_rates(row.num_layers),
+                       dropped_fraction=self.drop.dropped_fraction(steps))
 
 
 def lora_ranks(recipe):
@@ -101,7 +121,8 @@ def choose_layers(model, cell: CellConfig, recipe, train_examples, collator, fam
     recipe has one (timing what ``prepare`` makes of the wrapped model), and the recipe's
     selection rule. Training cells and paired timing cells both choose here, so that the timing
     cell builds every arm as the arm's own cell does."""
-    from aletheia_hpc.method import calibrate_step_cost, probe_layer_scores, select_cost_aware, select_layers
+    from aletheia_hpc.method import (calibrate_step_cost, plan_drop, probe_layer_scores, select_cost_aware,
+                                     select_layers)
 
     m, r = cell.model, recipe
     if not r.probes:
@@ -119,12 +140,41 @@ def choose_layers(model, cell: CellConfig, recipe, train_examples, collator, fam
     if r.cost.calibration_steps:
         cost = calibrate_step_cost(model, batches, lora_ranks(r), family=family, steps=r.cost.calibration_steps,
                                    warmup=r.cost.calibration_warmup, prepare=prepare,
-                                   max_grad_norm=cell.train.max_grad_norm)
+                                   max_grad_norm=cell.train.max_grad_norm, sublayers=r.drops_backward)
     if r.layers == "cost_aware":
         layers = select_cost_aware(scores, cost, r.cost.target_speedup, r.layer_pct)
     else:
         layers = select_layers(scores, r.layer_pct, r.layers, seed=cell.seed)
-    return Selection(layers, scores, probe, probe_time_s, cost)
+    drop = None
+    if r.drops_backward:
+        drop = plan_drop(scores, layers, cost, r.drop.target_speedup, seed=cell.seed, guidance=r.drop.rates,
+                         min_keep=r.drop.min_keep, warmup_steps=r.drop.warmup_steps)
+    return Selection(layers, scores, probe, probe_time_s, cost, drop)
+
+
+def _first_attempts_plan(path: Path, selection: Selection):
+    """The drop plan of the cell's first attempt, kept in ``path``: a resumed attempt's calibration
+    times other steps and would scale other rates, but its masks must replay the first attempt's."""
+    from aletheia_hpc.method import DropPlan
+
+    if not path.exists():
+        atomic_write(path, json.dumps(selection.drop.to_dict()))
+        return selection.drop
+    plan = DropPlan.from_dict(json.loads(path.read_text()))
+    if list(plan.layers) != selection.layers:
+        raise RuntimeError(f"{path} drops sublayers of layers {list(plan.layers)}, but this attempt adapts "
+                           f"{selection.layers}: move the cell's directory aside to train it from scratch")
+    return plan
+
+
+def train_optimizer(model, cell: CellConfig):
+    """The optimizer a training cell's LoRA model trains with (method/step.py), at the cell's
+    learning rate: the worker's Trainer and the paired timing cell both build it here."""
+    from aletheia_hpc.method import lora_optimizer
+
+    t = cell.train
+    return lora_optimizer(model, lr=cell.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                          weight_decay=t.weight_decay)
 
 
 def _paired_timing(cell: CellConfig, model, train_examples, collator, family, prepare, device, row: Row,
@@ -136,7 +186,7 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
     A stop request before an arm is built or before a round ends the attempt with nothing kept: the
     next attempt times every round again, since ratios are only paired when one job on one node
     measured them all."""
-    from aletheia_hpc.method import apply_lora, time_interleaved
+    from aletheia_hpc.method import BackwardDropper, apply_lora, lora_step, time_interleaved
     from aletheia_hpc.models.loading import load_model
     from aletheia_hpc.worker.training import StopForRequeue
 
@@ -157,10 +207,9 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
         if prepare is not None:
             prepare(peft_model)
         peft_model.train()
-        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
-                                      lr=t.lr if t.lr is not None else m.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_eps, weight_decay=t.weight_decay)
-        arms[arm.arm] = (peft_model, optimizer)
+        drop = selections[arm.arm].drop
+        arms[arm.arm] = (peft_model, train_optimizer(peft_model, cell),
+                         BackwardDropper(peft_model, family, drop) if drop is not None else None)
     order = list(range(len(train_examples)))
     random.Random(cell.seed).shuffle(order)
     per_round = m.batch_size * t.grad_accum
@@ -171,26 +220,22 @@ def _paired_timing(cell: CellConfig, model, train_examples, collator, family, pr
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(m.precision) if device.type == "cuda" else None
 
     def step(name: str):
-        peft_model, optimizer = arms[name]
-        params = [p for p in peft_model.parameters() if p.requires_grad]
+        peft_model, optimizer, drop = arms[name]
 
-        def run(i: int) -> None:
-            for batch in rounds[i]:
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    loss = peft_model(**batch, use_cache=False).loss / t.grad_accum
-                loss.backward()
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        def run(i: int) -> None:  # round i is the arm's optimizer step i + 1 (its drop mask too)
+            lora_step(peft_model, rounds[i], optimizer, max_grad_norm=t.max_grad_norm, autocast_dtype=autocast,
+                      drop=drop, step=i + 1)
         return run
 
     times = time_interleaved({name: step(name) for name in arms}, rounds=timing.rounds, warmup=timing.warmup,
                              device=device, before_round=lambda i: stop_point(f"before round {i + 1}"))
+    for _, _, drop in arms.values():
+        if drop is not None:
+            drop.remove()
     medians = {name: statistics.median(values) for name, values in times.items()}
     row.paired_timing = {
         name: {"layers": selections[name].layers, "predicted_speedup": selections[name].predicted_speedup,
-               "step_times_s": times[name], "median_step_s": medians[name],
+               "predicted_step_time_s": selections[name].predicted_step_time_s, "step_times_s": times[name], "median_step_s": medians[name],
                "ratio_vs_standard": medians["standard"] / medians[name]}
         for name in arms}
     row.update(train_steps=timing.rounds, train_time_s=sum(sum(v) for v in times.values()))
@@ -247,7 +292,9 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         _paired_timing(cell, model, train_examples, collator, family, prepare, device, row, stop)
         return
     selection = choose_layers(model, cell, r, train_examples, collator, family, prepare)
-    selection.record(row)
+    if selection.drop is not None:
+        selection.drop = _first_attempts_plan(work_dir / DROP_PLAN_FILE, selection)
+    selection.record(row, cell.train.steps)
     layers = selection.layers
     row.selected_layers = layers
     model = apply_lora(model, family, layers, lora_ranks(r))
@@ -255,15 +302,29 @@ def _train_and_evaluate(cell: CellConfig, work_dir: Path, row: Row, stop, progre
         prepare(model)
     row.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
-                         lr=cell.train.lr if cell.train.lr is not None else m.lr,
-                         batch_size=m.batch_size, precision=m.precision, seed=cell.seed,
-                         work_dir=work_dir, device=device, stop=stop, faults=cell.faults,
-                         progress=progress, family=family)
+    from aletheia_hpc.method import BackwardDropper
+    from aletheia_hpc.worker.training import held_out_loss
+
+    drop = BackwardDropper(model, family, selection.drop) if selection.drop is not None else None
+    curve_loss = None
+    if cell.train.eval_every:
+        def curve_loss() -> float:
+            return held_out_loss(model, eval_examples, collator, m.batch_size, device)
+    try:
+        outcome = train_cell(model, tokenizer, train_examples, collator, cell.train,
+                             optimizer=train_optimizer(model, cell), lr=cell.learning_rate,
+                             batch_size=m.batch_size, precision=m.precision, seed=cell.seed,
+                             work_dir=work_dir, device=device, stop=stop, faults=cell.faults,
+                             progress=progress, family=family, drop=drop, curve_loss=curve_loss)
+    finally:
+        if drop is not None:
+            drop.remove()
     row.update(train_steps=outcome.steps, train_time_s=outcome.train_time_s,
                step_times_s=outcome.step_times_s, step_time_median_s=outcome.step_time_median_s,
                final_train_loss=outcome.final_train_loss, warnings=row.warnings + outcome.warnings,
-               backward_layers=outcome.backward_layers)
+               backward_layers=outcome.backward_layers, curve=outcome.curve)
+    if selection.drop is not None:
+        row.dropped_fraction = selection.drop.dropped_fraction(outcome.steps)
     for warning in outcome.warnings:
         log.warning("cell %s: %s", cell.cell_id, warning)
     expected_backward = m.num_layers - min(layers)

@@ -1,7 +1,8 @@
 """LoRA training of one cell with the Hugging Face Trainer, plus what the paper's protocol needs on top:
 per-step wall times, an immediate stop on a non-finite loss, time accounting across requeued
-attempts, a checkpoint on demand (preemption), and the number of layers backward actually ran
-through in the first step (the truncation guard)."""
+attempts, a checkpoint on demand (preemption), the number of layers backward actually ran
+through in the first step (the truncation guard), the learning curve (held-out loss every
+``train.eval_every`` steps) and the backward-drop mask of each step (recipe drop_backward)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class TrainOutcome:
     step_hardware: list[str] = field(default_factory=list)  # what timed each step (GPU name or cpu)
     warnings: list[str] = field(default_factory=list)  # e.g. a damaged checkpoint that was set aside
     backward_layers: int | None = None  # layers whose output got an activation gradient in step 1
+    curve: list[dict] = field(default_factory=list)  # [{step, train_time_s, eval_loss}] (row.curve)
 
     @property
     def hardware(self) -> list[str]:
@@ -86,18 +89,31 @@ class _Clock(TrainerCallback):
     """Per-optimizer-step wall times, kept in progress.json after every step (so a checkpoint never
     holds more steps than the file has times); honours stop requests; checkpoints the last step, so
     that a stop or a kill during evaluation never costs the training. The first step also counts
-    the layers backward reaches (``backward_counter``), kept in progress.json for later attempts."""
+    the layers backward reaches (``backward_counter``), kept in progress.json for later attempts.
+    With ``curve_loss``, the held-out loss at step 0, every ``eval_every`` steps and the last one,
+    outside the timed span, also kept in progress.json (a resumed attempt keeps the points up to its
+    checkpoint)."""
 
     def __init__(self, device, progress_path: Path, prior: "_Progress", stop: StopSignal, faults: FaultConfig,
-                 backward_counter: BackwardLayerCounter | None = None):
+                 backward_counter: BackwardLayerCounter | None = None,
+                 curve_loss: Callable[[], float] | None = None, eval_every: int = 0):
         self.device, self.progress_path, self.stop, self.faults = device, progress_path, stop, faults
         self.step_times, self.step_hardware = list(prior.step_times), list(prior.step_hardware)
+        self.curve, self.curve_loss, self.eval_every = list(prior.curve), curve_loss, eval_every
         self.backward_layers = prior.backward_layers
         self._counter = backward_counter if prior.backward_layers is None else None
         self.hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         self.losses: list[float] = []
         self._t0 = 0.0
         self.stopped_for_requeue = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.curve_loss is not None and not self.curve:
+            self._curve_point(0)
+
+    def _curve_point(self, step: int) -> None:
+        self.curve.append({"step": step, "train_time_s": float(sum(self.step_times[:step])),
+                           "eval_loss": float(self.curve_loss())})
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._counter is not None:
@@ -114,7 +130,10 @@ class _Clock(TrainerCallback):
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.backward_layers, self._counter = self._counter.count, None
-        self._write_progress(state.global_step)
+        step = state.global_step
+        if self.curve_loss is not None and (step % self.eval_every == 0 or step >= args.max_steps):
+            self._curve_point(step)
+        self._write_progress(step)
         if state.global_step >= args.max_steps:
             control.should_save = True
         if self.stop.requested:
@@ -129,7 +148,22 @@ class _Clock(TrainerCallback):
     def _write_progress(self, step: int) -> None:
         atomic_write(self.progress_path, json.dumps({"step": step, "step_times_s": self.step_times[:step],
                                                      "step_hardware": self.step_hardware[:step],
-                                                     "backward_layers": self.backward_layers}), fsync=False)
+                                                     "backward_layers": self.backward_layers,
+                                                     "curve": [p for p in self.curve if p["step"] <= step]}),
+                     fsync=False)
+
+
+class _DropMask(TrainerCallback):
+    """Sets the backward-drop mask of each optimizer step (a BackwardDropper's plan) for its micro-batches."""
+
+    def __init__(self, dropper):
+        self.dropper = dropper
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.dropper.set_step(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.dropper.set_step(None)
 
 
 # Written into a checkpoint once the Trainer has saved all of it: its files' sizes and sha256. A
@@ -180,6 +214,7 @@ class _Progress:
     step_times: list[float]
     step_hardware: list[str]
     backward_layers: int | None = None
+    curve: list[dict] = field(default_factory=list)
 
 
 def _saved_progress(progress_path: Path) -> dict:
@@ -205,8 +240,9 @@ def _resume_point(checkpoints: Path, progress_path: Path, warnings: list[str]) -
             problem = f"{progress_path.name} has the times of {len(saved['step_times_s'])} steps, it holds {step}"
         if problem is None:
             hardware = saved.get("step_hardware", [])[:step]
+            curve = [p for p in saved.get("curve", []) if p["step"] <= step]
             return str(checkpoint), _Progress(saved["step_times_s"][:step], hardware + [""] * (step - len(hardware)),
-                                              saved.get("backward_layers"))
+                                              saved.get("backward_layers"), curve)
         aside = checkpoint.with_name(f"damaged-{checkpoint.name}-{unique_stamp()}")
         checkpoint.rename(aside)
         warnings.append(f"checkpoint {checkpoint.name} not resumed ({problem}); kept as {aside.name}")
@@ -236,17 +272,22 @@ def _tracking(report_to: str, work_dir: Path) -> str:
 def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfig, *, lr: float,
                batch_size: int, precision: str, seed: int, work_dir: Path, device: torch.device,
                stop: StopSignal, faults: FaultConfig, progress: bool,
-               family: FamilySpec | None = None) -> TrainOutcome:
+               family: FamilySpec | None = None, optimizer: torch.optim.Optimizer | None = None,
+               drop=None, curve_loss: Callable[[], float] | None = None) -> TrainOutcome:
     """Train ``model`` (a peft model) for train_cfg.steps optimizer steps, resuming from the newest
     checkpoint in work_dir. Raises NonFiniteLoss, or StopForRequeue after checkpointing on request.
-    With ``family``, the outcome's backward_layers counts the layers backward reached in step 1."""
+    With ``family``, the outcome's backward_layers counts the layers backward reached in step 1.
+    ``optimizer``: the one to train with (method/step.py's lora_optimizer; None: the Trainer's own,
+    the same kind); ``lr`` sets its schedule's peak. ``drop``: a BackwardDropper whose plan gives each
+    step's mask. ``curve_loss``: the held-out loss, for the curve every train_cfg.eval_every steps."""
     checkpoints = work_dir / CHECKPOINT_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     progress_path = work_dir / PROGRESS_FILE
     warnings: list[str] = []
     resume, prior = _resume_point(checkpoints, progress_path, warnings)
     counter = BackwardLayerCounter(model, family) if family is not None else None
-    clock = _Clock(device, progress_path, prior, stop, faults, counter)
+    clock = _Clock(device, progress_path, prior, stop, faults, counter, curve_loss if train_cfg.eval_every else None,
+                   train_cfg.eval_every)
     if resume is not None and _checkpoint_step(resume) >= train_cfg.steps:
         outcome = _finished_outcome(model, resume, clock)
         outcome.warnings = warnings
@@ -282,8 +323,9 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    callbacks = [clock, _Manifest()] + ([_DropMask(drop)] if drop is not None else [])
     trainer = _CellTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collator,
-                           callbacks=[clock, _Manifest()], faults=faults)
+                           callbacks=callbacks, faults=faults, optimizers=(optimizer, None))
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:  # a step that raised leaves the counter's hooks on the model otherwise
@@ -295,7 +337,7 @@ def train_cell(model, tokenizer, train_examples, collator, train_cfg: TrainConfi
     return TrainOutcome(steps=trainer.state.global_step, step_times_s=clock.step_times,
                         step_hardware=clock.step_hardware, backward_layers=clock.backward_layers,
                         final_train_loss=final if final is None or math.isfinite(final) else None,
-                        warnings=warnings)
+                        warnings=warnings, curve=clock.curve)
 
 
 def _finished_outcome(model, checkpoint: str, clock: _Clock) -> TrainOutcome:
@@ -310,7 +352,8 @@ def _finished_outcome(model, checkpoint: str, clock: _Clock) -> TrainOutcome:
     final = float(losses[-1]) if losses else None
     return TrainOutcome(steps=_checkpoint_step(checkpoint), step_times_s=clock.step_times,
                         step_hardware=clock.step_hardware, backward_layers=clock.backward_layers,
-                        final_train_loss=final if final is None or math.isfinite(final) else None)
+                        final_train_loss=final if final is None or math.isfinite(final) else None,
+                        curve=clock.curve)
 
 
 @torch.no_grad()
