@@ -30,7 +30,7 @@ from tests.hub_standin import StandInHub
 
 REPO = "aletheia-test/tiny-llama"
 # the tiny llama of model=tiny-llama, as a hub model; two training steps, no benchmarks
-CAMPAIGN = ["campaign=default", "campaign.name=offline", "campaign.recipes=[standard]", "model.kind=hub",
+CAMPAIGN = ["campaign=default", "campaign.recipes=[standard]", "model.kind=hub",
             f"model.path={REPO}", "cluster.compute_offline=true", "train.steps=2", "train.warmup_steps=0",
             "data.builtin_size=80", "data.eval_size=8"]
 
@@ -79,7 +79,8 @@ def site(tmp_path_factory):
 
 
 def overrides(site, *extra) -> list[str]:
-    return [*CAMPAIGN, f"results_dir={site['results']}", f"cluster.hf_home={site['hf']}", *extra]
+    return [*CAMPAIGN, "campaign.name=offline", f"results_dir={site['results']}", f"cluster.hf_home={site['hf']}",
+            *extra]
 
 
 def operator_env(base: dict, hub) -> dict:
@@ -271,7 +272,7 @@ def test_on_the_dev_cluster_offline_launch_refuses_then_runs_after_prefetch(dev_
     """The issue's closing check: with cluster.compute_offline=true, a launch whose hub model is not fetched
     exits non-zero and queues nothing; after prefetch from the stand-in hub, the same launch, with the hub
     stopped, runs the cell to a row on the dev cluster."""
-    from tests.test_campaign_slurm import queued, wait_settled
+    from tests.test_campaign_slurm import wait_settled
 
     name = "offline_dev"
     ov = [*CAMPAIGN, "cluster=dev", f"results_dir={tmp_path}",
@@ -285,7 +286,9 @@ def test_on_the_dev_cluster_offline_launch_refuses_then_runs_after_prefetch(dev_
         assert refused.returncode == 2, refused.stderr
         assert f"hub model {REPO} (tiny-llama): not prefetched" in refused.stderr
         assert "fix: aletheia-hpc prefetch campaign=default" in refused.stderr
-        assert queued(dev_cluster, job_name) == [] and not (tmp_path / name).exists()  # nothing submitted or written
+        squeue = dev_cluster.run(["squeue", "-h", "-o", "%i %j %T"]).stdout
+        print(f"$ squeue -h -o '%i %j %T'\n{squeue}(empty: {not squeue.strip()})\n")
+        assert squeue.strip() == "" and not (tmp_path / name).exists()  # nothing submitted or written
         fetched = cli(hub, "prefetch", *ov, base=dev_cluster.env)
         screen("prefetch " + " ".join(ov), fetched)
         assert fetched.returncode == 0, fetched.stderr
@@ -297,6 +300,7 @@ def test_on_the_dev_cluster_offline_launch_refuses_then_runs_after_prefetch(dev_
     screen("launch " + " ".join(ov), launched)
     assert launched.returncode == 0, launched.stderr
     st = wait_settled(dev_cluster, job_name, ov, 400)
+    print(f"status after the queue emptied: {st['counts']}")
     assert st["counts"] == {"done": 1}, st
     row = json.loads(next((tmp_path / name / "cells").glob("*/row.json")).read_text())
     assert row["status"] == "ok" and row["model_revision"] == manifest["inputs"][f"model:{REPO}"]["revision"]
