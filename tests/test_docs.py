@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 README_LIMIT_BYTES = 8 * 1024
-# written on another branch (issue 28's operator walk-through); linked before it lands
-PENDING_PAGES = {"docs/operators-first-campaign.md", "operators-first-campaign.md"}
 
 
 def blocks(language: str) -> list[tuple[str, str]]:
@@ -49,7 +47,7 @@ def test_the_readme_is_a_front_door():
 def test_every_relative_link_points_at_a_file():
     for page in PAGES:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if "://" not in target and not (target in PENDING_PAGES and not (page.parent / target).exists()):
+            if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
 
 
