@@ -365,8 +365,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="launch: run a staged study's stages one after another here until it is complete")
     parser.add_argument("--watch", action="store_true",
                         help="status: a live table (step N/total, elapsed, ETA) until no cell is busy")
-    parser.add_argument("--interval", type=float, default=30.0,
-                        help="status --watch: seconds between refreshes, each one scheduler query (default 30)")
+    parser.add_argument("--interval", type=float, default=10.0, help="status --watch: seconds between refreshes")
     parser.add_argument("--follow", action="store_true", help="logs: keep printing what the cell writes")
     parser.add_argument("--sbatch", action="store_true",
                         help="plan: print the sbatch script of every resource class (submits nothing)")

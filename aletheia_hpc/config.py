@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from functools import cached_property
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
@@ -340,65 +338,13 @@ class RootConfig:
     progress: bool = True
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}  # a dataclass's field names; None: not a dataclass
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def plain(obj):
-    """A dataclass as nested dicts and lists, as ``dataclasses.asdict`` gives it, without its deep
-    copy of every value (config values are immutable scalars, lists and dicts): a campaign of 10,000
-    cells hashes each one's config."""
-    kind = type(obj)
-    if kind in _SCALARS:
-        return obj
-    if kind not in _FIELD_NAMES:
-        _FIELD_NAMES[kind] = tuple(f.name for f in fields(obj)) if is_dataclass(obj) else None
-    names = _FIELD_NAMES[kind]
-    if names is not None:
-        return {name: plain(getattr(obj, name)) for name in names}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    return obj
-
-
-_FIELD_TYPES: dict[type, dict[str, Any]] = {}
-
-
-def from_plain(cls: type, data: dict) -> Any:
-    """The dataclass ``cls`` back from what ``plain`` gave (a composition read from the plan cache),
-    without OmegaConf: its nested dataclasses are rebuilt from the field types."""
-    types = _FIELD_TYPES.get(cls)
-    if types is None:
-        types = _FIELD_TYPES[cls] = typing.get_type_hints(cls)
-    return cls(**{name: _typed(types[name], value) for name, value in data.items()})
-
-
-def _typed(hint, value):
-    if value is None:
-        return None
-    if is_dataclass(hint):
-        return from_plain(hint, value)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:  # Optional[X]
-        (hint,) = [a for a in args if a is not type(None)]
-        return _typed(hint, value)
-    if origin is list and args:
-        return [_typed(args[0], v) for v in value]
-    if origin is dict and args:
-        return {k: _typed(args[1], v) for k, v in value.items()}
-    return value
-
-
 @dataclass
 class CellConfig:
     """Everything that decides one cell's result; its hash is the cell's identity.
 
     Where a cell runs (cluster, resources), the shape figures used only for memory planning, and
     deliberate test faults are not part of the identity: moving a campaign to another cluster, or
-    resubmitting with a longer time limit, keeps its cells. A cell is not changed once made: its id
-    and settings key are computed once (a campaign of 10,000 cells asks for them many times).
+    resubmitting with a longer time limit, keeps its cells.
     """
     campaign: str
     model: ModelConfig
@@ -435,7 +381,7 @@ class CellConfig:
         return ident
 
     def identity(self) -> dict[str, Any]:
-        ident = plain(self)
+        ident = asdict(self)
         ident.pop("faults")
         if self.timing is None:  # only timing cells have it: every other cell keeps its id
             ident.pop("timing")
@@ -459,22 +405,10 @@ class CellConfig:
                 ident["eval"].pop(name)
         return ident
 
-    @cached_property
-    def _keys(self) -> tuple[str, str]:
-        """(cell id, settings key) from one pass over the config."""
-        ident = self.identity()
-        canonical = json.dumps(ident, sort_keys=True, separators=(",", ":"))
-        ident.pop("variant")
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16], json.dumps(ident, sort_keys=True, default=str)
-
     @property
     def cell_id(self) -> str:
-        return self._keys[0]
-
-    @property
-    def settings_key(self) -> str:
-        """settings() as canonical text: equal for two cells that would compute the same thing."""
-        return self._keys[1]
+        canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,23 +1,17 @@
 """From Hydra configs to campaign cells: compose, expand the matrix, validate every cell.
 
-Each (model, recipe, variant) is composed by Hydra with the user's overrides on top, so every cell
-is typed and resolved exactly as ``run-cell`` would resolve it alone; its seeds are cells of that one
-composition. Compositions are kept in the campaign directory (plan_cache/<config hash>.json), so that
-planning again (plan, status, launch) composes only what the config files, the schemas or the
-overrides changed.
+Each (model, recipe) pair is composed by Hydra with the user's overrides on top, so every cell
+is typed and resolved exactly as ``run-cell`` would resolve it alone.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import hydra
-import omegaconf
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -25,14 +19,11 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from aletheia_hpc import config as config_module
 from aletheia_hpc.config import (STAGE_OBJECTIVES, TIMINGS, CellConfig, ClusterConfig, ConfigError, FaultConfig,
                                  PairedTimingConfig, RecipeConfig, RootConfig, TimingArmConfig, VariantConfig,
-                                 from_plain, plain, validate_cell, validate_cluster)
+                                 validate_cell, validate_cluster)
 from aletheia_hpc.campaign.stages import override_key
 from aletheia_hpc.data.builtin import BUILTIN_NAME
-from aletheia_hpc.evaluation import settings as eval_settings_module
-from aletheia_hpc.files import atomic_write
 from aletheia_hpc.provenance import REPO_ROOT
 from aletheia_hpc.row import TIMING_RECIPE, arm_name
 
@@ -184,7 +175,7 @@ def expand(overrides: list[str]) -> Plan:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    compose = _Composer(overrides, root)
+    compose = _Composer(overrides, campaign)
     cells: list[CellConfig] = []
     for variant in campaign.variants:
         for model in variant.models or campaign.models:
@@ -202,80 +193,27 @@ def expand(overrides: list[str]) -> Plan:
     if campaign.staged:
         _plan_stages(plan, compose)
     check_cells(plan.cells)
-    compose.save()
     return plan
 
 
-PLAN_CACHE_DIR = "plan_cache"  # in the campaign directory: <config hash>.json
-
-
-def config_hash() -> str | None:
-    """The hash of everything a composition depends on besides its overrides: every file of the config
-    root, the schemas and this module's code, the Hydra and OmegaConf versions, and the working and home
-    directories (relative and ~ paths become absolute). None when a config file reads the environment
-    (oc.env), which no hash of files sees: such a config is composed every time."""
-    digest, root = hashlib.sha256(), conf_dir()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if b"oc.env" in data:
-            return None
-        digest.update(f"{path.relative_to(root)}\0{len(data)}\0".encode() + data)
-    for source in (config_module.__file__, eval_settings_module.__file__, __file__):
-        digest.update(Path(source).read_bytes())
-    digest.update(f"{hydra.__version__} {omegaconf.__version__} {os.getcwd()} {os.path.expanduser('~')}".encode())
-    return digest.hexdigest()[:16]
-
-
 class _Composer:
-    """Composes (model, recipe, extra overrides) once each, and makes the cells of a variant.
+    """Composes (model, recipe, extra overrides) once each, and makes the cells of a variant."""
 
-    Compositions come from the campaign's plan cache when its config hash matches, else from Hydra
-    (an entry is keyed by its whole override list, so it is what Hydra would give for it)."""
-
-    def __init__(self, overrides: list[str], root: RootConfig):
-        self.overrides, self.campaign, self.composed, self.fresh = list(overrides), root.campaign, {}, False
-        digest = config_hash() if not any("oc.env" in o for o in overrides) else None
-        self.cache_path = (Path(root.results_dir) / root.campaign.name / PLAN_CACHE_DIR / f"{digest}.json"
-                           if digest else None)
-        try:
-            self.cached = json.loads(self.cache_path.read_text()) if self.cache_path else {}
-        except (OSError, ValueError):  # none yet, or torn: compose again
-            self.cached = {}
-
-    def compose(self, extra: list[str]) -> RootConfig:
-        """compose_root(overrides + extra), from the cache when it holds it."""
-        key = json.dumps(self.overrides + extra)
-        if key not in self.composed:
-            saved = self.cached.get(key)
-            if saved is None:
-                self.composed[key] = compose_root(self.overrides + extra)
-                self.fresh = True
-            else:
-                self.composed[key] = from_plain(RootConfig, saved)
-        return self.composed[key]
-
-    def save(self) -> None:
-        """Add the new compositions to the cache file; the files of other config hashes go."""
-        if not (self.fresh and self.cache_path):
-            return
-        try:
-            for old in self.cache_path.parent.glob("*.json"):
-                if old != self.cache_path:
-                    old.unlink(missing_ok=True)
-            entries = {**self.cached, **{k: plain(v) for k, v in self.composed.items()}}
-            atomic_write(self.cache_path, json.dumps(entries), fsync=False)
-        except OSError:  # a read-only results directory: planning works, only without the cache
-            pass
+    def __init__(self, overrides: list[str], campaign):
+        self.overrides, self.campaign, self.composed = list(overrides), campaign, {}
 
     def root(self, model: str, recipe: str, variant: VariantConfig | None = None) -> RootConfig:
         extra = list(variant.overrides) if variant else []
         if variant is not None and variant.steps is not None:
             extra.append(f"train.steps={variant.steps}")
-        try:
-            return self.compose([f"model={model}", f"recipe={recipe}", *extra])
-        except ConfigError as exc:
-            where = f"campaign.variants[{variant.name}].overrides" if extra else f"{model}/{recipe}"
-            raise ConfigError(f"{where}: {exc}") from exc
+        key = (model, recipe, tuple(extra))
+        if key not in self.composed:
+            try:
+                self.composed[key] = compose_root(self.overrides + [f"model={model}", f"recipe={recipe}", *extra])
+            except ConfigError as exc:
+                where = f"campaign.variants[{variant.name}].overrides" if extra else f"{model}/{recipe}"
+                raise ConfigError(f"{where}: {exc}") from exc
+        return self.composed[key]
 
     def cells(self, model: str, recipe: str, variant: VariantConfig, seeds: list[int]) -> list[CellConfig]:
         r = self.root(model, recipe, variant)
@@ -340,14 +278,14 @@ def compose_stage(plan: Plan, compose: "_Composer", spec: dict) -> tuple[list[Ce
     """The new cells of the stage ``spec`` ({stage, arms, seeds}) and its members ({cell_id, arm,
     seed, levels}). A cell that computes what one of ``plan``'s cells computes is that cell (the
     factorial's corner equal to the stage-2 winner reruns nothing)."""
-    known = {c.settings_key: c.cell_id for c in plan.cells}
+    known = {json.dumps(c.settings(), sort_keys=True, default=str): c.cell_id for c in plan.cells}
     model = compose.campaign.models[0]
     new, members = [], []
     for arm in spec["arms"]:
         variant = VariantConfig(name=arm["variant"], recipes=[arm["recipe"]], steps=arm["steps"],
                                 overrides=list(arm["overrides"]))
         for cell in compose.cells(model, arm["recipe"], variant, spec["seeds"]):
-            settings = cell.settings_key
+            settings = json.dumps(cell.settings(), sort_keys=True, default=str)
             if settings not in known:
                 known[settings] = cell.cell_id
                 new.append(cell)
@@ -358,10 +296,7 @@ def compose_stage(plan: Plan, compose: "_Composer", spec: dict) -> tuple[list[Ce
 
 def next_stage(plan: Plan, decision: dict) -> tuple[list[CellConfig], list[dict]]:
     """The cells and members of the stage ``decision`` (on plan's current stage) calls for."""
-    compose = _Composer(plan.overrides, plan.root)
-    result = compose_stage(plan, compose, decision["next"])
-    compose.save()
-    return result
+    return compose_stage(plan, _Composer(plan.overrides, plan.root.campaign), decision["next"])
 
 
 def _plan_stages(plan: Plan, compose: _Composer) -> None:
@@ -376,8 +311,8 @@ def _plan_stages(plan: Plan, compose: _Composer) -> None:
         for f in campaign.stages.factors:
             for level in f.levels:
                 try:
-                    compose.compose([f"model={campaign.models[0]}", f"recipe={arms[0]['recipe']}",
-                                     *arms[0]["overrides"], level])
+                    compose_root(plan.overrides + [f"model={campaign.models[0]}", f"recipe={arms[0]['recipe']}",
+                                                   *arms[0]["overrides"], level])
                 except ConfigError as exc:
                     problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r}: {exc}")
     if problems:
@@ -489,7 +424,7 @@ def check_cells(cells: list[CellConfig]) -> None:
             validate_cell(cell)
         except ConfigError as exc:
             problems.append(f"cell {label}: {exc}")
-        settings = cell.settings_key
+        settings = json.dumps(cell.settings(), sort_keys=True, default=str)
         if cell.cell_id in seen_ids:
             problems.append(f"cell {label} duplicates cell {seen_ids[cell.cell_id]}")
         elif settings in seen_settings:
