@@ -98,10 +98,10 @@ def test_a_cell_that_requires_what_the_node_lacks_fails_before_loading(tmp_path,
     from aletheia_hpc.worker.cell import run_cell
 
     root = compose_root(["model=tiny-llama", "recipe=base", "progress=false", "eval.benchmarks=[humaneval]",
-                         "eval.sandbox.require=[net,mount]", "data.builtin_size=240", "data.eval_size=32"])
+                         "eval.sandbox.require=[net,bwrap]", "data.builtin_size=240", "data.eval_size=32"])
     cell = CellConfig(campaign=root.campaign.name, model=root.model, recipe=root.recipe, train=root.train,
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
-    with pytest.raises(SandboxUnavailable, match="mount.*apt-get install bubblewrap"):
+    with pytest.raises(SandboxUnavailable, match="bwrap.*apt-get install bubblewrap"):
         run_cell(cell, tmp_path, progress=False)
     row = read_row(next(tmp_path.rglob("row.json")))
     assert row["status"] == "failed" and "eval.sandbox.require" in row["failure_reason"]
