@@ -201,7 +201,7 @@ def test_the_drop_backward_cell_records_its_plan_and_a_resumed_attempt_keeps_it(
     from aletheia_hpc.worker.training import StopForRequeue
     from tests.test_worker import make_cell
 
-    cell = make_cell("model=tiny-llama", "recipe=drop_backward", "recipe.drop.target_speedup=1.2",
+    cell = make_cell("model=tiny-llama", "recipe=drop_backward", "recipe.drop.target_speedup=1.05",
                      "recipe.probe.batches=2", "train.steps=4", "train.eval_every=2")
     stop = StopSignal()
     stop.request()
