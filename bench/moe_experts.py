@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from aletheia_hpc.config import ModelConfig, ResourcesConfig
 from aletheia_hpc.method import apply_lora, get_family
+from aletheia_hpc.method.step import lora_optimizer, lora_step, trainable_parameters
 from aletheia_hpc.models.loading import load_model
 from aletheia_hpc.models.moe_experts import experts_in, experts_weight_bytes, family_for, split_fused_experts
 from aletheia_hpc.models.tiny import tiny_config
@@ -79,16 +80,14 @@ def main() -> None:
                 reference = logits
             distance = ((logits - reference).abs().max() / reference.abs().max()).item()
             peft_model = apply_lora(model, family_for(model, get_family("mixtral")), range(args.layers))
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+            trainable = trainable_parameters(peft_model)
+            optimizer = lora_optimizer(peft_model, lr=1e-4)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for step in range(args.steps + 1):
                 t0 = time.perf_counter()
-                peft_model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
+                lora_step(peft_model, [{"input_ids": ids, "labels": ids}], optimizer)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if step:
@@ -102,7 +101,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     print(f"\nMixtral random-init: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of "
           f"intermediate {args.intermediate}, top-{config.num_experts_per_tok}; batch {args.batch}x{args.seq}, "
-          f"LoRA r16 attention / r64 experts on every layer, AdamW; device {device.type}"
+          f"LoRA r16 attention / r64 experts on every layer, method.step.lora_step (fused AdamW, clip 1.0); device {device.type}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     fused_bytes = results[0][2]
     header = (f"{'form':24s} {'experts as':20s} {'expert MiB':>10s} {'vs fused':>8s} {'model MiB':>9s} "
