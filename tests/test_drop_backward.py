@@ -201,7 +201,8 @@ def test_the_drop_backward_cell_records_its_plan_and_a_resumed_attempt_keeps_it(
     from aletheia_hpc.worker.training import StopForRequeue
     from tests.test_worker import make_cell
 
-    cell = make_cell("model=tiny-llama", "recipe=drop_backward", "recipe.drop.target_speedup=1.05",
+    target = 1.05  # within reach of the tiny model's calibrated ceiling on a loaded machine (1.165x seen)
+    cell = make_cell("model=tiny-llama", "recipe=drop_backward", f"recipe.drop.target_speedup={target}",
                      "recipe.probe.batches=2", "train.steps=4", "train.eval_every=2")
     stop = StopSignal()
     stop.request()
@@ -215,7 +216,7 @@ def test_the_drop_backward_cell_records_its_plan_and_a_resumed_attempt_keeps_it(
     assert row["selected_layers"] == list(range(6))
     assert row["drop_rates"] == pytest.approx([1 - q for q in first_plan.keep])
     assert row["predicted_speedup"] == pytest.approx(first_plan.predicted_speedup)
-    assert first_plan.predicted_speedup == pytest.approx(1.2, rel=1e-3)
+    assert first_plan.predicted_speedup == pytest.approx(target, rel=1e-3)
     assert row["dropped_fraction"] == pytest.approx(first_plan.dropped_fraction(4))
     assert [p["step"] for p in row["curve"]] == [0, 2, 4]
     times = [p["train_time_s"] for p in row["curve"]]
