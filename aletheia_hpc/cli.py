@@ -11,21 +11,34 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from aletheia_hpc.config import ConfigError
+from aletheia_hpc.files import CellBusy, directory_problem
 
 
-def _plan(overrides):
+def _plan(overrides, write: bool = False):
     from aletheia_hpc.campaign.matrix import expand
 
-    return expand(overrides)
+    plan = expand(overrides)
+    require_results_dir(plan.root.results_dir, write=write)
+    return plan
 
 
-def _service(overrides):
+def require_results_dir(results_dir, write: bool) -> None:
+    """Refuse a results_dir that is (or lies under) a file, or, for a verb that writes, one it cannot write."""
+    problem = directory_problem(Path(results_dir), write=write)
+    if problem:
+        raise ConfigError(f"results_dir={results_dir}: {problem}; give results_dir=<a directory you can "
+                          f"{'write' if write else 'read'}>")
+
+
+def _service(overrides, write: bool = False):
     from aletheia_hpc.campaign.service import CampaignService
 
-    return CampaignService(_plan(overrides))
+    return CampaignService(_plan(overrides, write=write))
 
 
 def _cell_label(cell) -> str:
@@ -134,10 +147,10 @@ def cmd_launch(overrides, args) -> int:
     """Run (local) or submit (SLURM) every cell that is not done and not queued; see
     CampaignService.launch. A local launch exits 1 when a cell failed or stopped on nan_abort, 128 + the
     signal's number when SIGTERM or SIGHUP stopped it."""
-    service = _service(overrides)
+    service = _service(overrides, write=True)
     for line in _memory_lines(service.plan)[1]:  # a warning, not a refusal: the estimate is approximate
         print(line, file=sys.stderr)
-    launch = service.launch(force=args.force or [], retry_nan=args.retry_nan,
+    launch = service.launch(force=args.force, retry_nan=args.retry_nan,
                             advance_with_failures=args.advance_with_failures, until_done=args.until_done)
     sub = launch.submission
     if launch.study_complete:
@@ -261,8 +274,10 @@ def cmd_logs(overrides, args) -> int:
     if len(args.cell_ids) != 1:
         raise ConfigError("logs needs one CELL_ID (`aletheia-hpc status` lists them), e.g. "
                           "aletheia-hpc logs 1a2b3c campaign=smoke")
+    results_dir = compose_root(overrides).results_dir
+    require_results_dir(results_dir, write=False)
     try:
-        work = find_cell_dir(Path(compose_root(overrides).results_dir), args.cell_ids[0])
+        work = find_cell_dir(Path(results_dir), args.cell_ids[0])
     except ValueError as err:
         raise ConfigError(f"logs: {err}") from None
     if not cell_logs(work) and not args.follow:
@@ -294,7 +309,11 @@ def cmd_run_cell(overrides, args) -> int:
                       data=root.data, eval=root.eval, seed=root.seed, variant=root.variant)
     check_cells([cell])
     require_placement([cell], root.cluster)
-    row = run_cell(cell, Path(root.results_dir), progress=root.progress, cpu_fallback=root.cluster.cpu_fallback)
+    require_results_dir(root.results_dir, write=True)
+    try:
+        row = run_cell(cell, Path(root.results_dir), progress=root.progress, cpu_fallback=root.cluster.cpu_fallback)
+    except CellBusy as exc:
+        raise ConfigError(str(exc)) from None
     # one line, last: scripts read it with `tail -1`
     print(json.dumps({k: row[k] for k in ("cell_id", "status", "selected_layers", "train_time_s",
                                            "eval_loss")}))
@@ -310,7 +329,7 @@ def cmd_prefetch(overrides, args) -> int:
 def cmd_aggregate(overrides, args) -> int:
     from aletheia_hpc.aggregate import aggregate_campaign, summary_table
 
-    plan = _plan(overrides)
+    plan = _plan(overrides, write=True)
     names = plan.root.campaign.parts or [plan.name]
     results_dir = Path(plan.root.results_dir)
     for name in names:
@@ -334,54 +353,99 @@ def cmd_aggregate(overrides, args) -> int:
     return 0
 
 
-# verb -> (handler, what it does); `resubmit` is `launch` under the name operators use for a rerun
+@dataclass(frozen=True)
+class Verb:
+    """A verb of the CLI: the function that runs it (overrides, parsed flags) -> exit status, what it
+    does, the flags it takes (names in FLAGS) and whether it takes CELL_IDs beside the overrides."""
+    run: Callable[[list[str], argparse.Namespace], int]
+    text: str
+    flags: tuple[str, ...] = ()
+    cell_ids: bool = False
+
+
+def _seconds_between_refreshes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= MIN_WATCH_INTERVAL_S:  # also refuses nan; each refresh asks the scheduler once
+        raise argparse.ArgumentTypeError(f"{text} s: give at least {MIN_WATCH_INTERVAL_S:g} s (each refresh asks "
+                                         "the scheduler once)")
+    return value
+
+
+MIN_WATCH_INTERVAL_S = 1.0
+# flag name -> (argparse option, its settings); a verb lists the names it takes
+FLAGS = {
+    "json": ("--json", dict(action="store_true", help="machine-readable output")),
+    "force": ("--force", dict(action="append", metavar="CELL_ID", default=[],
+                              help="rerun this cell from scratch even if done (repeatable)")),
+    "retry_nan": ("--retry-nan", dict(action="store_true", help="run nan_abort cells again too (left alone by default)")),
+    "advance_with_failures": ("--advance-with-failures", dict(
+        action="store_true", help="decide a staged study's stage even though some of its cells failed")),
+    "until_done": ("--until-done", dict(
+        action="store_true", help="run a staged study's stages one after another here until it is complete")),
+    "watch": ("--watch", dict(action="store_true", help="a live table (step N/total, elapsed, ETA) until no cell is busy")),
+    "interval": ("--interval", dict(type=_seconds_between_refreshes, default=10.0,
+                                    help=f"--watch: seconds between refreshes (>= {MIN_WATCH_INTERVAL_S:g}; default 10)")),
+    "follow": ("--follow", dict(action="store_true", help="keep printing what the cell writes")),
+    "sbatch": ("--sbatch", dict(action="store_true",
+                                help="print the sbatch script of every resource class (submits nothing)")),
+}
+_LAUNCH_FLAGS = ("force", "retry_nan", "advance_with_failures", "until_done")
+# verb -> Verb; adding a verb is one entry here. `resubmit` is `launch` under the name operators use for a rerun.
 VERBS = {
-    "plan": (cmd_plan, "expand and validate the campaign, submit nothing"),
-    "prefetch": (cmd_prefetch, "fetch the campaign's hub models and data into the cluster's cache, pinned"),
-    "launch": (cmd_launch, "run or submit every cell that is not done and not queued"),
-    "status": (cmd_status, "where every cell stands (cell files + one scheduler query)"),
-    "resubmit": (cmd_launch, "the same as launch: failed and missing cells (--force, --retry-nan)"),
-    "cancel": (cmd_cancel, "cancel every queued or running job of the campaign (SLURM)"),
-    "logs": (cmd_logs, "a cell's newest attempt log: logs CELL_ID [--follow]"),
-    "run-cell": (cmd_run_cell, "run one cell here, in this process"),
-    "aggregate": (cmd_aggregate, "tables, statistics, figures and the report"),
+    "plan": Verb(cmd_plan, "expand and validate the campaign, submit nothing", ("json", "sbatch")),
+    "prefetch": Verb(cmd_prefetch, "fetch the campaign's hub models and data into the cluster's cache, pinned"),
+    "launch": Verb(cmd_launch, "run or submit every cell that is not done and not queued", _LAUNCH_FLAGS),
+    "status": Verb(cmd_status, "where every cell stands (cell files + one scheduler query)",
+                   ("json", "watch", "interval")),
+    "resubmit": Verb(cmd_launch, "the same as launch: failed and missing cells (--force, --retry-nan)", _LAUNCH_FLAGS),
+    "cancel": Verb(cmd_cancel, "cancel every queued or running job of the campaign (SLURM)"),
+    "logs": Verb(cmd_logs, "a cell's newest attempt log: logs CELL_ID [--follow]", ("follow",), cell_ids=True),
+    "run-cell": Verb(cmd_run_cell, "run one cell here, in this process"),
+    "aggregate": Verb(cmd_aggregate, "tables, statistics, figures and the report"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The top level: which verb (its own parser, _verb_parser, takes the rest of the line)."""
     parser = argparse.ArgumentParser(
         prog="aletheia-hpc", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__ + "\n".join(f"  {verb:10s} {text}" for verb, (_, text) in VERBS.items()))
+        description=__doc__ + "\n".join(f"  {verb:10s} {v.text}" for verb, v in VERBS.items())
+        + "\n\n`aletheia-hpc VERB --help` lists the verb's own flags.")
     parser.add_argument("verb", choices=VERBS)
-    parser.add_argument("words", nargs="*", help="Hydra overrides (key=value), e.g. campaign=smoke train.steps=5")
-    parser.add_argument("--json", action="store_true", help="plan, status: machine-readable output")
-    parser.add_argument("--force", action="append", metavar="CELL_ID",
-                        help="launch/resubmit: rerun this cell from scratch even if done (repeatable)")
-    parser.add_argument("--retry-nan", action="store_true",
-                        help="launch/resubmit: run nan_abort cells again too (left alone by default)")
-    parser.add_argument("--advance-with-failures", action="store_true",
-                        help="launch: decide a staged study's stage even though some of its cells failed")
-    parser.add_argument("--until-done", action="store_true",
-                        help="launch: run a staged study's stages one after another here until it is complete")
-    parser.add_argument("--watch", action="store_true",
-                        help="status: a live table (step N/total, elapsed, ETA) until no cell is busy")
-    parser.add_argument("--interval", type=float, default=10.0, help="status --watch: seconds between refreshes")
-    parser.add_argument("--follow", action="store_true", help="logs: keep printing what the cell writes")
-    parser.add_argument("--sbatch", action="store_true",
-                        help="plan: print the sbatch script of every resource class (submits nothing)")
+    return parser
+
+
+def _verb_parser(name: str) -> argparse.ArgumentParser:
+    verb = VERBS[name]
+    parser = argparse.ArgumentParser(prog=f"aletheia-hpc {name}", description=verb.text)
+    parser.add_argument("words", nargs="*", metavar="CELL_ID or key=value" if verb.cell_ids else "key=value",
+                        help="Hydra overrides, e.g. campaign=smoke train.steps=5"
+                             + ("; and the CELL_ID (a prefix will do)" if verb.cell_ids else ""))
+    for flag in verb.flags:
+        option, settings = FLAGS[flag]
+        parser.add_argument(option, dest=flag, **settings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_intermixed_args(argv)  # flags anywhere on the line
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = _parser()
+    if not argv or argv[0] not in VERBS:
+        top.parse_args(argv[:1] or [])  # --help, or the error naming the verbs
+        return 2
+    name = argv[0]
+    parser = _verb_parser(name)
+    args = parser.parse_intermixed_args(argv[1:])  # flags anywhere on the line; one the verb lacks is an error
+    args.verb = name
     overrides = [w for w in args.words if "=" in w]
     args.cell_ids = [w for w in args.words if "=" not in w]
-    if args.cell_ids and args.verb != "logs":
-        parser.error(f"{args.verb}: {' '.join(args.cell_ids)!r} is not a Hydra override (key=value)")
-    handler = VERBS[args.verb][0]
+    if args.cell_ids and not VERBS[name].cell_ids:
+        parser.error(f"{' '.join(args.cell_ids)!r} is not a Hydra override (key=value)")
     try:
-        return handler(overrides, args)
+        return VERBS[name].run(overrides, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -263,7 +263,8 @@ class CampaignConfig:
 
     @property
     def staged(self) -> bool:
-        return self.stages.advance > 0
+        # any advance but 0: a negative one is a mistake the stage checks name, not a plain campaign
+        return self.stages.advance != 0
 
 
 # sbatch --mail-type values (several may be joined with commas)
@@ -375,9 +376,18 @@ class CellConfig:
 
     def settings(self) -> dict[str, Any]:
         """What the cell computes, without its labels (variant name): two cells with equal settings
-        would produce the same result, so a campaign may not hold both."""
+        would produce the same result, so a campaign may not hold both. Recipe fields the cell never
+        uses are left out: a variant that sets only those (recipe.layer_pct on standard LoRA) trains
+        nothing new."""
         ident = self.identity()
         ident.pop("variant")
+        recipe = ident["recipe"]
+        if self.recipe.layers == "all":  # every layer: no budget, no probe
+            recipe.pop("layer_pct")
+            recipe.pop("probe")
+        unused_rank = {"attention": "mlp_rank", "mlp": "attention_rank"}.get(self.recipe.modules)
+        if unused_rank:
+            recipe.pop(unused_rank)
         return ident
 
     def identity(self) -> dict[str, Any]:

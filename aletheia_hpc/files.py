@@ -1,11 +1,12 @@
-"""The two file primitives every writer shares: an atomic write and an exclusive file lock."""
+"""The file primitives every writer shares: an atomic write, an exclusive file lock, and the cell lock."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -78,3 +79,58 @@ def lock_holder(path: Path) -> str | None:
             return handle.read().strip()
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
+
+
+# Every writer of a cell (run-cell, the local dispatcher's workers, SLURM array tasks: all of them go
+# through worker.cell.run_cell) holds this lock in the cell's directory while it trains and writes the row.
+CELL_LOCK_FILE = "cell.lock"
+
+
+class CellBusy(RuntimeError):
+    """Another process runs the cell; the message names it (pid, host, since when, which job)."""
+
+
+def _lock_owner(holder: str) -> str:
+    try:
+        other = json.loads(holder)
+        return f"{other['by']} (pid {other['pid']} on host {other['host']}, started {other['started_at']})"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no details"
+
+
+@contextmanager
+def cell_lock(cell_dir: Path, holder: dict, *, wait: bool = False, on_wait=None) -> Iterator[None]:
+    """Hold the lock of the cell in ``cell_dir`` for the ``with`` block (``holder``: what this process
+    writes for the next one to find, JSON: by, pid, host, started_at). Taken: raise CellBusy naming the
+    holder, or with ``wait`` call ``on_wait(text naming it)`` and wait."""
+    path, cell = Path(cell_dir) / CELL_LOCK_FILE, Path(cell_dir).name
+    busy = lambda current: f"cell {cell} is being run by {_lock_owner(current)}"
+    stack = ExitStack()
+    try:
+        stack.enter_context(file_lock(path, wait=wait, holder=json.dumps(holder),
+                                      on_wait=lambda current: on_wait and on_wait(busy(current))))
+    except LockHeld as exc:
+        raise CellBusy(f"{busy(exc.holder)}; wait for it to end (or stop it) rather than train the cell "
+                       "twice") from None
+    with stack:
+        yield
+
+
+def directory_problem(path: Path, *, write: bool) -> str | None:
+    """Why ``path`` cannot hold results (read them, or with ``write`` also write them, creating the
+    directory); None when it can. A write is tried, not asked of os.access: root passes that test on
+    read-only file systems too."""
+    path = Path(path)
+    for known in (path, *path.parents):
+        if known.exists():
+            if not known.is_dir():
+                return f"{known} is a file, not a directory"
+            break
+    if write:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            return f"cannot write in {exc.filename or path} ({exc.strerror})"
+    return None

@@ -210,9 +210,41 @@ class InvalidRow(ValueError):
     """A row file that is missing, unreadable, truncated or violates the schema."""
 
 
-def validate_row(row: Any) -> dict:
+# Seconds no cell's phase can take (a year): a larger time is a damaged or hand-edited row.
+MAX_TIME_S = 365 * 24 * 3600.0
+# the row's times, in seconds: scalars, a list per step, and a dict per benchmark
+TIME_FIELDS = ("train_time_s", "probe_time_s", "model_load_time_s", "step_time_median_s",
+               "cost_calibration_time_s", "predicted_step_time_s")
+
+
+def _time_problem(name: str, value: Any, positive: bool) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{name}={value!r} is not a finite number of seconds"
+    if value < 0 or (positive and value == 0) or value > MAX_TIME_S:
+        return (f"{name}={value!r} is not a possible time (seconds, {'> 0' if positive else '>= 0'} and at most "
+                f"{MAX_TIME_S:.0f})")
+    return None
+
+
+def _times_problem(row: dict) -> str | None:
+    """The first impossible time of ``row``; an ok training row must have trained for > 0 s."""
+    trained = row["status"] == "ok" and row["recipe"] not in (BASE_RECIPE, TIMING_RECIPE)
+    values = [(name, row.get(name), trained and name == "train_time_s") for name in TIME_FIELDS]
+    steps = row.get("step_times_s") or []
+    evals = row.get("eval_time_s") or {}
+    if not isinstance(steps, list) or not isinstance(evals, dict):
+        return "step_times_s must be a list and eval_time_s a mapping"
+    values += [(f"step_times_s[{i}]", t, False) for i, t in enumerate(steps)]
+    values += [(f"eval_time_s[{k}]", t, False) for k, t in evals.items()]
+    return next((p for name, value, positive in values if (p := _time_problem(name, value, positive))), None)
+
+
+def validate_row(row: Any, cell_id: str | None = None) -> dict:
     """Return ``row`` (with optional fields it lacks filled in) if it satisfies the schema, else
-    raise InvalidRow naming the problem."""
+    raise InvalidRow naming the problem. ``cell_id``: the cell the row must belong to (the one
+    validator: campaign status and aggregate both read rows through read_row, which gives it)."""
     if not isinstance(row, dict):
         raise InvalidRow(f"row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in REQUIRED_FIELDS if k not in row]
@@ -222,6 +254,12 @@ def validate_row(row: Any) -> dict:
         raise InvalidRow(f"status={row['status']!r} is not one of {STATUSES}")
     if row["cell_id"] != row["config_hash"]:
         raise InvalidRow("cell_id and config_hash differ")
+    if cell_id is not None and row["cell_id"] != cell_id:
+        raise InvalidRow(f"this row.json is not this cell's (cell_id={row['cell_id']}, its directory is {cell_id}): "
+                         "it was copied or moved here; move it back to its own cell, or aside")
+    problem = _times_problem(row)
+    if problem:
+        raise InvalidRow(problem)
     if row["status"] == "ok":
         if row["failure_reason"] is not None:
             raise InvalidRow("an ok row has a failure_reason")
@@ -279,12 +317,13 @@ def read_stage_decision(campaign_dir: Path | str, stage: int) -> dict | None:
 
 
 def read_row(path: Path) -> dict:
-    """Read and validate one row file; InvalidRow names the path on any defect."""
+    """Read and validate one row file, which must belong to the cell whose directory holds it;
+    InvalidRow names the path on any defect."""
     try:
         row = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise InvalidRow(f"{path}: cannot read row ({exc})") from exc
     try:
-        return validate_row(row)
+        return validate_row(row, cell_id=Path(path).parent.name)
     except InvalidRow as exc:
         raise InvalidRow(f"{path}: {exc}") from exc

@@ -22,11 +22,13 @@ def job(age_s=10.0, cluster="dev", jid="77_1"):
 
 
 OLD = ACCOUNTING_GRACE_S + 60
+FOREIGN = f"/r/cells/{CID}/row.json: this row.json is not this cell's (cell_id=beef000000000002, its directory is {CID})"
 
 CASES = [
     # (name, row, row_problem, job, sched, source, expected state, reason starts with / contains, show_log)
     ("nothing yet", None, None, None, None, "sacct", "missing", None, False),
-    ("unreadable row", None, "row.json: cannot read row", None, None, "sacct", "missing", "row.json: cannot", False),
+    ("unreadable row", None, "row.json: cannot read row", None, None, "sacct", "missing",
+     "damaged row.json: cannot read row: not counted", False),
     ("ok row", row(), None, None, None, "sacct", "done", None, False),
     ("ok row beats a running job", row(), None, job(), "RUNNING", "sacct", "done", None, False),
     ("ok row, accounting down", row(), None, job(), None, "none", "done", None, False),
@@ -58,14 +60,14 @@ CASES = [
      False),
     ("scheduler unreachable", None, None, job(OLD), None, "none", "unknown", "job 77_1: the scheduler cannot", False),
     ("scheduler unreachable, failed row", row("failed"), None, job(), None, "none", "failed", "exception:", True),
-    ("foreign row (another cell's)", row(cell_id="beef000000000002"), None, None, None, "sacct", "missing",
-     "row.json is not this cell's (cell_id=beef000000000002", False),
-    ("foreign config hash", row(config_hash="beef000000000002"), None, None, None, "sacct", "missing",
-     "row.json is not this cell's", False),
-    ("foreign row, job gone", row(cell_id="beef000000000002"), None, job(), None, "squeue", "missing",
-     "job 77_1 is no longer queued and left no row (row.json is not this cell's", False),
-    ("foreign row, job running", row(cell_id="beef000000000002"), None, job(), "RUNNING", "sacct", "running",
-     "job 77_1 RUNNING; row.json is not", False),
+    # a foreign or impossible row never reaches cell_state: the row validator (row.read_row) makes it a problem
+    ("damaged row, job gone", None, FOREIGN, job(), None, "squeue", "missing",
+     "job 77_1 is no longer queued and left no valid row (damaged /r/cells/c0ffee0000000001/row.json: this row.json "
+     "is not this cell's", False),
+    ("damaged row, job running", None, FOREIGN, job(), "RUNNING", "sacct", "running",
+     "job 77_1 RUNNING; damaged /r/cells/", False),
+    ("damaged row, job cancelled", None, FOREIGN, job(), "CANCELLED", "sacct", "failed",
+     "CANCELLED: job 77_1; damaged /r/cells/", False),
 ]
 
 

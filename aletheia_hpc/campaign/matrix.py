@@ -7,6 +7,7 @@ is typed and resolved exactly as ``run-cell`` would resolve it alone.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aletheia_hpc.config import (STAGE_OBJECTIVES, TIMINGS, CellConfig, ClusterConfig, ConfigError, FaultConfig,
                                  PairedTimingConfig, RecipeConfig, RootConfig, TimingArmConfig, VariantConfig,
                                  validate_cell, validate_cluster)
-from aletheia_hpc.campaign.stages import override_key
+from aletheia_hpc.campaign.stages import decision_problem, merge_overrides, override_key
 from aletheia_hpc.data.builtin import BUILTIN_NAME
 from aletheia_hpc.provenance import REPO_ROOT
 from aletheia_hpc.row import TIMING_RECIPE, arm_name
@@ -44,9 +45,19 @@ def compose_root(overrides: list[str]) -> RootConfig:
             cfg = compose(config_name="config", overrides=list(overrides))
         return _absolute_paths(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(f"config error: {exc}".replace("\n", " ")) from exc
+        raise ConfigError(f"config error: {_merge_error(exc)}".replace("\n", " ")) from exc
     finally:
         GlobalHydra.instance().clear()
+
+
+def _merge_error(exc: Exception) -> str:
+    """Hydra's "Error merging override X" with the reason it keeps in its cause: which field, and the
+    type that field takes (e.g. campaign.seeds[0]: Value 'a' of type 'str' could not be converted to Integer)."""
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "msg", None):
+        key = getattr(cause, "full_key", None)
+        return f"{exc}: " + (f"{key}: " if key else "") + str(cause.msg).splitlines()[0]
+    return str(exc)
 
 
 def _absolute_paths(root: RootConfig) -> RootConfig:
@@ -113,6 +124,7 @@ def _without(overrides: list[str], *keys: str) -> list[str]:
     return [o for o in overrides if _key(o) not in keys]
 
 
+_EXAMPLE = {"models": "tiny-llama", "recipes": "standard,aletheia", "seeds": "42"}
 # override key given with a campaign -> the campaign field to use instead
 _CELL_AXES = {"model": "campaign.models=[...]", "recipe": "campaign.recipes=[...]",
               "seed": "campaign.seeds=[...]", "variant": "campaign.variants=[...]"}
@@ -162,15 +174,18 @@ def expand(overrides: list[str]) -> Plan:
             cells += expand(base + [f"campaign={part}"]).cells  # each part checks its own cells
         return Plan(campaign.name, root, cells, list(overrides))
 
-    if not campaign.models:
-        raise ConfigError(f"campaign {campaign.name!r} lists no models (campaign.models)")
-    known_models, known_recipes = set(option_names("model")), set(option_names("recipe"))
-    variant_models = {m for v in campaign.variants for m in (v.models or [])}
-    problems = [f"campaign.models: unknown model {m!r}; known: {', '.join(sorted(known_models))}"
-                for m in sorted(set(campaign.models) | variant_models) if m not in known_models]
-    variant_recipes = {r for v in campaign.variants for r in (v.recipes or [])}
-    problems += [f"campaign.recipes: unknown recipe {r!r}; known: {', '.join(sorted(known_recipes))}"
-                 for r in sorted(set(campaign.recipes) | variant_recipes) if r not in known_recipes]
+    for axis in ("models", "recipes", "seeds"):
+        if not getattr(campaign, axis):
+            raise ConfigError(f"campaign {campaign.name!r} lists no {axis} (campaign.{axis}=[]): it would have no "
+                              f"cells; give at least one, e.g. campaign.{axis}=[{_EXAMPLE[axis]}]")
+    known = {"models": set(option_names("model")), "recipes": set(option_names("recipe"))}
+    problems = []
+    for axis, kind in (("models", "model"), ("recipes", "recipe")):
+        # each unknown name blamed on the list that holds it: the campaign's, or a variant's own
+        lists = [(f"campaign.{axis}", getattr(campaign, axis))]
+        lists += [(f"campaign.variants[{v.name}].{axis}", getattr(v, axis) or []) for v in campaign.variants]
+        problems += [f"{where}: unknown {kind} {name!r}; known: {', '.join(sorted(known[axis]))}"
+                     for where, names in lists for name in dict.fromkeys(names) if name not in known[axis]]
     problems += _variant_problems(campaign) + _timing_problems(campaign)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -248,6 +263,11 @@ def _stage_problems(campaign, stage1_arms: list[dict]) -> list[str]:
                         f"effects and interaction aggregate reports); got {[(f.name, len(f.levels)) for f in st.factors]}")
     if len({f.name for f in st.factors}) != len(st.factors):
         problems.append("campaign.stages.factors: two factors have the same name")
+    fields = [next(iter({_key(level) for level in f.levels}), "") for f in st.factors]
+    for field_name in {k for k in fields if k and fields.count(k) > 1}:
+        problems.append(f"campaign.stages.factors: {' and '.join(f.name for f, k in zip(st.factors, fields) if k == field_name)}"
+                        f" both set {field_name}: the later level would overwrite the earlier, a degenerate design; "
+                        "give each factor its own field")
     for f in st.factors:
         if not f.name or any(ch in f.name for ch in "@/=-"):
             problems.append(f"campaign.stages.factors: name {f.name!r} must be non-empty, without '@', '/', '=' or '-'")
@@ -266,6 +286,25 @@ def _stage_problems(campaign, stage1_arms: list[dict]) -> list[str]:
             problems.append(f"campaign.stages.factors[{f.name}].levels: every level must set the same one field, "
                             f"got {sorted(keys)}")
     return problems
+
+
+def _factorial_problems(campaign, stage1_arms: list[dict], compose: "_Composer") -> list[str]:
+    """Every stage-3 combination of factor levels on every arm that could win stage 2, composed and
+    validated as the cell it would be: a level is refused where a plain cell's value is."""
+    st, problems = campaign.stages, []
+    for arm in stage1_arms:
+        if arm["name"] == st.baseline:
+            continue
+        for levels in itertools.product(*(f.levels for f in st.factors)):
+            variant = VariantConfig(name="fx-check", recipes=[arm["recipe"]], steps=st.full_steps,
+                                    overrides=merge_overrides(arm["overrides"], levels))
+            where = f"campaign.stages.factors levels {', '.join(levels)} on arm {arm['name']}"
+            try:
+                (cell,) = compose.cells(campaign.models[0], arm["recipe"], variant, campaign.seeds[:1])
+                validate_cell(cell)
+            except ConfigError as exc:
+                problems.append(f"{where}: {str(exc).replace('campaign.variants[fx-check].overrides: ', '')}")
+    return list(dict.fromkeys(problems))
 
 
 def _stage1_arms(campaign) -> list[dict]:
@@ -307,20 +346,19 @@ def _plan_stages(plan: Plan, compose: _Composer) -> None:
     campaign = plan.root.campaign
     arms = _stage1_arms(campaign)
     problems = _stage_problems(campaign, arms)
-    if not problems:  # a misspelt field in a factor level fails now, not when stage 3 is composed
-        for f in campaign.stages.factors:
-            for level in f.levels:
-                try:
-                    compose_root(plan.overrides + [f"model={campaign.models[0]}", f"recipe={arms[0]['recipe']}",
-                                                   *arms[0]["overrides"], level])
-                except ConfigError as exc:
-                    problems.append(f"campaign.stages.factors[{f.name}].levels: {level!r}: {exc}")
+    if not problems:  # a bad factor level fails now, not after stages 1 and 2 have run
+        problems = _factorial_problems(campaign, arms, compose)
     if problems:
         raise ConfigError("; ".join(problems))
     members = [{"cell_id": c.cell_id, "arm": c.arm, "seed": c.seed, "levels": {}} for c in plan.cells]
     plan.stages.append(StagePlan(1, arms, list(campaign.seeds), members))
     results = Path(plan.root.results_dir)
     while (decision := read_stage_decision(results, campaign.name, plan.stages[-1].stage)) is not None:
+        problem = decision_problem(decision, plan.stages[-1].arms, campaign.stages)
+        if problem:
+            raise ConfigError(f"{stage_decision_path(results, campaign.name, decision['stage'])}: {problem}; it was "
+                              "edited by hand, or the config's stages changed since: restore it, or move it aside to "
+                              f"decide stage {decision['stage']} again from its rows")
         plan.stages[-1].decision = decision
         if decision["next"] is None:
             break

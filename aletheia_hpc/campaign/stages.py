@@ -153,3 +153,29 @@ def decide(stage: dict, rows: dict[str, dict | None], stages: StagesConfig) -> d
     else:
         decision.update(advanced=[], winner=ranking[0]["arm"], next=None)
     return decision
+
+
+def decision_problem(decision: dict, stage_arms: list[dict], stages: StagesConfig) -> str | None:
+    """Why ``decision`` (a stage<k>.json on the stage whose arms are ``stage_arms``) does not follow from
+    its own ranking by the rule decide applies, or None: what advanced, the winner, and the arms the
+    next stage was built from."""
+    k, ranking = decision["stage"], decision.get("ranking") or []
+    if k == 1:
+        top = best_arms(ranking, stages.advance, exclude=[stages.baseline])
+        expected = {"advanced": top}
+        from_arms = top + ([stages.baseline] if stages.baseline in {a["name"] for a in stage_arms} else [])
+    elif k == 2:
+        top = best_arms(ranking, 1, exclude=[a["name"] for a in stage_arms if a["from_arm"] == stages.baseline])
+        expected = {"advanced": top, "winner": top[0] if top else None}
+        from_arms = None  # every factorial arm is built from the winner
+    else:
+        expected, from_arms = {"winner": ranking[0]["arm"] if ranking else None}, None
+    wrong = [f"{key} {decision.get(key)!r}, but its ranking gives {value!r}" for key, value in expected.items()
+             if decision.get(key) != value]
+    nxt = decision.get("next")
+    if nxt is not None:
+        built_from = [a.get("from_arm") for a in nxt.get("arms", [])]
+        want = from_arms if from_arms is not None else [expected["winner"]] * len(built_from)
+        if built_from != want:
+            wrong.append(f"stage {k + 1}'s arms are built from {built_from}, but its ranking gives {want}")
+    return "; ".join(wrong) or None

@@ -44,12 +44,10 @@ def cell_state(cell_id: str, row: dict | None, row_problem: str | None, job: dic
     ``row``: its valid row file, or None (``row_problem``: why a row file is not valid). ``job``: its
     latest job record (job_id, submitted_at, cluster), or None. ``sched``: the scheduler's state of
     that job (e.g. 'RUNNING', 'CANCELLED'), or None when ``source`` does not list it. ``cluster``:
-    the cluster asked (a job of another one is not asked about)."""
-    note = None
-    if row is not None and (row.get("cell_id") != cell_id or row.get("config_hash") != cell_id):
-        note = (f"row.json is not this cell's (cell_id={row.get('cell_id')}, "
-                f"config_hash={row.get('config_hash')}): it is not counted")
-        row, row_problem = None, note
+    the cluster asked (a job of another one is not asked about). ``row`` has passed the one row
+    validator (row.read_row: it is this cell's, its times are possible); a damaged row file is a
+    ``row_problem`` that names the file, in the reason of whatever state the job gives."""
+    note = f"damaged {row_problem}: not counted" if row_problem else None
     if row is not None and row["status"] == "ok":
         return CellState("done")
     if job is not None and job.get("cluster", cluster) != cluster:
@@ -70,7 +68,7 @@ def cell_state(cell_id: str, row: dict | None, row_problem: str | None, job: dic
             if source == "sacct":
                 return CellState("missing", f"job {jid} is unknown to this cluster's accounting "
                                             f"{age / 60:.0f} min after submission; resubmit runs the cell again")
-            return CellState("missing", f"job {jid} is no longer queued and left no row"
+            return CellState("missing", f"job {jid} is no longer queued and left no valid row"
                                         + (f" ({note})" if note else "") + "; resubmit runs the cell again")
     if row is not None:
         reason = row["failure_reason"] or row["status"]
@@ -79,7 +77,8 @@ def cell_state(cell_id: str, row: dict | None, row_problem: str | None, job: dic
         return CellState("failed", reason.splitlines()[0], show_log=True)
     if job is not None:  # ended (sched is a terminal state) without a row
         jid = job["job_id"]
+        also = f"; {note}" if note else ""
         if sched == "COMPLETED":
-            return CellState("failed", f"COMPLETED without a row: job {jid}")
-        return CellState("failed", f"{sched}: job {jid}", show_log=sched == "FAILED")
-    return CellState("missing", row_problem)
+            return CellState("failed", f"COMPLETED without a row: job {jid}{also}")
+        return CellState("failed", f"{sched}: job {jid}{also}", show_log=sched == "FAILED")
+    return CellState("missing", note)

@@ -20,9 +20,16 @@ from pathlib import Path
 import torch
 
 from aletheia_hpc import provenance
-from aletheia_hpc.campaign.store import ATTEMPTS_FILE, DROP_PLAN_FILE, cell_path, prepare_cell_dir
-from aletheia_hpc.files import atomic_write
+from aletheia_hpc.campaign.store import (
+    ATTEMPTS_FILE,
+    DROP_PLAN_FILE,
+    cell_path,
+    move_row_aside,
+    prepare_cell_dir,
+    row_state,
+)
 from aletheia_hpc.config import CellConfig
+from aletheia_hpc.files import atomic_write, cell_lock
 from aletheia_hpc.row import ROW_FILENAME, Row, write_row
 
 log = logging.getLogger(__name__)
@@ -36,8 +43,17 @@ def _next_attempt(work_dir: Path) -> int:
     path = work_dir / ATTEMPTS_FILE
     attempts = json.loads(path.read_text()) if path.exists() else []
     attempts.append({"started_at": provenance.utc_now(), "slurm": provenance.slurm_ids()})
-    path.write_text(json.dumps(attempts, indent=1))
+    atomic_write(path, json.dumps(attempts, indent=1), fsync=False)
     return len(attempts)
+
+
+def record_interruption(work_dir: Path, why: str) -> None:
+    """Mark the cell's current attempt (attempts.json) as interrupted from outside (its launcher
+    died), not failed: it wrote no row, and its checkpoint stays for the next attempt."""
+    path = work_dir / ATTEMPTS_FILE
+    attempts = json.loads(path.read_text())
+    attempts[-1].update(interrupted=why, ended_at=provenance.utc_now())
+    atomic_write(path, json.dumps(attempts, indent=1), fsync=False)
 
 
 def _base_row(cell: CellConfig) -> Row:
@@ -361,20 +377,42 @@ def _evaluate(cell: CellConfig, model, tokenizer, eval_examples, held_out, colla
 
 
 def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool = True,
-             cpu_fallback: bool = False) -> dict:
+             cpu_fallback: bool = False, dispatched: bool = False) -> dict:
     """Run ``cell`` and write its row under results_dir; return the row.
+
+    The cell's lock (files.cell_lock) is held throughout, so that no cell trains twice at once:
+    run-cell refuses (CellBusy, naming the writer that holds it); a ``dispatched`` worker (local
+    launch, SLURM task) waits for it, and when the writer it waited for left an ok row, returns that
+    row and runs nothing. Any row already there is kept aside as row.json.replaced-<time> before the
+    cell runs again.
 
     A non-finite loss gives a nan_abort row; any other exception a failed row (then re-raised, so
     the scheduler records the failure too). A stop request for requeue re-raises StopForRequeue
     with no row written. ``cpu_fallback``: a cell that asked for GPUs may train on the CPU when
     there are none (clusters with declared, not real, GPUs); otherwise it fails.
     """
-    from aletheia_hpc.worker.stop import StopSignal
-    from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue
-
     work_dir = cell_path(results_dir, cell)
     if not work_dir.exists():
         prepare_cell_dir(results_dir, cell)
+    slurm_job = provenance.slurm_ids().get("job_id")
+    by = "run-cell" if not dispatched else f"SLURM job {slurm_job}" if slurm_job else "a local launch's worker"
+    holder = {"by": by, "pid": os.getpid(), "host": provenance.host_name(), "started_at": provenance.utc_now()}
+    with cell_lock(work_dir, holder, wait=dispatched, on_wait=lambda who: log.warning("%s; waiting", who)):
+        done = row_state(results_dir, cell).row
+        if dispatched and done is not None and done["status"] == "ok":
+            log.info("cell %s has an ok row (the writer waited for finished it): not run again", cell.cell_id)
+            return done
+        moved = move_row_aside(results_dir, cell)
+        if moved:
+            log.info("cell %s: old row kept as %s", cell.cell_id, moved)
+        return _run_locked(cell, work_dir, stop, progress, cpu_fallback)
+
+
+def _run_locked(cell: CellConfig, work_dir: Path, stop, progress: bool, cpu_fallback: bool) -> dict:
+    from aletheia_hpc.worker.stop import StopSignal
+    from aletheia_hpc.worker.training import NonFiniteLoss, StopForRequeue
+
+    started = time.perf_counter()
     attempt = _next_attempt(work_dir)
     row = _base_row(cell)
     row.attempts = attempt
@@ -382,14 +420,17 @@ def run_cell(cell: CellConfig, results_dir: Path, *, stop=None, progress: bool =
     try:
         if cell.faults.raise_on_attempt == attempt:
             raise InjectedFault(f"fault injected on attempt {attempt}")
-        if cell.noop:
-            row.update(train_time_s=0.0, eval_loss=0.0, train_steps=cell.train.steps, device="none")
+        if cell.noop:  # its time is what the no-op took: a row's train time is > 0
+            row.update(train_time_s=time.perf_counter() - started, eval_loss=0.0, train_steps=cell.train.steps,
+                       device="none")
         else:
             _train_and_evaluate(cell, work_dir, row, stop or StopSignal(), progress, cpu_fallback)
     except NonFiniteLoss as exc:
         row.update(status="nan_abort", failure_reason=f"nan_abort: {exc}", nan_step=exc.step)
     except StopForRequeue:
         raise
+    except BrokenPipeError as exc:  # the output pipe: the launcher died, the cell did not fail
+        raise StopForRequeue(f"the launcher's output pipe broke ({exc}); the checkpoints are kept") from exc
     except Exception as exc:
         tail = "".join(traceback.format_exception(exc)[-3:]).strip()
         row.update(status="failed", failure_reason=f"exception: {type(exc).__name__}: {exc}\n{tail}")
