@@ -250,7 +250,7 @@ def _tres(value: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in value.split(",") if "=" in item)
 
 
-SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS"
+SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS,NodeList"
 
 
 def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
@@ -276,13 +276,28 @@ def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
     return states, {jid: rec for jid, rec in usage.items() if rec["elapsed_s"] > 0}
 
 
-def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict]]:
-    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task."""
+def earlier_runs(out: str) -> dict[str, list[str]]:
+    """``sacct -n -P -D -o SACCT_FIELDS`` output -> job id -> how each run before its latest ended
+    (``"NODE_FAIL on node1"``), for the jobs that ran more than once (requeued after a node failure,
+    a preemption, a timeout warning)."""
+    runs: dict[str, list[str]] = defaultdict(list)
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 6 or "." in parts[0] or "[" in parts[0]:
+            continue
+        state = parts[1].split()[0] if parts[1].strip() else "UNKNOWN"
+        runs[parts[0]].append(f"{state} on {parts[5]}" if parts[5] and parts[5] != "None assigned" else state)
+    return {jid: ended[:-1] for jid, ended in runs.items() if len(ended) > 1}
+
+
+def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict], dict[str, list[str]]]:
+    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task,
+    and the earlier runs of the requeued ones (earlier_runs)."""
     ids = sorted(set(array_ids), key=lambda s: (len(s), s))
     if not ids:
-        return {}, {}
-    return parse_sacct(_query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS],
-                              "accounting (sacct)"))
+        return {}, {}, {}
+    out = _query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS], "accounting (sacct)")
+    return (*parse_sacct(out), earlier_runs(out))
 
 
 def squeue_states() -> dict[str, str]:
@@ -316,7 +331,7 @@ class SlurmDispatcher:
         if not jobs:
             return SchedulerView("sacct")
         try:
-            states, usage = sacct_states(r["array_job_id"] for r in jobs.values())
+            states, usage, earlier = sacct_states(r["array_job_id"] for r in jobs.values())
         except SchedulerDown as accounting:
             try:
                 return SchedulerView("squeue", squeue_states(),
@@ -327,7 +342,7 @@ class SlurmDispatcher:
             states = fill_from_queue(states, (r["job_id"] for r in jobs.values()), squeue_states)
         except SchedulerDown:
             pass  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
-        return SchedulerView("sacct", states, accounting=usage)
+        return SchedulerView("sacct", states, accounting=usage, earlier_runs=earlier)
 
     def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
         """One sbatch per (campaign part, resource class, chunk of MaxArraySize): each part keeps its
