@@ -67,8 +67,15 @@ class DevCluster:
         proc = _script("kill-node", self.env, timeout=60, args=[node])
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
+    def stop_controller(self) -> None:
+        """Stop slurmctld by its recorded PID (``slurm/dev-cluster stop-ctld``): the nodes and their
+        jobs keep running, squeue/sbatch fail, sacct still answers. ``restart_nodes`` starts it again."""
+        proc = _script("stop-ctld", self.env, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
     def restart_nodes(self) -> None:
-        """``slurm/dev-cluster up``: start whatever is not running (a killed node's slurmd) and wait
+        """``slurm/dev-cluster up``: start whatever is not running (a killed node's slurmd, a stopped
+        controller) and wait
         until every node is idle again."""
         proc = _script("up", self.env, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
