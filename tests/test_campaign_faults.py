@@ -13,15 +13,50 @@ from pathlib import Path
 import pytest
 
 from aletheia_hpc.campaign.matrix import expand
-from aletheia_hpc.campaign.slurm import earlier_runs
+from aletheia_hpc.campaign.slurm import earlier_runs, fill_from_queue, job_runs
+from aletheia_hpc.campaign.state import ACTIVE, BUSY, ENDED, cell_state
 from tests.test_campaign_slurm import cli, job_records, rows, status, wait_settled
+
+# ------------------------------------------------------------------ transient states (no cluster)
+
+# every job state SLURM 22.05's squeue and sacct print (slurm/src/common/slurm_protocol_defs.c)
+SLURM_JOB_STATES = ("PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL",
+                    "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "CONFIGURING", "COMPLETING", "REQUEUED",
+                    "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "RESV_DEL_HOLD", "REVOKED", "SIGNALING",
+                    "SPECIAL_EXIT", "STAGE_OUT", "STOPPED")
+JOB = {"job_id": "7_0", "array_job_id": "7", "submitted_at": 1000.0, "cluster": "dev"}
+
+
+@pytest.mark.parametrize("sched", [*SLURM_JOB_STATES, "POWER_UP_NODE", "UNKNOWN"])
+@pytest.mark.parametrize("source", ["sacct", "squeue"])
+def test_no_scheduler_state_makes_a_cell_missing_and_a_queued_one_is_never_run_again(sched, source):
+    got = cell_state("c0ffee0000000001", None, None, JOB, sched, source, 1010.0, "dev")
+    assert got.state != "missing" and got.reason and "job 7_0" in got.reason, got
+    if sched in ACTIVE:  # queued, held, requeued, running: not to be submitted again
+        assert got.state in BUSY, got
+    elif sched not in ENDED:  # a state this tool does not know: left alone rather than run twice
+        assert got.state == "unknown" and sched in got.reason, got
+    else:
+        assert got.state == "failed" and got.reason.startswith(sched), got
+    assert set(SLURM_JOB_STATES) == set(ACTIVE) | ENDED, "a SLURM state without a rule"
+
+
+def test_a_job_slurm_requeued_is_queued_though_accounting_still_has_its_lost_run():
+    # accounting has recorded how the run on node1 ended, not yet that the job is queued again
+    accounting = {"7_0": "NODE_FAIL", "7_1": "PREEMPTED", "7_2": "NODE_FAIL", "7_3": "COMPLETED"}
+    queue = {"7_0": "PENDING", "7_1": "REQUEUED"}
+    states = fill_from_queue(accounting, list(accounting), lambda: queue)
+    assert states == {"7_0": "PENDING", "7_1": "REQUEUED", "7_2": "NODE_FAIL", "7_3": "COMPLETED"}
+    runs = job_runs("7_0|NODE_FAIL|41|cpu=1,gres/gpu=1,node=1||node1\n7_1|PREEMPTED|12|cpu=1,node=1||node2\n"
+                    "7_2|NODE_FAIL|9|cpu=1,node=1||node1\n")
+    assert earlier_runs(runs, ["7_0", "7_1"]) == {"7_0": ["NODE_FAIL on node1"], "7_1": ["PREEMPTED on node2"]}
 
 
 def test_earlier_runs_of_a_requeued_job_are_named_with_their_node():
     out = ("7_0|NODE_FAIL|41|cpu=1,gres/gpu=1,node=1||node1\n7_0.batch|CANCELLED|41|cpu=1||node1\n"
            "7_0|PREEMPTED|12|cpu=1,gres/gpu=1,node=1||node3\n7_0|PENDING|0|||None assigned\n"
            "7_1|COMPLETED|9|cpu=1,node=1||node2\n7_[2-3]|PENDING|0|||None assigned\n")
-    assert earlier_runs(out) == {"7_0": ["NODE_FAIL on node1", "PREEMPTED on node3"]}
+    assert earlier_runs(job_runs(out)) == {"7_0": ["NODE_FAIL on node1", "PREEMPTED on node3"]}
 
 
 # ------------------------------------------------------------------ helpers
