@@ -209,3 +209,74 @@ def test_a_cell_on_a_node_that_dies_fails_over_and_resumes_from_its_checkpoint(d
     assert_resumed_elsewhere(victim, node, progress_then, steps)
     runs = dev_cluster.run(["sacct", "-n", "-X", "-P", "-D", "-j", job, "-o", "State,NodeList"]).stdout.split()
     assert runs[0] == f"NODE_FAIL|{node}" and runs[-1].startswith("COMPLETED|"), runs
+
+
+# ------------------------------------------------------------------ a preemption
+
+@pytest.mark.slurm
+def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(dev_cluster, tmp_path):
+    name = "preemption"
+    steps = 8
+    ov = overrides(tmp_path, name, f"train.steps={steps}", "train.checkpoint_every=2", "model.resources.gpus=1",
+                   "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:4}}")
+    ids = cell_ids(ov)
+    victim = cell_dir(tmp_path, name, ids["standard", 42])
+    cli(dev_cluster, "launch", *ov)
+    job = {j["cell_id"]: j for j in job_records(tmp_path, name)}[ids["standard", 42]]["job_id"]
+    urgent = []
+    try:
+        wait_for(lambda: progress_step(victim) >= 3 and finished_rows(tmp_path, name), 240,
+                 "the slow cell past its first checkpoint and the other cell done")
+        before = finished_rows(tmp_path, name)
+        node = wait_for(lambda: node_of(dev_cluster, job), 30, f"the node of job {job}")
+        progress_then = read_json(victim / "progress.json")
+        # every GPU of every node, in the higher-priority partition: the cell's GPU is taken from it
+        # (PreemptMode=REQUEUE), and it waits in the queue until these end
+        urgent = [dev_cluster.sbatch("-p", "urgent", "-w", n, f"--gres=gpu:{g}", "-o", "/dev/null", "--wrap", "sleep 40")
+                  for n, g in dev_cluster.nodes().items()]
+
+        def says_preempted():
+            cell = status(dev_cluster, ov)["by_key"]["standard", 42]
+            return cell if f"PREEMPTED on {node}" in (cell["reason"] or "") and cell["state"] == "pending" else None
+        cell = wait_for(says_preempted, 60, "status to say the cell waits after a preemption", every=1)
+        assert cell["job_id"] == job, cell
+        wait_settled(dev_cluster, f"aletheia-{name}", ov, 300)
+    finally:
+        if urgent:
+            dev_cluster.run(["scancel", *urgent], check=False)
+    assert_every_cell_done_once(dev_cluster, tmp_path, name, ov, before)
+    row = read_json(victim / "row.json")
+    assert row["status"] == "ok" and row["attempts"] == 2, row["attempts"]
+    assert row["train_steps"] == steps and len(row["step_times_s"]) == steps, row["step_times_s"]
+    assert row["step_times_s"][:2] == progress_then["step_times_s"][:2], (row["step_times_s"], progress_then)
+    runs = dev_cluster.run(["sacct", "-n", "-X", "-P", "-D", "-j", job, "-o", "State,NodeList"]).stdout.split()
+    assert runs[0] == f"PREEMPTED|{node}" and runs[-1].startswith("COMPLETED|"), runs
+
+
+# ------------------------------------------------------------------ the controller restarts
+
+@pytest.mark.slurm
+def test_a_controller_restart_mid_campaign_keeps_a_true_view_and_submits_nothing_twice(dev_cluster, tmp_path):
+    name = "ctld_restart"
+    # four cells, two at a time (the dev cluster's array_parallelism): some run, some wait, when the
+    # controller goes away
+    ov = overrides(tmp_path, name, "train.steps=3", "campaign.seeds=[1,2]",
+                   "+campaign.faults={'*':{sleep_per_step_s:5}}")
+    cli(dev_cluster, "launch", *ov)
+    try:
+        wait_for(lambda: any(progress_step(cell_dir(tmp_path, name, cid)) >= 1 for cid in cell_ids(ov).values()),
+                 240, "a cell training")
+        before = finished_rows(tmp_path, name)
+        dev_cluster.stop_controller()
+        assert dev_cluster.run(["squeue"], check=False).returncode != 0  # the controller is gone
+        # accounting still answers: every cell is done, queued or running, none missing or failed
+        st = status(dev_cluster, ov)
+        assert set(st["counts"]) <= {"done", "pending", "running"} and st["counts"].get("done", 0) < 4, st["counts"]
+        again = cli(dev_cluster, "launch", *ov)  # nothing is submitted (sbatch would fail anyway)
+        assert "submitted 0 cells" in again.stderr, again.stderr
+    finally:
+        dev_cluster.restart_nodes()  # starts slurmctld again: it reloads its jobs from StateSaveLocation
+    st = status(dev_cluster, ov)
+    assert set(st["counts"]) <= {"done", "pending", "running"}, st["counts"]
+    wait_settled(dev_cluster, f"aletheia-{name}", ov, 300)
+    assert_every_cell_done_once(dev_cluster, tmp_path, name, ov, before)
