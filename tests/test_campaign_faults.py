@@ -260,8 +260,9 @@ def test_a_controller_restart_mid_campaign_keeps_a_true_view_and_submits_nothing
     name = "ctld_restart"
     # four cells, two at a time (the dev cluster's array_parallelism): some run, some wait, when the
     # controller goes away
-    ov = overrides(tmp_path, name, "train.steps=3", "campaign.seeds=[1,2]",
-                   "+campaign.faults={'*':{sleep_per_step_s:5}}")
+    slow = ",".join(f"tiny-llama/{recipe}/{seed}:{{sleep_per_step_s:5}}" for recipe in ("standard", "aletheia")
+                    for seed in (1, 2))
+    ov = overrides(tmp_path, name, "train.steps=3", "campaign.seeds=[1,2]", f"+campaign.faults={{{slow}}}")
     cli(dev_cluster, "launch", *ov)
     try:
         wait_for(lambda: any(progress_step(cell_dir(tmp_path, name, cid)) >= 1 for cid in cell_ids(ov).values()),
