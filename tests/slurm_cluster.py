@@ -1,4 +1,4 @@
-"""Session fixture for the project's single-node SLURM dev cluster (``slurm/dev-cluster``).
+"""Session fixture for the project's multi-node SLURM dev cluster (``slurm/dev-cluster``).
 
 Use it from ``tests/conftest.py``::
 
@@ -51,9 +51,34 @@ class DevCluster:
     env: dict[str, str] = field(repr=False)  # os.environ + SLURM_CONF, for subprocess(env=...)
     started_here: bool = False
 
-    @property
-    def node(self) -> str:
-        return os.uname().nodename.split(".")[0]
+    def nodes(self) -> dict[str, int]:
+        """Each node's declared GPUs, as the controller has them: {"node1": 1, ..., "node3": 4}."""
+        out = self.run(["sinfo", "-h", "-N", "-o", "%N|%G"]).stdout
+        return {name: int(gres.rsplit(":", 1)[1].split("(")[0])
+                for name, gres in (line.split("|") for line in sorted(set(out.splitlines())))}
+
+    def node_states(self) -> dict[str, str]:
+        out = self.run(["sinfo", "-h", "-N", "-o", "%N|%T"]).stdout
+        return dict(line.split("|") for line in set(out.splitlines()))
+
+    def kill_node(self, node: str) -> None:
+        """SIGKILL every process of NODE (slurmd, job steps, jobs), as a node losing power; the
+        controller notices within SlurmdTimeout. ``restart_nodes`` brings it back."""
+        proc = _script("kill-node", self.env, timeout=60, args=[node])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def stop_controller(self) -> None:
+        """Stop slurmctld by its recorded PID (``slurm/dev-cluster stop-ctld``): the nodes and their
+        jobs keep running, squeue/sbatch fail, sacct still answers. ``restart_nodes`` starts it again."""
+        proc = _script("stop-ctld", self.env, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def restart_nodes(self) -> None:
+        """``slurm/dev-cluster up``: start whatever is not running (a killed node's slurmd, a stopped
+        controller) and wait
+        until every node is idle again."""
+        proc = _script("up", self.env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def run(
         self, args: Sequence[str], *, check: bool = True, timeout: float = 60
@@ -112,9 +137,10 @@ class DevCluster:
         return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
 
 
-def _script(verb: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+def _script(verb: str, env: dict[str, str], timeout: float,
+            args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(DEV_CLUSTER), verb],
+        [str(DEV_CLUSTER), verb, *args],
         env=env,
         capture_output=True,
         text=True,

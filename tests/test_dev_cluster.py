@@ -5,6 +5,7 @@ Needs the ``dev_cluster`` fixture from tests/slurm_cluster.py (imported by tests
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -23,14 +24,24 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_node_is_idle(dev_cluster):
-    def idle():
-        out = dev_cluster.run(["sinfo", "-h", "-N", "-o", "%N %T"]).stdout
-        return out if f"{dev_cluster.node} idle" in out.splitlines() else None
+def test_every_node_is_idle_with_its_declared_gpus(dev_cluster):
+    _wait_for(lambda: set(dev_cluster.node_states().values()) == {"idle"}, 20, "every node idle in sinfo")
+    nodes = dev_cluster.nodes()
+    n = int(os.environ.get("ALETHEIA_SLURM_NODES", "3"))
+    # node1..node(N-1) declare one GPU each, the last node four
+    assert nodes == {f"node{i}": 1 for i in range(1, n)} | {f"node{n}": 4}, nodes
 
-    _wait_for(idle, 20, f"node {dev_cluster.node} idle in sinfo")
-    gres = dev_cluster.run(["sinfo", "-h", "-N", "-o", "%G"]).stdout
-    assert "gpu:4" in gres
+
+def test_each_node_has_its_own_hostname_and_address(dev_cluster, tmp_path: Path):
+    nodes = sorted(dev_cluster.nodes())
+    jobs = {node: dev_cluster.sbatch("-w", node, "-o", str(tmp_path / f"{node}.out"), "--wrap",
+                                     "echo $(hostname) $(ip -4 -o addr show dev eth0 | awk '{print $4}')")
+            for node in nodes}
+    for job in jobs.values():
+        assert set(dev_cluster.wait_done(job).values()) == {"COMPLETED"}
+    seen = {node: (tmp_path / f"{node}.out").read_text().split() for node in nodes}
+    assert all(host == node for node, (host, _addr) in seen.items()), seen
+    assert len({addr for _host, addr in seen.values()}) == len(nodes), seen
 
 
 def test_max_array_size_configured(dev_cluster):

@@ -18,6 +18,8 @@ class SchedulerView:
     states: dict[str, str] = field(default_factory=dict)  # job id -> scheduler state
     problem: str | None = None
     accounting: dict[str, dict] = field(default_factory=dict)  # job id -> sacct's usage fields
+    # job id -> how its earlier runs ended, e.g. ["NODE_FAIL on node1"]: a requeued job's history
+    earlier_runs: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -158,6 +158,8 @@ class CampaignService:
             sched = (view.states.get(job["job_id"]) or view.states.get(job.get("array_job_id", ""))) if job else None
             st = cell_state(cell.cell_id, rs.row, rs.problem, job, sched, view.source, now, self.cluster.name)
             reason = st.reason
+            if job and st.state in BUSY and (runs := view.earlier_runs.get(job["job_id"])):
+                reason = f"{reason}; requeued after {', '.join(runs)}"  # a node failure, a preemption
             usage = None
             if job and job["job_id"] in view.accounting and st.state not in BUSY:
                 usage = record_accounting(self.results_dir, cell, job["job_id"], view.accounting[job["job_id"]])

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from aletheia_hpc.campaign.dispatch import SchedulerView, Submission
 from aletheia_hpc.campaign.preflight import hub_setup_lines
-from aletheia_hpc.campaign.state import ACTIVE
+from aletheia_hpc.campaign.state import ACTIVE, REQUEUED_BY_SLURM
 from aletheia_hpc.campaign.store import (LOG_DIR, REQUEUE_EXIT_CODE, append_job, campaign_dir,
                                          prepare_cell_dir, worker_command)
 from aletheia_hpc.config import CellConfig, ClusterConfig, sbatch_extra_parameters
@@ -250,7 +250,7 @@ def _tres(value: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in value.split(",") if "=" in item)
 
 
-SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS"
+SACCT_FIELDS = "JobID,State,ElapsedRaw,AllocTRES,MaxRSS,NodeList"
 
 
 def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
@@ -276,13 +276,37 @@ def parse_sacct(out: str) -> tuple[dict[str, str], dict[str, dict]]:
     return states, {jid: rec for jid, rec in usage.items() if rec["elapsed_s"] > 0}
 
 
-def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict]]:
-    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task."""
+def job_runs(out: str) -> dict[str, list[str]]:
+    """``sacct -n -P -D -o SACCT_FIELDS`` output -> job id -> each of its runs, oldest first, as the run
+    ended or stands (``"NODE_FAIL on node1"``, ``"PENDING"``): more than one for a job requeued after a
+    node failure, a preemption or a timeout warning."""
+    runs: dict[str, list[str]] = defaultdict(list)
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 6 or "." in parts[0] or "[" in parts[0]:
+            continue
+        state = parts[1].split()[0] if parts[1].strip() else "UNKNOWN"
+        runs[parts[0]].append(f"{state} on {parts[5]}" if parts[5] and parts[5] != "None assigned" else state)
+    return dict(runs)
+
+
+def earlier_runs(runs: dict[str, list[str]], requeued: Iterable[str] = ()) -> dict[str, list[str]]:
+    """How each run before a job's current one ended (job_runs), for the jobs that ran more than once.
+    ``requeued``: jobs the controller has queued again after the run accounting calls their latest
+    (it has not recorded the new run yet), so that run is an earlier one too."""
+    requeued = set(requeued)
+    earlier = {jid: ended if jid in requeued else ended[:-1] for jid, ended in runs.items()}
+    return {jid: ended for jid, ended in earlier.items() if ended}
+
+
+def sacct_states(array_ids: Iterable[str]) -> tuple[dict[str, str], dict[str, dict], dict[str, list[str]]]:
+    """ONE sacct call for all ``array_ids``: states and usage (parse_sacct) of every job and task,
+    and the runs of each (job_runs)."""
     ids = sorted(set(array_ids), key=lambda s: (len(s), s))
     if not ids:
-        return {}, {}
-    return parse_sacct(_query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS],
-                              "accounting (sacct)"))
+        return {}, {}, {}
+    out = _query(["sacct", "-n", "-P", "-D", "-j", ",".join(ids), "-o", SACCT_FIELDS], "accounting (sacct)")
+    return (*parse_sacct(out), job_runs(out))
 
 
 def squeue_states() -> dict[str, str]:
@@ -296,10 +320,13 @@ def fill_from_queue(accounting: dict[str, str], job_ids: Iterable[str],
     """Accounting's states, with the controller's word for the jobs still in its queue that
     accounting does not know yet or still calls queued or running. slurmdbd records a job's start
     after the controller does (seconds on a quiet cluster, minutes when the database is slow), so a
-    running job can be unknown to sacct or PENDING there. A job that accounting calls active and the
-    queue no longer lists has just ended: accounting's (busy) word stands until it records the end.
-    ``queue`` (squeue_states) is asked only when some job may lag, i.e. not once all have ended."""
-    lagging = [jid for jid in job_ids if jid not in accounting or accounting[jid] in ACTIVE]
+    running job can be unknown to sacct or PENDING there, and a job SLURM requeued after a node
+    failure or a preemption can still be NODE_FAIL or PREEMPTED there. A job that accounting calls
+    active and the queue no longer lists has just ended: accounting's (busy) word stands until it
+    records the end. ``queue`` (squeue_states) is asked only when some job may lag, i.e. not once
+    all have ended for good."""
+    lagging = [jid for jid in job_ids
+               if jid not in accounting or accounting[jid] in ACTIVE or accounting[jid] in REQUEUED_BY_SLURM]
     if not lagging:
         return accounting
     in_queue = queue()
@@ -316,7 +343,7 @@ class SlurmDispatcher:
         if not jobs:
             return SchedulerView("sacct")
         try:
-            states, usage = sacct_states(r["array_job_id"] for r in jobs.values())
+            accounted, usage, runs = sacct_states(r["array_job_id"] for r in jobs.values())
         except SchedulerDown as accounting:
             try:
                 return SchedulerView("squeue", squeue_states(),
@@ -324,10 +351,11 @@ class SlurmDispatcher:
             except SchedulerDown as controller:
                 return SchedulerView("none", {}, f"{accounting}; {controller}: states from the cells' files only")
         try:
-            states = fill_from_queue(states, (r["job_id"] for r in jobs.values()), squeue_states)
+            states = fill_from_queue(accounted, (r["job_id"] for r in jobs.values()), squeue_states)
         except SchedulerDown:
-            pass  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
-        return SchedulerView("sacct", states, accounting=usage)
+            states = accounted  # accounting's word alone: what it lacks counts as just submitted (campaign.state)
+        requeued = [jid for jid, st in accounted.items() if st in REQUEUED_BY_SLURM and states[jid] in ACTIVE]
+        return SchedulerView("sacct", states, accounting=usage, earlier_runs=earlier_runs(runs, requeued))
 
     def submit(self, cells: list[CellConfig], results_dir: Path, snapshots: dict[str, Path]) -> Submission:
         """One sbatch per (campaign part, resource class, chunk of MaxArraySize): each part keeps its

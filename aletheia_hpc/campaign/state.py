@@ -20,10 +20,20 @@ BUSY = ("pending", "running", "unknown")  # not to be submitted again
 # (accounting purged, another cluster's or a wiped cluster's job id) and its cell is missing.
 ACCOUNTING_GRACE_S = 300
 
+# SLURM's job states (22.05, squeue/sacct): the queued or running ones (held ones included: they wait
+# for an operator, and are never submitted a second time) ...
 ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending",
           "REQUEUE_FED": "pending", "RESIZING": "pending", "SUSPENDED": "pending",
+          "SPECIAL_EXIT": "pending", "RESV_DEL_HOLD": "pending",
           "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
           "SIGNALING": "running", "STAGE_OUT": "running", "STOPPED": "running"}
+# ... and the ended ones. A state in neither (a newer SLURM's, or one that could not be read) makes the
+# cell unknown, never failed or missing: launch and resubmit would run it a second time.
+ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE", "REVOKED"})
+# Ended runs after which SLURM queues a --requeue job again by itself: until accounting records the
+# new run, the controller's queue has the latest word on such a job.
+REQUEUED_BY_SLURM = frozenset({"NODE_FAIL", "PREEMPTED", "BOOT_FAIL"})
 
 # Where the scheduler's word came from. sacct knows ended jobs; squeue and a local launch know only
 # the jobs still queued or running (absent = ended, outcome unknown); "none": nobody could be asked.
@@ -59,6 +69,9 @@ def cell_state(cell_id: str, row: dict | None, row_problem: str | None, job: dic
         jid = job["job_id"]
         if sched in ACTIVE:
             return CellState(ACTIVE[sched], f"job {jid} {sched}" + (f"; {note}" if note else ""))
+        if sched is not None and sched not in ENDED:
+            return CellState("unknown", f"job {jid} is in scheduler state {sched}, which this tool does not know: "
+                                        "launch and resubmit leave it alone")
         age = now - job["submitted_at"]
         if sched is None and source == "sacct" and age <= ACCOUNTING_GRACE_S:
             return CellState("pending", f"job {jid} submitted (not yet in accounting)")
