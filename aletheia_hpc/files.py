@@ -118,19 +118,17 @@ def cell_lock(cell_dir: Path, holder: dict, *, wait: bool = False, on_wait=None)
 
 def directory_problem(path: Path, *, write: bool) -> str | None:
     """Why ``path`` cannot hold results (read them, or with ``write`` also write them, creating the
-    directory); None when it can. A write is tried, not asked of os.access: root passes that test on
-    read-only file systems too."""
+    directory later); None when it can. It creates nothing: a refused launch leaves no trace, so the
+    write is tried in the nearest directory that exists. A write is tried, not asked of os.access:
+    root passes that test on read-only file systems too."""
     path = Path(path)
-    for known in (path, *path.parents):
-        if known.exists():
-            if not known.is_dir():
-                return f"{known} is a file, not a directory"
-            break
+    known = next(p for p in (path, *path.parents) if p.exists())
+    if not known.is_dir():
+        return f"{known} is a file, not a directory"
     if write:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path):
+            with tempfile.TemporaryFile(dir=known):
                 pass
         except OSError as exc:
-            return f"cannot write in {exc.filename or path} ({exc.strerror})"
+            return f"cannot write in {known} ({exc.strerror})"
     return None

@@ -77,12 +77,13 @@ def test_every_make_target_in_the_docs_exists():
 
 
 def cli_examples() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(page, verb, overrides) of every `aletheia-hpc` line; the parse fails on a bad flag or verb."""
-    parser = cli._parser()
+    """(page, verb, overrides) of every `aletheia-hpc` line, parsed as main parses it (the verb, then
+    the verb's own parser): it fails on an unknown verb or a flag the verb does not take."""
     out = []
     for page, words in command_lines("aletheia-hpc"):
-        args = parser.parse_intermixed_args(words)
-        out.append((page, args.verb, tuple(w for w in args.words if "=" in w)))
+        verb = cli._parser().parse_args(words[:1]).verb
+        args = cli._verb_parser(verb).parse_intermixed_args(words[1:])
+        out.append((page, verb, tuple(w for w in args.words if "=" in w)))
     return out
 
 

@@ -212,7 +212,8 @@ STAGED = ["campaign=default", "campaign.name=staged_m", "campaign.seeds=[42]",
     # refused for a plain cell (recipe.modules: use one of ...), so refused as a level before stage 1 runs
     ("campaign.stages.factors=[{name: modules, levels: ['recipe.modules=attn', 'recipe.modules=mlp']}, "
      "{name: lr, levels: ['train.lr=1e-3', 'train.lr=2e-3']}]",
-     "campaign.stages.factors levels recipe.modules=attn, train.lr=1e-3 on arm aletheia: recipe.modules='attn': use one of"),
+     "campaign.stages.factors[modules].levels recipe.modules=attn x campaign.stages.factors[lr].levels train.lr=1e-3 "
+     "on arm aletheia: recipe.modules='attn': use one of"),
     ("campaign.stages.factors=[{name: lr, levels: ['train.lr=1e-3', 'train.lr=2e-3']}, "
      "{name: lr2, levels: ['train.lr=3e-3', 'train.lr=4e-3']}]", "lr and lr2 both set train.lr"),
 ])

@@ -298,7 +298,8 @@ def _factorial_problems(campaign, stage1_arms: list[dict], compose: "_Composer")
         for levels in itertools.product(*(f.levels for f in st.factors)):
             variant = VariantConfig(name="fx-check", recipes=[arm["recipe"]], steps=st.full_steps,
                                     overrides=merge_overrides(arm["overrides"], levels))
-            where = f"campaign.stages.factors levels {', '.join(levels)} on arm {arm['name']}"
+            where = " x ".join(f"campaign.stages.factors[{f.name}].levels {level}"
+                               for f, level in zip(st.factors, levels)) + f" on arm {arm['name']}"
             try:
                 (cell,) = compose.cells(campaign.models[0], arm["recipe"], variant, campaign.seeds[:1])
                 validate_cell(cell)
