@@ -175,26 +175,37 @@ def test_cells_spread_over_nodes_and_the_four_gpu_cell_lands_on_the_four_gpu_nod
 
 # ------------------------------------------------------------------ a node dies
 
+SLOW_CELL_STEPS = 8
+
+
+def launch_with_a_slow_cell(dev_cluster, tmp_path, name):
+    """Launch standard and aletheia at seed 42, the standard cell slow enough to be hit mid-training
+    (the aletheia one finishes first); (overrides, the slow cell's directory, its job id)."""
+    ov = overrides(tmp_path, name, f"train.steps={SLOW_CELL_STEPS}", "train.checkpoint_every=2",
+                   "model.resources.gpus=1", "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:4}}")
+    slow_id = cell_ids(ov)["standard", 42]
+    cli(dev_cluster, "launch", *ov)
+    job = {j["cell_id"]: j for j in job_records(tmp_path, name)}[slow_id]["job_id"]
+    return ov, cell_dir(tmp_path, name, slow_id), job
+
+
+def wait_past_first_checkpoint(tmp_path, name, victim) -> dict:
+    """Past step 2, so the slow cell's first checkpoint is whole; the other cell done, so there is a
+    row to keep: the finished rows then."""
+    wait_for(lambda: progress_step(victim) >= 3 and finished_rows(tmp_path, name), 240,
+             "the slow cell past its first checkpoint and the other cell done")
+    return finished_rows(tmp_path, name)
+
 @pytest.mark.slurm
 def test_a_cell_on_a_node_that_dies_fails_over_and_resumes_from_its_checkpoint(dev_cluster, tmp_path):
     name = "node_loss"
-    steps = 8
-    # the standard cell trains slowly enough to be killed mid-training; the aletheia one finishes first
-    ov = overrides(tmp_path, name, f"train.steps={steps}", "train.checkpoint_every=2", "model.resources.gpus=1",
-                   "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:4}}")
-    ids = cell_ids(ov)
-    victim = cell_dir(tmp_path, name, ids["standard", 42])
-    cli(dev_cluster, "launch", *ov)
-    job = {j["cell_id"]: j for j in job_records(tmp_path, name)}[ids["standard", 42]]["job_id"]
+    ov, victim, job = launch_with_a_slow_cell(dev_cluster, tmp_path, name)
     try:
-        # past step 2, so its first checkpoint is whole; the other cell done, so there is a row to keep
-        wait_for(lambda: progress_step(victim) >= 3 and finished_rows(tmp_path, name), 240,
-                 "the slow cell past its first checkpoint and the other cell done")
-        before = finished_rows(tmp_path, name)
+        before = wait_past_first_checkpoint(tmp_path, name, victim)
         node = wait_for(lambda: node_of(dev_cluster, job), 30, f"the node of job {job}")
         dev_cluster.kill_node(node)
         progress_then = read_json(victim / "progress.json")
-        assert progress_then["step"] < steps, progress_then
+        assert progress_then["step"] < SLOW_CELL_STEPS, progress_then
 
         # the controller notices (SlurmdTimeout): the job ends NODE_FAIL and is requeued; status says so
         def says_node_failed():
@@ -206,7 +217,7 @@ def test_a_cell_on_a_node_that_dies_fails_over_and_resumes_from_its_checkpoint(d
     finally:
         dev_cluster.restart_nodes()
     assert_every_cell_done_once(dev_cluster, tmp_path, name, ov, before)
-    assert_resumed_elsewhere(victim, node, progress_then, steps)
+    assert_resumed_elsewhere(victim, node, progress_then, SLOW_CELL_STEPS)
     runs = dev_cluster.run(["sacct", "-n", "-X", "-P", "-D", "-j", job, "-o", "State,NodeList"]).stdout.split()
     assert runs[0] == f"NODE_FAIL|{node}" and runs[-1].startswith("COMPLETED|"), runs
 
@@ -216,18 +227,10 @@ def test_a_cell_on_a_node_that_dies_fails_over_and_resumes_from_its_checkpoint(d
 @pytest.mark.slurm
 def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(dev_cluster, tmp_path):
     name = "preemption"
-    steps = 8
-    ov = overrides(tmp_path, name, f"train.steps={steps}", "train.checkpoint_every=2", "model.resources.gpus=1",
-                   "+campaign.faults={tiny-llama/standard/42:{sleep_per_step_s:4}}")
-    ids = cell_ids(ov)
-    victim = cell_dir(tmp_path, name, ids["standard", 42])
-    cli(dev_cluster, "launch", *ov)
-    job = {j["cell_id"]: j for j in job_records(tmp_path, name)}[ids["standard", 42]]["job_id"]
+    ov, victim, job = launch_with_a_slow_cell(dev_cluster, tmp_path, name)
     urgent = []
     try:
-        wait_for(lambda: progress_step(victim) >= 3 and finished_rows(tmp_path, name), 240,
-                 "the slow cell past its first checkpoint and the other cell done")
-        before = finished_rows(tmp_path, name)
+        before = wait_past_first_checkpoint(tmp_path, name, victim)
         node = wait_for(lambda: node_of(dev_cluster, job), 30, f"the node of job {job}")
         progress_then = read_json(victim / "progress.json")
         # every GPU of every node, in the higher-priority partition: the cell's GPU is taken from it
@@ -247,7 +250,7 @@ def test_a_preempted_cell_is_requeued_and_resumes_from_its_checkpoint(dev_cluste
     assert_every_cell_done_once(dev_cluster, tmp_path, name, ov, before)
     row = read_json(victim / "row.json")
     assert row["status"] == "ok" and row["attempts"] == 2, row["attempts"]
-    assert row["train_steps"] == steps and len(row["step_times_s"]) == steps, row["step_times_s"]
+    assert row["train_steps"] == SLOW_CELL_STEPS and len(row["step_times_s"]) == SLOW_CELL_STEPS, row["step_times_s"]
     assert row["step_times_s"][:2] == progress_then["step_times_s"][:2], (row["step_times_s"], progress_then)
     runs = dev_cluster.run(["sacct", "-n", "-X", "-P", "-D", "-j", job, "-o", "State,NodeList"]).stdout.split()
     assert runs[0] == f"PREEMPTED|{node}" and runs[-1].startswith("COMPLETED|"), runs
