@@ -430,22 +430,27 @@ def _verb_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    top = _parser()
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The verb, then the verb's own parser: flags anywhere on the line, one the verb lacks is an error.
+    Adds ``verb``, ``overrides`` (key=value words) and ``cell_ids`` (the other words)."""
     if not argv or argv[0] not in VERBS:
-        top.parse_args(argv[:1] or [])  # --help, or the error naming the verbs
-        return 2
+        _parser().parse_args(argv[:1] or [])  # --help, or the error naming the verbs
+        raise SystemExit(2)
     name = argv[0]
     parser = _verb_parser(name)
-    args = parser.parse_intermixed_args(argv[1:])  # flags anywhere on the line; one the verb lacks is an error
+    args = parser.parse_intermixed_args(argv[1:])
     args.verb = name
-    overrides = [w for w in args.words if "=" in w]
+    args.overrides = [w for w in args.words if "=" in w]
     args.cell_ids = [w for w in args.words if "=" not in w]
     if args.cell_ids and not VERBS[name].cell_ids:
         parser.error(f"{' '.join(args.cell_ids)!r} is not a Hydra override (key=value)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
-        return VERBS[name].run(overrides, args)
+        return VERBS[args.verb].run(args.overrides, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -77,13 +77,12 @@ def test_every_make_target_in_the_docs_exists():
 
 
 def cli_examples() -> list[tuple[str, str, tuple[str, ...]]]:
-    """(page, verb, overrides) of every `aletheia-hpc` line, parsed as main parses it (the verb, then
-    the verb's own parser): it fails on an unknown verb or a flag the verb does not take."""
+    """(page, verb, overrides) of every `aletheia-hpc` line, parsed by the CLI's own parse: it fails on
+    an unknown verb or a flag the verb does not take."""
     out = []
     for page, words in command_lines("aletheia-hpc"):
-        verb = cli._parser().parse_args(words[:1]).verb
-        args = cli._verb_parser(verb).parse_intermixed_args(words[1:])
-        out.append((page, verb, tuple(w for w in args.words if "=" in w)))
+        args = cli.parse(words)
+        out.append((page, args.verb, tuple(args.overrides)))
     return out
 
 
